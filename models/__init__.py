@@ -1,0 +1,1 @@
+"""rtsmap models."""
