@@ -1,0 +1,94 @@
+"""The work directory: one fragment per finished chunk-year, written atomically.
+
+Layout::
+
+    <workdir>/<run key>/<year>/<chunk_id>.parquet   detections (GeoParquet)
+    <workdir>/<run key>/<year>/<chunk_id>.json      the done marker: coverage and timings
+    <workdir>/<run key>/<year>/<chunk_id>.failed.json   last failure (retried on the next run)
+
+The run key joins the model's hash and the hash of the configuration that changes results, so a
+new model or new settings never reuse old fragments. The parquet file is renamed into place
+first and the marker last: a marker means the fragment beside it is complete; a crash between
+the two leaves a parquet without marker, which the next run simply rewrites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+
+from pipeline.errors import OutputError
+
+
+def run_key(model_sha256: str, settings: dict[str, Any]) -> str:
+    """A short key for (model, result-changing settings)."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return f"{model_sha256[:12]}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class FragmentStore:
+    """Fragments of one run key under a work directory."""
+
+    root: Path
+    """``<workdir>/<run key>``."""
+
+    def _base(self, year: int, chunk_id: str) -> Path:
+        return self.root / str(year) / chunk_id
+
+    def is_done(self, year: int, chunk_id: str) -> bool:
+        """True when the chunk-year finished (its marker exists)."""
+        return self._base(year, chunk_id).with_suffix(".json").is_file()
+
+    def write(self, year: int, chunk_id: str, detections: gpd.GeoDataFrame, record: dict[str, Any]) -> None:
+        """Write the detections, then the marker, each atomically; clear an old failure record."""
+        base = self._base(year, chunk_id)
+        try:
+            _atomic_write_bytes(base.with_suffix(".parquet"), lambda tmp: detections.to_parquet(tmp, index=False))
+            _atomic_write_bytes(
+                base.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, sort_keys=True))
+            )
+        except OSError as exc:
+            raise OutputError(f"cannot write to the work directory {self.root}: {exc.strerror or exc}") from None
+        base.with_suffix(".failed.json").unlink(missing_ok=True)
+
+    def write_failure(self, year: int, chunk_id: str, record: dict[str, Any]) -> None:
+        """Record a failure; it is not a done marker, so the next run tries the chunk again."""
+        path = self._base(year, chunk_id).with_suffix(".failed.json")
+        _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(record, sort_keys=True)))
+
+    def read_record(self, year: int, chunk_id: str) -> dict[str, Any]:
+        """The done marker's record."""
+        return json.loads(self._base(year, chunk_id).with_suffix(".json").read_text())
+
+    def read_detections(self, year: int, chunk_id: str) -> gpd.GeoDataFrame:
+        """The detections of a finished chunk-year."""
+        return gpd.read_parquet(self._base(year, chunk_id).with_suffix(".parquet"))
+
+    def failures(self, year: int) -> dict[str, dict[str, Any]]:
+        """Failure records of a year by chunk id."""
+        folder = self.root / str(year)
+        if not folder.is_dir():
+            return {}
+        return {
+            p.name[: -len(".failed.json")]: json.loads(p.read_text()) for p in sorted(folder.glob("*.failed.json"))
+        }

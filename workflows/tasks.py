@@ -1,0 +1,160 @@
+"""What one Dask task does: load -> infer -> vectorize -> write a fragment, for one chunk-year.
+
+Runs on workers. The model is loaded once per worker process (a module-level cache keyed by
+the model file, its hash and the providers), not once per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pystac
+import shapely
+
+from pipeline.errors import AssetError
+from pipeline.grid import Chunk
+from pipeline.infer import Detector, infer_chunk, load_model
+from pipeline.load import load_chunk
+from pipeline.profiles import ModalityProfile
+from pipeline.vectorize import vectorize_detections
+from workflows.config import InferenceConfig
+from workflows.fragments import FragmentStore
+
+log = logging.getLogger(__name__)
+
+_DETECTORS: dict[tuple[str, str, tuple[str, ...]], Detector] = {}
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """The inputs of one chunk-year task (plain data, cheap to send to a worker)."""
+
+    chunk: Chunk
+    """The chunk, with the tiles that touch the AOI."""
+    year: int
+    """Year mapped."""
+    items: dict[str, tuple[dict[str, Any], ...]]
+    """Modality -> STAC items (as dictionaries) that cover the chunk."""
+    profiles: dict[str, ModalityProfile]
+    """Modality -> profile, for every modality the model needs."""
+    model_path: str
+    """The exported model."""
+    model_sha256: str
+    """Its hash (part of the cache key, so a replaced file is reloaded)."""
+    inference: InferenceConfig
+    """Providers, batch size, minimum area."""
+    store: FragmentStore
+    """Where the fragment goes."""
+    core_wkb: bytes
+    """The area this chunk answers for: its tiles' cores clipped to the AOI (grid CRS, WKB)."""
+
+
+def get_detector(path: str, sha256: str, inference: InferenceConfig) -> Detector:
+    """The worker process's detector for this model, loaded on first use."""
+    key = (path, sha256, tuple(inference.providers))
+    if key not in _DETECTORS:
+        _DETECTORS[key] = load_model(
+            path,
+            providers=tuple(inference.providers),
+            require_gpu=inference.require_gpu,
+            intra_op_threads=inference.threads,
+        )
+    return _DETECTORS[key]
+
+
+def _valid_fraction(stack, modality: str) -> float:
+    valid = stack.valid.get(modality)
+    return float(valid.mean()) if valid is not None else 0.0
+
+
+def _no_data_geometry(stack, core: shapely.Geometry) -> shapely.Geometry:
+    """Where no modality has data, inside the chunk's core, as a (coarse) polygon."""
+    import rasterio.features
+
+    any_valid = np.zeros(stack.shape, dtype=bool)
+    for valid in stack.valid.values():
+        any_valid |= valid
+    if any_valid.all():
+        return shapely.Polygon()
+    shapes = rasterio.features.shapes(
+        (~any_valid).astype(np.uint8), mask=~any_valid, transform=stack.transform, connectivity=4
+    )
+    holes = shapely.union_all([shapely.geometry.shape(geom) for geom, _ in shapes])
+    return shapely.intersection(core, holes)
+
+
+def process_chunk_year(task: ChunkTask) -> dict[str, Any]:
+    """Process one chunk-year and write its fragment; return a small summary record.
+
+    A chunk-year whose fragment exists is skipped. Asset errors (a missing or corrupt file) are
+    recorded as this chunk's failure and returned, not raised, so the run goes on; anything
+    else raises, and Dask retries the task.
+    """
+    chunk, year, store = task.chunk, task.year, task.store
+    if store.is_done(year, chunk.id):
+        return {"chunk_id": chunk.id, "year": year, "status": "skipped"}
+    started = time.perf_counter()
+    core = shapely.from_wkb(task.core_wkb)
+    base = {"chunk_id": chunk.id, "year": year, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    missing = [m for m in task.profiles if not task.items.get(m)]
+    if missing:
+        reason = f"no {', '.join(missing)} items for {year}"
+        record = {**base, "status": "no_data", "reason": reason, "n_detections": 0, "seconds": 0.0}
+        record["coverage"] = [{"status": "no_data", "reason": reason, "wkb": core.wkb_hex}]
+        store.write(year, chunk.id, _empty_detections(chunk), record)
+        return record
+    items = {m: [pystac.Item.from_dict(d) for d in task.items[m]] for m in task.profiles}
+    try:
+        stack = load_chunk(chunk, items, task.profiles, year)
+    except AssetError as exc:
+        record = {**base, "status": "failed", "reason": str(exc)}
+        store.write_failure(year, chunk.id, record)
+        return record
+    loaded = time.perf_counter()
+    detector = get_detector(task.model_path, task.model_sha256, task.inference)
+    detections = infer_chunk(detector, stack, chunk.tiles, batch_size=task.inference.batch_size)
+    inferred = time.perf_counter()
+    source_items = sorted({i for ids in stack.item_ids.values() for i in ids})
+    gdf = vectorize_detections(
+        detections,
+        stack.transform,
+        stack.crs,
+        year=year,
+        min_area_m2=task.inference.min_area_m2,
+        source_items=source_items,
+    )
+    no_data = _no_data_geometry(stack, core)
+    coverage = [{"status": "processed", "reason": "", "wkb": shapely.difference(core, no_data).wkb_hex}]
+    if not no_data.is_empty:
+        coverage.append({"status": "no_data", "reason": "no valid pixels in any modality", "wkb": no_data.wkb_hex})
+    finished = time.perf_counter()
+    record = {
+        **base,
+        "status": "processed",
+        "reason": "",
+        "n_detections": int(len(gdf)),
+        "n_tiles": len(chunk.tiles),
+        "items": {m: list(ids) for m, ids in stack.item_ids.items()},
+        "valid_fraction": {m: _valid_fraction(stack, m) for m in stack.valid},
+        "seconds": {
+            "load": loaded - started,
+            "infer": inferred - loaded,
+            "vectorize": finished - inferred,
+            "total": finished - started,
+        },
+        "coverage": coverage,
+    }
+    store.write(year, chunk.id, gdf, record)
+    return record
+
+
+def _empty_detections(chunk: Chunk):
+    from pipeline.vectorize import vectorize_detections
+
+    return vectorize_detections([], chunk.transform, chunk.spec.crs, year=0, min_area_m2=0.0, source_items=[])
