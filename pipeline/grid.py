@@ -1,0 +1,338 @@
+"""The processing grid: tiles (model inputs) grouped into chunks (units of I/O and of work).
+
+The grid is anchored at (0, 0) of its CRS (the North Pole for EPSG:3413), so a place has the
+same tile and chunk ids in every run and every year, whatever AOI is around it.
+
+Tile ``(col, row)`` covers map x from ``col * stride`` to ``col * stride + tile`` and map y
+from ``-row * stride`` down to ``-row * stride - tile`` (``stride`` and ``tile`` in map units;
+rows grow southward like raster rows). Tiles overlap their right and lower neighbours by
+``overlap_px``. Chunk ``(col, row)`` owns tiles ``col * tiles_per_chunk ..`` and reads a window
+that holds all of its tiles whole, so tiles overlap across chunk seams exactly as inside a
+chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import shapely
+from affine import Affine
+from pyproj import CRS
+from pyproj.exceptions import CRSError
+from shapely.geometry.base import BaseGeometry
+
+from pipeline.errors import ConfigError
+
+Bounds = tuple[float, float, float, float]
+
+_CHUNK_ID = re.compile(r"^(?P<epsg>\d+)_(?P<res>[0-9.eE+-]+)m_c(?P<col>-?\d+)_r(?P<row>-?\d+)$")
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The shape of the grid; the same spec always gives the same ids."""
+
+    crs: str = "EPSG:3413"
+    """Projected CRS of the grid, with an EPSG code (ids carry it)."""
+
+    resolution: float = 10.0
+    """Pixel size in CRS units (metres for EPSG:3413)."""
+
+    tile_px: int = 256
+    """Side of a tile in pixels: the model's input size."""
+
+    overlap_px: int = 32
+    """Pixels a tile shares with its right and lower neighbours."""
+
+    tiles_per_chunk: int = 8
+    """Tiles along each side of a chunk."""
+
+    def __post_init__(self):
+        for name in ("tile_px", "overlap_px", "tiles_per_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"grid {name} must be an integer, got {value!r}")
+        if not self.tile_px > self.overlap_px >= 0:
+            raise ConfigError(f"grid needs tile_px > overlap_px >= 0, got tile_px="
+                              f"{self.tile_px}, overlap_px={self.overlap_px}")
+        if self.tiles_per_chunk < 1:
+            raise ConfigError(f"grid tiles_per_chunk must be >= 1, got {self.tiles_per_chunk}")
+        try:
+            resolution = float(self.resolution)
+        except (TypeError, ValueError):
+            resolution = math.nan
+        if not (math.isfinite(resolution) and resolution > 0):
+            raise ConfigError(f"grid resolution must be a positive number, got "
+                              f"{self.resolution!r}")
+        # Plain Python numbers, so ids, bounds and equality do not depend on the input type.
+        object.__setattr__(self, "resolution", resolution)
+        for name in ("tile_px", "overlap_px", "tiles_per_chunk"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        try:
+            crs = CRS.from_user_input(self.crs)
+        except CRSError as exc:
+            raise ConfigError(f"grid CRS {self.crs!r} is not a CRS pyproj knows: {exc}") from exc
+        if not crs.is_projected:
+            raise ConfigError(f"grid CRS {self.crs!r} is not projected; use a projected CRS "
+                              "in metres such as EPSG:3413")
+        if crs.to_epsg() is None:
+            raise ConfigError(f"grid CRS {self.crs!r} has no EPSG code; grid ids need one, "
+                              "use an EPSG CRS such as EPSG:3413")
+
+    @property
+    def stride_px(self) -> int:
+        """Pixels from one tile's origin to the next: ``tile_px - overlap_px``."""
+        return self.tile_px - self.overlap_px
+
+    @property
+    def chunk_px(self) -> int:
+        """Pixels from one chunk's origin to the next: ``tiles_per_chunk * stride_px``."""
+        return self.tiles_per_chunk * self.stride_px
+
+    @property
+    def window_px(self) -> int:
+        """Side of a chunk's read window: ``chunk_px + overlap_px`` (all its tiles whole)."""
+        return self.chunk_px + self.overlap_px
+
+    @cached_property
+    def epsg(self) -> int:
+        """EPSG code of ``crs`` (parsed once per spec)."""
+        return CRS.from_user_input(self.crs).to_epsg()
+
+    def tile_id(self, col: int, row: int) -> str:
+        """Id of tile (col, row), e.g. ``3413_10m_t-96_322``."""
+        return f"{self.epsg}_{self.resolution:g}m_t{col}_{row}"
+
+    def chunk_id(self, col: int, row: int) -> str:
+        """Id of chunk (col, row), e.g. ``3413_10m_c-12_r40``."""
+        return f"{self.epsg}_{self.resolution:g}m_c{col}_r{row}"
+
+    def tile_bounds(self, col: int, row: int) -> Bounds:
+        """(minx, miny, maxx, maxy) of tile (col, row) in map units."""
+        # Integer pixel offsets times the resolution: exact for whole-metre resolutions.
+        x0 = col * self.stride_px * self.resolution
+        y1 = -(row * self.stride_px) * self.resolution
+        size = self.tile_px * self.resolution
+        return (x0, y1 - size, x0 + size, y1)
+
+    def chunk_bounds(self, col: int, row: int) -> Bounds:
+        """(minx, miny, maxx, maxy) of the read window of chunk (col, row)."""
+        x0 = col * self.chunk_px * self.resolution
+        y1 = -(row * self.chunk_px) * self.resolution
+        size = self.window_px * self.resolution
+        return (x0, y1 - size, x0 + size, y1)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One model input: ``tile_px`` square pixels of the grid."""
+
+    id: str
+    """Stable id, ``f"{epsg}_{res:g}m_t{col}_{row}"``."""
+
+    col: int
+    """Tile column (grows eastward from x=0; may be negative)."""
+
+    row: int
+    """Tile row (grows southward from y=0; may be negative)."""
+
+    chunk_id: str
+    """Id of the chunk that owns this tile."""
+
+    offset: tuple[int, int]
+    """(row0, col0): the tile's first pixel in its chunk's read window."""
+
+    bounds: Bounds
+    """(minx, miny, maxx, maxy) in the grid CRS."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A block of tiles read and processed together (one Dask task per chunk and year)."""
+
+    id: str
+    """Stable id, ``f"{epsg}_{res:g}m_c{col}_r{row}"``."""
+
+    col: int
+    """Chunk column: tiles with ``tile.col // tiles_per_chunk == col``."""
+
+    row: int
+    """Chunk row: tiles with ``tile.row // tiles_per_chunk == row``."""
+
+    spec: GridSpec
+    """The grid this chunk belongs to."""
+
+    bounds: Bounds
+    """(minx, miny, maxx, maxy) of the read window in the grid CRS."""
+
+    transform: Affine
+    """Affine transform of the read window (north-up, pixel size ``spec.resolution``)."""
+
+    shape: tuple[int, int]
+    """(height, width) of the read window in pixels: ``spec.window_px`` each."""
+
+    tiles: tuple[Tile, ...]
+    """The tiles of this chunk to process (those touching the AOI), row by row."""
+
+    def tile_window(self, tile: Tile) -> tuple[slice, slice]:
+        """(row slice, col slice) of ``tile`` in this chunk's read window.
+
+        Raises
+        ------
+        ValueError
+            The tile belongs to another chunk.
+        """
+        if tile.chunk_id != self.id:
+            raise ValueError(f"tile {tile.id} belongs to chunk {tile.chunk_id}, not {self.id}")
+        row0, col0 = tile.offset
+        size = self.spec.tile_px
+        return slice(row0, row0 + size), slice(col0, col0 + size)
+
+
+def plan_grid(aoi_geometry: BaseGeometry, spec: GridSpec) -> list[Chunk]:
+    """The chunks and tiles that cover an AOI.
+
+    Parameters
+    ----------
+    aoi_geometry : shapely geometry
+        The AOI polygon(s) in ``spec.crs`` (e.g. ``AOI.geometry``).
+    spec : GridSpec
+        The grid.
+
+    Returns
+    -------
+    list of Chunk
+        Chunks with at least one tile touching the AOI, sorted by id; each holds only its
+        tiles that touch the AOI. "Touching" means sharing area with the polygon (not its
+        bounding box): a tile that only meets the AOI along its edge or at a corner has
+        nothing to map and is left out.
+
+    Notes
+    -----
+    Chunks are tested first: a chunk whose read window lies inside the AOI takes all its
+    tiles without testing them, so only chunks on the AOI boundary test their tiles (with
+    vectorized shapely predicates). Planning time grows with the AOI's perimeter, not its
+    area; the ``Tile`` objects themselves dominate for very large AOIs.
+    """
+    if aoi_geometry is None or aoi_geometry.is_empty:
+        return []
+    geom = aoi_geometry
+    shapely.prepare(geom)
+    n = spec.tiles_per_chunk
+    minx, miny, maxx, maxy = geom.bounds
+    # Candidate tiles from the AOI bounds (generous by one tile; the predicates decide).
+    stride = spec.stride_px * spec.resolution
+    size = spec.tile_px * spec.resolution
+    col0, col1 = math.floor((minx - size) / stride), math.floor(maxx / stride)
+    row0, row1 = math.floor((-maxy - size) / stride), math.floor(-miny / stride)
+
+    chunk_cols = np.arange(col0 // n, col1 // n + 1)
+    chunk_rows = np.arange(row0 // n, row1 // n + 1)
+    ccol, crow = (a.ravel() for a in np.meshgrid(chunk_cols, chunk_rows))
+    windows = _boxes(ccol * spec.chunk_px, crow * spec.chunk_px, spec.window_px, spec.resolution)
+    hit = _shares_area(geom, windows)
+    inside = hit & shapely.contains(geom, windows)
+
+    # Tile offsets (in tiles) inside a chunk, row by row.
+    trow, tcol = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    chunks = []
+    for cc, cr, is_inside in zip(ccol[hit], crow[hit], inside[hit]):
+        cols, rows = cc * n + tcol, cr * n + trow
+        if not is_inside:
+            tiles = _boxes(cols * spec.stride_px, rows * spec.stride_px, spec.tile_px,
+                           spec.resolution)
+            keep = _shares_area(geom, tiles)
+            cols, rows = cols[keep], rows[keep]
+        if len(cols):
+            chunks.append(_make_chunk(spec, int(cc), int(cr), zip(cols.tolist(), rows.tolist())))
+    chunks.sort(key=lambda chunk: chunk.id)
+    return chunks
+
+
+def parse_chunk_id(chunk_id: str) -> tuple[int, float, int, int]:
+    """Split a chunk id into (epsg, resolution, col, row).
+
+    Raises
+    ------
+    ConfigError
+        ``chunk_id`` is not a chunk id.
+    """
+    match = _CHUNK_ID.match(chunk_id)
+    if match is None:
+        raise ConfigError(f"{chunk_id!r} is not a chunk id (expected e.g. 3413_10m_c-12_r40)")
+    return (int(match["epsg"]), float(match["res"]), int(match["col"]), int(match["row"]))
+
+
+def chunk_by_id(chunk_id: str, spec: GridSpec,
+                aoi_geometry: BaseGeometry | None = None) -> Chunk:
+    """Rebuild a chunk from its id (workers receive ids, not objects).
+
+    Parameters
+    ----------
+    chunk_id : str
+        A chunk id made with ``spec``.
+    spec : GridSpec
+        The grid the id belongs to. Only its CRS and resolution are in the id; the tile
+        size, overlap and tiles per chunk must be the ones the id was planned with.
+    aoi_geometry : shapely geometry, optional
+        If given, keep only the tiles touching it (as :func:`plan_grid` does); the chunk is
+        then equal to the one :func:`plan_grid` returned (it may have no tiles if the AOI
+        does not reach it). If None, all ``tiles_per_chunk ** 2`` tiles.
+
+    Returns
+    -------
+    Chunk
+
+    Raises
+    ------
+    ConfigError
+        The id is malformed or was made for another CRS or resolution.
+    """
+    epsg, _, col, row = parse_chunk_id(chunk_id)
+    if chunk_id != spec.chunk_id(col, row):
+        raise ConfigError(f"chunk id {chunk_id!r} does not belong to the grid EPSG:{spec.epsg} "
+                          f"at {spec.resolution:g} m; use the grid settings it was planned with")
+    n = spec.tiles_per_chunk
+    trow, tcol = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    cols, rows = col * n + tcol, row * n + trow
+    if aoi_geometry is not None:
+        if aoi_geometry.is_empty:
+            cols, rows = cols[:0], rows[:0]
+        else:
+            shapely.prepare(aoi_geometry)
+            keep = _shares_area(aoi_geometry, _boxes(cols * spec.stride_px, rows * spec.stride_px,
+                                                     spec.tile_px, spec.resolution))
+            cols, rows = cols[keep], rows[keep]
+    return _make_chunk(spec, col, row, zip(cols.tolist(), rows.tolist()))
+
+
+def _boxes(x_px: np.ndarray, y_px: np.ndarray, size_px: int, resolution: float) -> np.ndarray:
+    """Boxes whose top-left corners are (x_px, -y_px) grid pixels from the origin."""
+    x0 = x_px * resolution
+    y1 = -(y_px * resolution)
+    size = size_px * resolution
+    return shapely.box(x0, y1 - size, x0 + size, y1)
+
+
+def _shares_area(geom: BaseGeometry, boxes: np.ndarray) -> np.ndarray:
+    """Which boxes share area with geom: intersect it, and not only along the boundary."""
+    return shapely.intersects(geom, boxes) & ~shapely.touches(geom, boxes)
+
+
+def _make_chunk(spec: GridSpec, col: int, row: int, tiles_colrow) -> Chunk:
+    chunk_id = spec.chunk_id(col, row)
+    first_col, first_row = col * spec.tiles_per_chunk, row * spec.tiles_per_chunk
+    tiles = tuple(
+        Tile(id=spec.tile_id(i, j), col=i, row=j, chunk_id=chunk_id,
+             offset=((j - first_row) * spec.stride_px, (i - first_col) * spec.stride_px),
+             bounds=spec.tile_bounds(i, j))
+        for i, j in sorted(tiles_colrow, key=lambda ij: (ij[1], ij[0]))
+    )
+    bounds = spec.chunk_bounds(col, row)
+    transform = Affine(spec.resolution, 0.0, bounds[0], 0.0, -spec.resolution, bounds[3])
+    return Chunk(id=chunk_id, col=col, row=row, spec=spec, bounds=bounds, transform=transform,
+                 shape=(spec.window_px, spec.window_px), tiles=tiles)

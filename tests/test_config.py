@@ -1,0 +1,90 @@
+"""Run configuration: file + flags, and bad configuration ends in one clear line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from workflows.config import load_run_config, parse_years
+
+RTSMAP = [sys.executable, "-m", "workflows.cli"]
+
+
+def test_file_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "years: 2019-2020\n"
+        "out: a.gpkg\n"
+        "inference: {batch_size: 4, providers: [cuda, cpu]}\n"
+        "cluster: {kind: slurm, jobs: 3, gpus_per_worker: 1, lifetime: 55m}\n"
+    )
+    config = load_run_config(path, {"out": "b.gpkg", "cluster.jobs": 5, "retries": None})
+    assert config.years == (2019, 2020)
+    assert config.out == "b.gpkg"  # the flag wins over the file
+    assert config.cluster.jobs == 5 and config.cluster.kind == "slurm" and config.cluster.lifetime == "55m"
+    assert config.inference.providers == ("cuda", "cpu") and config.inference.batch_size == 4
+    assert config.retries == 2  # a flag that was not given leaves the default
+    assert config.work_dir == Path("b.gpkg.work")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cluster: {kindd: local}\n", "unknown key cluster.kindd"),
+        ("inference: {batch_size: two}\n", "inference.batch_size: expected an integer"),
+        ("overwrite: yes please\n", "overwrite: expected true or false"),
+        ("cluster: {kind: yarn}\n", "cluster.kind: 'yarn' is not one of"),
+        ("cluster: {kind: address}\n", "cluster.address is not set"),
+        ("inference: {providers: [rocm]}\n", "'rocm' is not one of"),
+        ("years: 2023-2021\n", "years: cannot read"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("a: [\n", "is not valid YAML"),
+    ],
+)
+def test_bad_configuration(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_run_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config("/nonexistent/run.yaml")
+
+
+def test_parse_years():
+    assert parse_years("2021-2023") == (2021, 2022, 2023)
+    assert parse_years("2023,2021") == (2021, 2023)
+    for bad in ("", "twenty", "1800", "2021-"):
+        with pytest.raises(ConfigError):
+            parse_years(bad)
+
+
+def test_cli_bad_config_is_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("cluster: {workers: 3}\n")
+    proc = subprocess.run(
+        RTSMAP + ["run", "--aoi", "x.geojson", "--config", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("error: unknown key cluster.workers")
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unreachable_scheduler(tmp_path):
+    """A scheduler address nothing listens on: one line, exit 2."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from workflows.cluster import open_cluster
+    from workflows.config import ClusterConfig
+
+    with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
+        with open_cluster(ClusterConfig(kind="address", address=f"tcp://127.0.0.1:{port}", timeout_s=2)):
+            pass
