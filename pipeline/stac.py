@@ -1,0 +1,648 @@
+"""Find scenes in a STAC catalog: a STAC API or a local file, with the same results either way.
+
+``open_catalog`` takes a URL (a STAC API, searched with pystac-client, with retries and a
+timeout) or a path (an ItemCollection JSON, NDJSON with one item per line, a static
+``catalog.json``, or a stac-geoparquet file). ``Catalog.search`` applies the same spatial,
+temporal and cloud filters to both, and returns items sorted by id.
+
+Planetary Computer assets need a SAS token appended to their hrefs at read time:
+``make_signer`` returns a function that does it, with tokens cached per collection until shortly
+before they expire. Tokens and signed URLs never appear in logs or messages: every message that
+contains a URL passes through ``redact``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pystac
+import shapely
+from shapely.geometry import mapping, shape
+from shapely.geometry.base import BaseGeometry
+
+from pipeline.errors import CatalogError, ConfigError
+from pipeline.profiles import CatalogProfile, ModalityProfile
+
+log = logging.getLogger(__name__)
+
+PC_TOKEN_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token/{collection}"
+RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+# --- redaction ----------------------------------------------------------------------------------
+
+
+def redact(url: str) -> str:
+    """Strip what may hold a secret from a URL: the query string, the fragment and any user:password.
+
+    Parameters
+    ----------
+    url
+        A URL (or a path, returned unchanged).
+
+    Returns
+    -------
+    str
+        The URL without query string, fragment or credentials; ``?...`` marks a removed query.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<url>"
+    if not parts.scheme or not parts.netloc:
+        return url.split("?", 1)[0]
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    redacted = urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return redacted + ("?..." if parts.query else "")
+
+
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>)]+")
+# SAS tokens have a recognisable shape; catch one even where it is not part of a URL.
+_SAS_IN_TEXT = re.compile(r"(?:^|(?<=[\s?&'\"]))(?:sv|st|se|sp|sig|skoid|sktid|skt|ske|sks|skv|sr|spr|rscd)=[^\s&'\"]+")
+
+
+def redact_text(text: str) -> str:
+    """Apply :func:`redact` to every URL in a message, and drop stray SAS token fields."""
+    text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    # urllib3 writes request paths without scheme and host ("/search?token=..."): cut their query too.
+    text = re.sub(r"(/[^\s'\"?]*)\?[^\s'\")]+", r"\1?...", text)
+    return _SAS_IN_TEXT.sub("<redacted>", text)
+
+
+class _RedactFilter(logging.Filter):
+    """Rewrites log records of the HTTP libraries so no query string or header value gets out.
+
+    pystac-client logs each request with its URL and headers at DEBUG, and urllib3 logs the
+    request path (with query) on each retry; either can carry a token.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to fix; drop its arguments
+            message = str(record.msg)
+        message = re.sub(r"Headers: \{.*?\}", "Headers: <redacted>", message)
+        record.msg = redact_text(message)
+        record.args = None
+        return True
+
+
+for _name in ("pystac_client.stac_api_io", "urllib3.connectionpool", "urllib3.util.retry"):
+    logging.getLogger(_name).addFilter(_RedactFilter())
+
+
+# --- time windows -------------------------------------------------------------------------------
+
+
+def season_window(year: int, season: tuple[str, str]) -> tuple[dt.datetime, dt.datetime]:
+    """The UTC datetime window of a month-day season in one year, both days whole.
+
+    Parameters
+    ----------
+    year
+        The year.
+    season
+        ``("MM-DD", "MM-DD")``, e.g. ``("07-01", "08-31")``.
+
+    Returns
+    -------
+    tuple of datetime
+        Start at 00:00:00 of the first day, end at 23:59:59.999999 of the last day (UTC).
+    """
+    start = dt.datetime.fromisoformat(f"{year}-{season[0]}T00:00:00+00:00")
+    end = dt.datetime.fromisoformat(f"{year}-{season[1]}T23:59:59.999999+00:00")
+    return start, end
+
+
+def _utc(value: dt.datetime | str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
+def _interval_text(start: dt.datetime | None, end: dt.datetime | None) -> str:
+    def fmt(v: dt.datetime | None) -> str:
+        return ".." if v is None else v.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    return f"{fmt(start)}/{fmt(end)}"
+
+
+# --- the catalog --------------------------------------------------------------------------------
+
+
+class Catalog:
+    """A searchable source of STAC items (see :func:`open_catalog`)."""
+
+    source: str
+    """The catalog's URL (redacted) or path, for messages."""
+
+    signer: Callable[[str, str], str] = staticmethod(lambda href, collection: href)
+    """``(href, collection) -> href`` to call on an asset href just before reading it."""
+
+    def sign(self, href: str, collection: str) -> str:
+        """An asset href ready to read (with a SAS token where the catalog needs one; never log it)."""
+        return self.signer(href, collection)
+
+    def search(
+        self,
+        collections: Sequence[str],
+        intersects: BaseGeometry | dict | None = None,
+        datetime: tuple[dt.datetime | str | None, dt.datetime | str | None] | None = None,
+        cloud_property: str | None = None,
+        max_cloud: float | None = None,
+        page_size: int = 100,
+    ) -> list[pystac.Item]:
+        """Items of ``collections`` that intersect a WGS84 geometry, in a time window, not too cloudy.
+
+        Parameters
+        ----------
+        collections
+            Collection ids.
+        intersects
+            Shapely geometry in WGS84 (lon, lat) or a GeoJSON dict; None for no spatial filter.
+        datetime
+            ``(start, end)``, both inclusive, either may be None (open); None for no filter.
+            Items with a ``start_datetime``/``end_datetime`` range match when the range overlaps.
+        cloud_property, max_cloud
+            Keep items whose ``cloud_property`` is at most ``max_cloud``; items without the
+            property are left out when ``max_cloud`` is given.
+        page_size
+            Items per page asked from a STAC API.
+
+        Returns
+        -------
+        list of pystac.Item
+            Sorted by id.
+
+        Raises
+        ------
+        CatalogError
+            If the catalog cannot be reached or answers with an error.
+        """
+        raise NotImplementedError
+
+
+def _as_geometry(intersects: BaseGeometry | dict | None) -> BaseGeometry | None:
+    if intersects is None or isinstance(intersects, BaseGeometry):
+        return intersects
+    return shape(intersects)
+
+
+def _cloud_ok(item: pystac.Item, cloud_property: str | None, max_cloud: float | None) -> bool:
+    if max_cloud is None or cloud_property is None:
+        return True
+    value = item.properties.get(cloud_property)
+    if value is None:
+        return False
+    return float(value) <= max_cloud
+
+
+def _time_ok(item: pystac.Item, start: dt.datetime | None, end: dt.datetime | None) -> bool:
+    """STAC API semantics: an item's range (start/end_datetime) overlapping the window, else its datetime."""
+    props = item.properties
+    lo = _utc(props.get("start_datetime"))
+    hi = _utc(props.get("end_datetime"))
+    if lo is None or hi is None:
+        lo = hi = _utc(props.get("datetime"))
+    if lo is None or hi is None:
+        return False
+    if start is not None and hi < start:
+        return False
+    if end is not None and lo > end:
+        return False
+    return True
+
+
+class LocalCatalog(Catalog):
+    """Items read from a local file or static catalog, filtered in memory."""
+
+    def __init__(self, path: Path, items: list[pystac.Item]):
+        self.source = str(path)
+        self.items = items
+        # Item footprints once, so repeated searches (one per modality and year) are cheap.
+        self._geoms = [None if it.geometry is None else shape(it.geometry) for it in items]
+
+    def search(
+        self,
+        collections: Sequence[str],
+        intersects: BaseGeometry | dict | None = None,
+        datetime: tuple[dt.datetime | str | None, dt.datetime | str | None] | None = None,
+        cloud_property: str | None = None,
+        max_cloud: float | None = None,
+        page_size: int = 100,
+    ) -> list[pystac.Item]:
+        aoi = _as_geometry(intersects)
+        start, end = (None, None) if datetime is None else (_utc(datetime[0]), _utc(datetime[1]))
+        wanted = set(collections)
+        found = []
+        for item, geom in zip(self.items, self._geoms):
+            if item.collection_id not in wanted:
+                continue
+            if aoi is not None and (geom is None or not shapely.intersects(geom, aoi)):
+                continue
+            if datetime is not None and not _time_ok(item, start, end):
+                continue
+            if not _cloud_ok(item, cloud_property, max_cloud):
+                continue
+            found.append(item)
+        return sorted(found, key=lambda it: it.id)
+
+
+class ApiCatalog(Catalog):
+    """A STAC API searched with pystac-client."""
+
+    def __init__(self, url: str, client: Any, tries: int):
+        self.url = url
+        self.source = redact(url)
+        self.client = client
+        self.tries = tries
+
+    def search(
+        self,
+        collections: Sequence[str],
+        intersects: BaseGeometry | dict | None = None,
+        datetime: tuple[dt.datetime | str | None, dt.datetime | str | None] | None = None,
+        cloud_property: str | None = None,
+        max_cloud: float | None = None,
+        page_size: int = 100,
+    ) -> list[pystac.Item]:
+        from pystac_client.conformance import ConformanceClasses
+        from pystac_client.exceptions import APIError
+
+        aoi = _as_geometry(intersects)
+        kwargs: dict[str, Any] = {"collections": list(collections), "limit": page_size}
+        if aoi is not None:
+            kwargs["intersects"] = mapping(aoi)
+        if datetime is not None:
+            kwargs["datetime"] = _interval_text(_utc(datetime[0]), _utc(datetime[1]))
+        if max_cloud is not None and cloud_property is not None:
+            # Ask the server to filter where it can (fewer pages); the client-side check below
+            # runs either way, so the result is the same as a local catalog's.
+            if self.client.conforms_to(ConformanceClasses.FILTER):
+                kwargs["filter"] = {"op": "<=", "args": [{"property": cloud_property}, max_cloud]}
+                kwargs["filter_lang"] = "cql2-json"
+            elif self.client.conforms_to(ConformanceClasses.QUERY):
+                kwargs["query"] = {cloud_property: {"lte": max_cloud}}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # DoesNotConformTo is handled above
+                items = list(self.client.search(**kwargs).items())
+        except APIError as exc:
+            raise _api_error(self.url, exc, self.tries) from None
+        items = [it for it in items if _cloud_ok(it, cloud_property, max_cloud)]
+        log.info("%s: %d items in %s", self.source, len(items), ",".join(collections))
+        return sorted(items, key=lambda it: it.id)
+
+
+def _api_error(url: str, exc: Exception, tries: int) -> CatalogError:
+    """One clear line for an API failure, with no secrets in it."""
+    status = getattr(exc, "status_code", None)
+    text = str(exc)
+    if status is None or status in RETRY_STATUS:
+        if status is not None:
+            reason = f"HTTP {status}"
+        elif "timed out" in text.lower() or "timeout" in text.lower():
+            reason = "timed out"
+        elif "refused" in text.lower():
+            reason = "connection refused"
+        elif "resolve" in text.lower() or "name or service" in text.lower():
+            reason = "host name not found"
+        else:
+            reason = redact_text(text)[:200]
+        return CatalogError(
+            f"catalog {redact(url)} is unreachable: {reason} after {tries} tries; "
+            "check the URL and your network, or try again later"
+        )
+    detail = redact_text(text).strip().replace("\n", " ")[:200]
+    return CatalogError(f"catalog {redact(url)} answered HTTP {status}: {detail}")
+
+
+def open_catalog(
+    url_or_path: str | Path,
+    *,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+    headers: dict[str, str] | None = None,
+    signing: str | None = None,
+) -> Catalog:
+    """Open a STAC API (URL) or a local catalog (path).
+
+    Parameters
+    ----------
+    url_or_path
+        ``http(s)://`` URL of a STAC API root, or a path to an ItemCollection JSON, an NDJSON file
+        (one item per line), a static catalog (``catalog.json`` or a folder holding one) or a
+        stac-geoparquet file (``.parquet``/``.geoparquet``).
+    timeout
+        Seconds to wait for each HTTP connection and answer.
+    retries
+        Retries after the first try, on connection errors, timeouts, HTTP 429 and 5xx, with
+        exponential backoff (``backoff * 2**n`` seconds, at most 60).
+    backoff
+        Base of the backoff, in seconds.
+    headers
+        Extra HTTP headers.
+    signing
+        None, or ``planetary-computer``: then ``Catalog.sign`` appends a SAS token to asset hrefs.
+
+    Returns
+    -------
+    Catalog
+
+    Raises
+    ------
+    CatalogError
+        If the API cannot be reached or the file cannot be read as STAC.
+    """
+    text = str(url_or_path)
+    if re.match(r"^https?://", text):
+        catalog: Catalog = _open_api(text, timeout=timeout, retries=retries, backoff=backoff, headers=headers)
+    else:
+        catalog = LocalCatalog(Path(text), read_items(text))
+    if signing is not None:
+        catalog.signer = make_signer(signing, timeout=timeout)
+    return catalog
+
+
+def _open_api(url: str, *, timeout: float, retries: int, backoff: float, headers: dict[str, str] | None) -> ApiCatalog:
+    import pystac_client
+    from pystac_client.exceptions import APIError
+    from pystac_client.stac_api_io import StacApiIO
+    from urllib3.util.retry import Retry
+
+    retry = Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        backoff_factor=backoff,
+        backoff_max=60.0,
+        status_forcelist=RETRY_STATUS,
+        allowed_methods=frozenset({"GET", "POST"}),  # searches are safe to repeat
+        raise_on_status=False,  # after the last try, hand back the answer so its status is reported
+        respect_retry_after_header=True,
+    )
+    stac_io = StacApiIO(headers=headers, timeout=timeout, max_retries=retry)
+    try:
+        client = pystac_client.Client.open(url, stac_io=stac_io, timeout=timeout)
+    except APIError as exc:
+        raise _api_error(url, exc, retries + 1) from None
+    except (pystac.STACError, json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise CatalogError(f"catalog {redact(url)} is not a STAC API root: {redact_text(str(exc))[:200]}") from None
+    log.info("opened STAC API %s", redact(url))
+    return ApiCatalog(url, client, retries + 1)
+
+
+# --- local files --------------------------------------------------------------------------------
+
+
+def read_items(path: str | Path) -> list[pystac.Item]:
+    """Read every item from a local STAC file or static catalog.
+
+    Parameters
+    ----------
+    path
+        ItemCollection JSON, NDJSON, static catalog (``catalog.json`` or its folder), single item
+        JSON, or stac-geoparquet.
+
+    Returns
+    -------
+    list of pystac.Item
+
+    Raises
+    ------
+    CatalogError
+        If the path does not exist or is not STAC.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "catalog.json").is_file():
+        path = path / "catalog.json"
+    if not path.is_file():
+        raise CatalogError(
+            f"catalog {path} does not exist: give a STAC API URL, an item collection (.json, .ndjson), "
+            "a static catalog.json or a stac-geoparquet file"
+        )
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".geoparquet"):
+            return _read_geoparquet(path)
+        if suffix in (".ndjson", ".jsonl"):
+            return [
+                pystac.Item.from_dict(json.loads(line), preserve_dict=False)
+                for line in path.read_text().splitlines()
+                if line.strip()
+            ]
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CatalogError(f"catalog {path} is not valid JSON: {exc}") from None
+    except (pystac.STACError, KeyError, TypeError, ValueError) as exc:
+        raise CatalogError(f"catalog {path} does not hold valid STAC items: {exc}") from None
+    kind = data.get("type") if isinstance(data, dict) else None
+    try:
+        if kind == "FeatureCollection":
+            return list(pystac.ItemCollection.from_dict(data, preserve_dict=False).items)
+        if kind == "Feature":
+            return [pystac.Item.from_dict(data, preserve_dict=False)]
+        if kind in ("Catalog", "Collection"):
+            catalog = pystac.read_file(str(path))
+            return list(catalog.get_items(recursive=True))
+    except (pystac.STACError, KeyError, TypeError, ValueError, OSError) as exc:
+        raise CatalogError(f"catalog {path} does not hold valid STAC items: {exc}") from None
+    raise CatalogError(
+        f"catalog {path} is JSON but not STAC (type {kind!r}): expected a FeatureCollection, a Catalog or an Item"
+    )
+
+
+def _read_geoparquet(path: Path) -> list[pystac.Item]:
+    import rustac
+
+    try:
+        value = rustac.read_sync(str(path))
+    except Exception as exc:  # rustac raises its own error types from Rust
+        raise CatalogError(f"catalog {path} is not a readable stac-geoparquet file: {exc}") from None
+    features = value.get("features", []) if isinstance(value, dict) else list(value)
+    return [pystac.Item.from_dict(f, preserve_dict=False) for f in features]
+
+
+# --- per-modality search ------------------------------------------------------------------------
+
+
+def search_modalities(
+    catalog: Catalog,
+    aoi: Any,
+    years: Iterable[int],
+    profile: CatalogProfile,
+    *,
+    modalities: Sequence[str] | None = None,
+    page_size: int = 100,
+) -> dict[tuple[str, int | None], list[pystac.Item]]:
+    """Search every modality of a profile: per year in its season, or once for static ones.
+
+    Parameters
+    ----------
+    catalog
+        From :func:`open_catalog`.
+    aoi
+        An ``AOI`` (its ``geometry_wgs84`` is used), a shapely geometry in WGS84, or GeoJSON.
+    years
+        Years to search per-year modalities in.
+    profile
+        The catalog profile.
+    modalities
+        Only these modalities of the profile (default: all).
+    page_size
+        Items per API page.
+
+    Returns
+    -------
+    dict
+        ``(modality, year)`` -> items for per-year modalities, ``(modality, None)`` -> items for
+        static ones (DEM).
+    """
+    geometry = getattr(aoi, "geometry_wgs84", aoi)
+    years = sorted(set(int(y) for y in years))
+    found: dict[tuple[str, int | None], list[pystac.Item]] = {}
+    names = list(profile.modalities) if modalities is None else list(modalities)
+    unknown = [n for n in names if n not in profile.modalities]
+    if unknown:
+        raise ConfigError(
+            f"profile {profile.name} has no modality {unknown[0]!r} (it has: {', '.join(profile.modalities)})"
+        )
+    for name in names:
+        modality = profile.modalities[name]
+        for year in years if modality.per_year else [None]:
+            found[(name, year)] = _search_modality(catalog, geometry, year, modality, page_size)
+    return found
+
+
+def _search_modality(
+    catalog: Catalog, geometry: Any, year: int | None, modality: ModalityProfile, page_size: int
+) -> list[pystac.Item]:
+    window = None
+    if year is not None and modality.season is not None:
+        window = season_window(year, modality.season)
+    items = catalog.search(
+        modality.collections,
+        intersects=geometry,
+        datetime=window,
+        cloud_property=modality.cloud_property,
+        max_cloud=modality.max_cloud,
+        page_size=page_size,
+    )
+    log.info("%s %s: %d items", modality.name, year if year is not None else "(static)", len(items))
+    return items
+
+
+# --- signing (Planetary Computer) ---------------------------------------------------------------
+
+
+class PlanetaryComputerSigner:
+    """Appends a Planetary Computer SAS token to Azure Blob Storage hrefs.
+
+    One token per collection, fetched from the SAS API and kept until five minutes before it
+    expires. Thread-safe, so Dask worker threads can share one signer.
+
+    Parameters
+    ----------
+    token_url
+        Token endpoint with a ``{collection}`` placeholder.
+    timeout
+        Seconds to wait for the token endpoint.
+    subscription_key
+        Optional Planetary Computer subscription key (default: ``PC_SDK_SUBSCRIPTION_KEY``).
+    """
+
+    def __init__(self, token_url: str = PC_TOKEN_URL, *, timeout: float = 30.0, subscription_key: str | None = None):
+        self.token_url = token_url
+        self.timeout = timeout
+        self.subscription_key = subscription_key or os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
+        self._tokens: dict[str, tuple[str, dt.datetime]] = {}
+        self._lock = threading.Lock()
+
+    def token(self, collection: str) -> str:
+        """The SAS token for a collection, fetched or from the cache.
+
+        Raises
+        ------
+        CatalogError
+            If the token endpoint cannot be reached or answers without a token.
+        """
+        now = dt.datetime.now(dt.timezone.utc)
+        with self._lock:
+            cached = self._tokens.get(collection)
+            if cached and cached[1] - now > dt.timedelta(minutes=5):
+                return cached[0]
+            token, expiry = self._fetch(collection)
+            self._tokens[collection] = (token, expiry)
+            return token
+
+    def _fetch(self, collection: str) -> tuple[str, dt.datetime]:
+        import requests
+
+        url = self.token_url.format(collection=collection)
+        headers = {"Ocp-Apim-Subscription-Key": self.subscription_key} if self.subscription_key else {}
+        try:
+            resp = requests.get(url, headers=headers, timeout=self.timeout)
+            resp.raise_for_status()
+            body = resp.json()
+            token = body["token"]
+            expiry = _utc(body["msft:expiry"])
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            raise CatalogError(
+                f"could not get a Planetary Computer SAS token for collection {collection} from "
+                f"{redact(url)}: {redact_text(str(exc))[:200]}"
+            ) from None
+        log.debug("got a SAS token for %s (expires %s)", collection, expiry)
+        return token, expiry
+
+    def sign(self, href: str, collection: str) -> str:
+        """``href`` with the collection's token appended; hrefs outside Azure Blob Storage unchanged."""
+        parts = urlsplit(href)
+        if not (parts.hostname or "").endswith(".blob.core.windows.net"):
+            return href
+        if "sig=" in parts.query:  # already signed
+            return href
+        token = self.token(collection).lstrip("?")
+        query = f"{parts.query}&{token}" if parts.query else token
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def make_signer(signing: CatalogProfile | str | None, **kwargs: Any) -> Callable[[str, str], str]:
+    """A function ``(href, collection) -> href`` to call on each asset href just before reading it.
+
+    Parameters
+    ----------
+    signing
+        A catalog profile (its ``signing`` picks the scheme), a scheme name
+        (``planetary-computer``) or None.
+    **kwargs
+        Passed to the signer (e.g. ``token_url`` for tests).
+
+    Returns
+    -------
+    callable
+        Identity for unsigned catalogs.
+    """
+    scheme = signing.signing if isinstance(signing, CatalogProfile) else signing
+    if scheme == "planetary-computer":
+        return PlanetaryComputerSigner(**kwargs).sign
+    if scheme is not None:
+        raise ConfigError(f"unknown signing scheme {scheme!r}: use planetary-computer or none")
+    return lambda href, collection: href
