@@ -1,0 +1,456 @@
+"""Run the exported detector over the tiles of a loaded chunk.
+
+``load_model`` opens the ONNX file in onnxruntime on the asked-for execution providers and
+checks that they are really in use; ``infer_chunk`` cuts tiles out of a :class:`ChunkStack`,
+normalizes them with the model's metadata, runs them in batches and pastes the 28x28 mask
+predictions back into chunk pixels as boolean masks (:class:`TileDetections`).
+
+No torch here (a GPU worker needs onnxruntime alone), so the mask pasting that torchvision does
+with ``paste_masks_in_image`` is written with numpy (see :func:`paste_mask`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ModelError
+from pipeline.model_file import (
+    ModelInfo,
+    check_compatible,
+    file_sha256,
+    import_onnxruntime,
+    model_info_from_session,
+    open_session,
+)
+
+__all__ = [
+    "Detector",
+    "ModelInfo",
+    "TileDetections",
+    "check_compatible",
+    "infer_chunk",
+    "load_model",
+    "paste_mask",
+]
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+"""Short provider names accepted by :func:`load_model` -> onnxruntime's names."""
+
+
+@dataclass
+class Detector:
+    """An open onnxruntime session of a model file, with what the pipeline knows about it."""
+
+    session: object
+    """The ``onnxruntime.InferenceSession``."""
+    info: ModelInfo
+    """The model's metadata and signature."""
+    providers: tuple[str, ...]
+    """Execution providers in use, as reported by the session after it was created."""
+
+    def predict(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch through the network.
+
+        Parameters
+        ----------
+        batch : mapping of str to ndarray
+            Modality -> float32 ``[B, C, T, T]``, already normalized.
+
+        Returns
+        -------
+        dict of str to ndarray
+            ``boxes [B, K, 4]``, ``scores [B, K]``, ``masks [B, K, M, M]``,
+            ``num_detections [B]`` (docs/contracts.md, "The model file").
+        """
+        names = ["boxes", "scores", "masks", "num_detections"]
+        outputs = self.session.run(names, {m: batch[m] for m in self.info.modalities})
+        return dict(zip(names, outputs))
+
+
+def _resolve_providers(providers: Sequence[str]) -> list[str]:
+    names = []
+    for p in providers:
+        name = PROVIDERS.get(p.lower(), p)
+        if name not in PROVIDERS.values():
+            raise ModelError(f"unknown execution provider {p!r}: use one of {', '.join(PROVIDERS)}")
+        names.append(name)
+    if "CPUExecutionProvider" not in names:
+        # CPU is always last: nodes a GPU provider cannot run fall back to it.
+        names.append("CPUExecutionProvider")
+    return names
+
+
+def check_providers(
+    asked: Sequence[str], available: Sequence[str], in_use: Sequence[str] | None, require_gpu: bool
+) -> list[str]:
+    """Compare the GPU providers asked for with those available and those in use.
+
+    onnxruntime-gpu silently runs on CPU when the CUDA/cuDNN/TensorRT libraries cannot be
+    loaded, so a run asked to use a GPU must check what the session really uses.
+
+    Parameters
+    ----------
+    asked : sequence of str
+        onnxruntime provider names asked for, in order.
+    available : sequence of str
+        ``onnxruntime.get_available_providers()``.
+    in_use : sequence of str or None
+        ``session.get_providers()``; None before the session exists (then only ``available``
+        is checked).
+    require_gpu : bool
+        Raise when a GPU provider is missing; otherwise log a warning.
+
+    Returns
+    -------
+    list of str
+        The asked providers that can be used (the missing GPU ones removed).
+
+    Raises
+    ------
+    ModelError
+        When ``require_gpu`` and an asked GPU provider is not available or not in use.
+    """
+    gpu_asked = [p for p in asked if p != "CPUExecutionProvider"]
+    have = set(available) if in_use is None else set(in_use)
+    missing = [p for p in gpu_asked if p not in have]
+    if not missing:
+        return list(asked)
+    if in_use is None:
+        what = f"this onnxruntime offers only {list(available)}"
+        fix = "install rtsmap[gpu] (onnxruntime-gpu, not onnxruntime)"
+    else:
+        what = f"the session runs on {list(in_use)} (onnxruntime fell back silently)"
+        fix = "check that the CUDA 12 / cuDNN 9 (and TensorRT) libraries are on the library path"
+    message = f"asked for {missing} but {what}: {fix}, or run on CPU"
+    if require_gpu:
+        raise ModelError(message)
+    log.warning("%s; going on with %s", message, [p for p in asked if p not in missing])
+    return [p for p in asked if p not in missing]
+
+
+def load_model(
+    path: str | Path,
+    providers: Sequence[str] = ("cpu",),
+    *,
+    require_gpu: bool = True,
+    intra_op_threads: int = 0,
+) -> Detector:
+    """Open a model file for inference.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ONNX file exported by ``rtsmap export``.
+    providers : sequence of str
+        Execution providers in order of preference: ``("cpu",)``, ``("cuda", "cpu")`` or
+        ``("tensorrt", "cuda", "cpu")`` (onnxruntime's full names work too). CPU is added last
+        when missing.
+    require_gpu : bool
+        When a GPU provider was asked for and cannot be used: raise (True) or log a warning and
+        go on without it (False).
+    intra_op_threads : int
+        Threads onnxruntime uses inside one operator; 0 lets onnxruntime decide (all cores).
+        Set it to the cores a Dask worker owns.
+
+    Returns
+    -------
+    Detector
+
+    Raises
+    ------
+    ModelError
+        onnxruntime not installed, missing or unreadable file, invalid metadata, a graph that
+        does not match its metadata, or (with ``require_gpu``) a GPU provider that is not usable.
+    """
+    ort = import_onnxruntime()
+    path = Path(path)
+    asked = _resolve_providers(providers)
+    asked = check_providers(asked, ort.get_available_providers(), None, require_gpu)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(intra_op_threads)
+    options.inter_op_num_threads = 1  # the graph is one chain of large ops; parallelism is within ops
+    options.log_severity_level = 3  # keep onnxruntime's own warnings out of the run log
+    session = open_session(path, options, asked)
+    in_use = session.get_providers()
+    check_providers(asked, ort.get_available_providers(), in_use, require_gpu)
+    info = model_info_from_session(session, path, file_sha256(path))
+    log.info("model %s (%s %s, sha256 %s) on %s", path, info.name, info.version, info.sha256[:12], in_use)
+    return Detector(session=session, info=info, providers=tuple(in_use))
+
+
+@dataclass(frozen=True)
+class TileDetections:
+    """The detections of one tile, in the pixels of the chunk's read window."""
+
+    tile_id: str
+    """Grid tile id (``pipeline.grid``)."""
+    chunk_id: str
+    """Grid chunk id."""
+    boxes: np.ndarray
+    """float32 ``[N, 4]``: x1, y1, x2, y2 in chunk pixels (clipped to the tile)."""
+    scores: np.ndarray
+    """float32 ``[N]``: detection scores, descending."""
+    masks: tuple[np.ndarray, ...]
+    """N bool arrays, each the box's pixel footprint: True inside the object."""
+    offsets: tuple[tuple[int, int], ...]
+    """N (row0, col0): chunk pixel of each mask's first row and column."""
+    invalid_fractions: np.ndarray
+    """float32 ``[N]``: share of each mask's pixels where any model modality had no valid data."""
+    skipped: bool = False
+    """True when no modality had a valid pixel in the tile, so the model was not run on it."""
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def _interpolation_matrix(positions: np.ndarray, size: int) -> np.ndarray:
+    """Linear interpolation weights ``[len(positions), size]`` for sample positions on a grid.
+
+    Positions outside ``[0, size - 1]`` are clamped (edge values repeat), as in PyTorch's
+    bilinear ``interpolate(..., align_corners=False)``.
+    """
+    pos = np.clip(positions, 0.0, size - 1.0)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = (pos - lo).astype(np.float32)
+    weights = np.zeros((len(pos), size), np.float32)
+    rows = np.arange(len(pos))
+    weights[rows, lo] += 1.0 - frac
+    weights[rows, hi] += frac
+    return weights
+
+
+def paste_mask(
+    mask: np.ndarray, box: Sequence[float], height: int, width: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resample a box-relative mask prediction onto the image pixels its box covers.
+
+    The pixels covered are those whose centres lie in ``[x1, x2) x [y1, y2)``, clipped to the
+    image; each takes the bilinear interpolation of the ``M x M`` map at its centre (the map's
+    cells spread evenly over the box, edge values repeat), as torchvision's
+    ``paste_masks_in_image`` does with ``F.interpolate``. Written with numpy because the
+    pipeline has no torch; the bilinear resize is separable, so it is two small matrix
+    products per mask.
+
+    Parameters
+    ----------
+    mask : ndarray
+        ``[M, M]`` probabilities inside the box.
+    box : sequence of float
+        x1, y1, x2, y2 in image pixels (pixel edges: a box ``(0, 0, 3, 2)`` covers 3 columns and
+        2 rows).
+    height, width : int
+        Image size in pixels.
+
+    Returns
+    -------
+    probabilities : ndarray
+        float32 ``[h, w]`` over the covered pixels (``h`` or ``w`` may be 0).
+    offset : tuple of int
+        (row0, col0) of the first covered pixel in the image.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    mh, mw = mask.shape
+    # First/last pixel whose centre (i + 0.5) lies in [lo, hi), clipped to the image.
+    c0 = max(int(np.ceil(x1 - 0.5)), 0)
+    c1 = min(int(np.ceil(x2 - 0.5)), width)
+    r0 = max(int(np.ceil(y1 - 0.5)), 0)
+    r1 = min(int(np.ceil(y2 - 0.5)), height)
+    if c1 <= c0 or r1 <= r0 or x2 <= x1 or y2 <= y1:
+        return np.zeros((0, 0), np.float32), (max(r0, 0), max(c0, 0))
+    # Pixel centre -> continuous mask coordinate (cell centres at 0 .. M-1).
+    u = (np.arange(c0, c1) + 0.5 - x1) / (x2 - x1) * mw - 0.5
+    v = (np.arange(r0, r1) + 0.5 - y1) / (y2 - y1) * mh - 0.5
+    wx = _interpolation_matrix(u, mw)
+    wy = _interpolation_matrix(v, mh)
+    return wy @ mask.astype(np.float32, copy=False) @ wx.T, (r0, c0)
+
+
+def _check_stack(info: ModelInfo, stack) -> None:
+    """Raise ModelError when a modality in the stack has another number of bands than the model."""
+    band_names = getattr(stack, "band_names", None) or {}
+    problems = []
+    for m in info.modalities:
+        if m not in stack.data:
+            continue
+        n = stack.data[m].shape[0]
+        if n != len(info.bands[m]):
+            wanted = info.bands[m]
+            problems.append(f"'{m}' has {n} bands, the model takes {len(wanted)} ({', '.join(wanted)})")
+        elif m in band_names and list(band_names[m]) != list(info.bands[m]):
+            problems.append(f"'{m}' bands are {list(band_names[m])}, the model takes {list(info.bands[m])}")
+    if problems:
+        raise ModelError(f"chunk {stack.chunk_id} does not match model {info.path}: " + "; ".join(problems))
+
+
+def _normalized_batch(info: ModelInfo, stack, windows: list[tuple[slice, slice]]) -> dict[str, np.ndarray]:
+    """Cut, normalize and zero-fill one batch of tiles for every model modality."""
+    t = info.tile_size
+    batch = {}
+    for m in info.modalities:
+        out = np.zeros((len(windows), len(info.bands[m]), t, t), np.float32)
+        if m in stack.data:
+            norm = info.normalization[m]
+            mean = np.asarray(norm.mean, np.float32)[:, None, None]
+            inv_std = (1.0 / np.asarray(norm.std, np.float32))[:, None, None]
+            for b, (rows, cols) in enumerate(windows):
+                np.multiply(stack.data[m][:, rows, cols] - mean, inv_std, out=out[b])
+                # Invalid pixels are 0 *after* normalization: the band mean, as in training.
+                out[b][:, ~stack.valid[m][rows, cols]] = 0.0
+        # A modality absent from the chunk stays all zeros, as if every pixel were invalid.
+        batch[m] = out
+    return batch
+
+
+def _tile_detections(
+    outputs: Mapping[str, np.ndarray],
+    b: int,
+    tile,
+    tile_size: int,
+    score_threshold: float,
+    mask_threshold: float,
+    invalid: np.ndarray,
+) -> TileDetections:
+    """Turn one batch item's padded outputs into thresholded masks in chunk pixels."""
+    row0, col0 = (int(v) for v in tile.offset)
+    k = outputs["scores"].shape[1]
+    n = min(max(int(outputs["num_detections"][b]), 0), k)
+    boxes, scores, masks, offsets, invalid_fractions = [], [], [], [], []
+    for d in range(n):
+        score = float(outputs["scores"][b, d])
+        if score < score_threshold:
+            continue
+        box = outputs["boxes"][b, d]
+        prob, (r, c) = paste_mask(outputs["masks"][b, d], box, tile_size, tile_size)
+        inside = prob >= mask_threshold
+        if not inside.any():
+            continue
+        r, c = r + row0, c + col0
+        h, w = inside.shape
+        boxes.append(np.clip(box, 0, tile_size) + np.array([col0, row0, col0, row0], np.float32))
+        scores.append(score)
+        masks.append(inside)
+        offsets.append((r, c))
+        invalid_fractions.append(float(invalid[r : r + h, c : c + w][inside].mean()))
+    return TileDetections(
+        tile_id=tile.id,
+        chunk_id=tile.chunk_id,
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        scores=np.asarray(scores, np.float32),
+        masks=tuple(masks),
+        offsets=tuple(offsets),
+        invalid_fractions=np.asarray(invalid_fractions, np.float32),
+    )
+
+
+def _empty(tile, skipped: bool) -> TileDetections:
+    return TileDetections(
+        tile_id=tile.id,
+        chunk_id=tile.chunk_id,
+        boxes=np.zeros((0, 4), np.float32),
+        scores=np.zeros(0, np.float32),
+        masks=(),
+        offsets=(),
+        invalid_fractions=np.zeros(0, np.float32),
+        skipped=skipped,
+    )
+
+
+def infer_chunk(
+    detector: Detector,
+    stack,
+    tiles: Sequence,
+    *,
+    batch_size: int = 8,
+    score_threshold: float | None = None,
+    mask_threshold: float | None = None,
+) -> list[TileDetections]:
+    """Detect slumps in every tile of a loaded chunk.
+
+    Parameters
+    ----------
+    detector : Detector
+        From :func:`load_model` (or any object with ``info`` and ``predict``).
+    stack : ChunkStack
+        The chunk's loaded data (``pipeline.load``): uses ``chunk_id``, ``data`` and ``valid``.
+        A model modality absent from ``data`` is fed as zeros (all invalid).
+    tiles : sequence of Tile
+        The chunk's tiles (``pipeline.grid``): uses ``id``, ``chunk_id`` and ``offset``
+        (row0, col0) in the chunk's read window; each is ``tile_size`` pixels square.
+    batch_size : int
+        Tiles per model call (the last batch may be smaller).
+    score_threshold, mask_threshold : float, optional
+        Override the model metadata's thresholds.
+
+    Returns
+    -------
+    list of TileDetections
+        One per tile, in the order of ``tiles``. Tiles where no modality has a valid pixel are
+        not run and come back empty with ``skipped=True``.
+
+    Raises
+    ------
+    ModelError
+        When a modality in the stack has another number of bands than the model takes.
+    ValueError
+        When a tile does not lie inside the chunk's read window (a grid bug), or
+        ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    info = detector.info
+    t = info.tile_size
+    score_threshold = info.score_threshold if score_threshold is None else float(score_threshold)
+    mask_threshold = info.mask_threshold if mask_threshold is None else float(mask_threshold)
+    if not tiles:
+        return []
+    _check_stack(info, stack)
+    height, width = stack.shape
+
+    # A pixel counts as invalid for a detection when any modality the model uses lacks data
+    # (a modality absent from the chunk lacks it everywhere).
+    present = [m for m in info.modalities if m in stack.data]
+    any_valid = np.zeros((height, width), bool)
+    all_valid = np.full((height, width), len(present) == len(info.modalities))
+    for m in present:
+        any_valid |= stack.valid[m]
+        all_valid &= stack.valid[m]
+    invalid = ~all_valid
+
+    results: list[TileDetections | None] = [None] * len(tiles)
+    to_run = []
+    for k, tile in enumerate(tiles):
+        r0, c0 = (int(v) for v in tile.offset)
+        if r0 < 0 or c0 < 0 or r0 + t > height or c0 + t > width:
+            raise ValueError(
+                f"tile {tile.id} at {tile.offset} does not fit in chunk {stack.chunk_id} "
+                f"of {height}x{width} px"
+            )
+        window = (slice(r0, r0 + t), slice(c0, c0 + t))
+        if any_valid[window].any():
+            to_run.append((k, window))
+        else:
+            results[k] = _empty(tile, skipped=True)
+    if len(to_run) < len(tiles):
+        log.debug(
+            "chunk %s: %d of %d tiles have no valid data, skipped",
+            stack.chunk_id, len(tiles) - len(to_run), len(tiles),
+        )
+
+    for start in range(0, len(to_run), batch_size):
+        part = to_run[start : start + batch_size]
+        outputs = detector.predict(_normalized_batch(info, stack, [w for _, w in part]))
+        for b, (k, _) in enumerate(part):
+            results[k] = _tile_detections(outputs, b, tiles[k], t, score_threshold, mask_threshold, invalid)
+    return results

@@ -1,0 +1,414 @@
+"""Read and check the exported model file (ONNX plus its ``rtsmap`` metadata).
+
+The ONNX file written by ``models/export.py`` is the whole contract between training and the
+pipeline: ``metadata_props["rtsmap"]`` (a JSON object, see docs/contracts.md) says which
+modalities and bands the network takes, how to normalize them, the tile size, the resolution
+and the thresholds. This module turns that into a :class:`ModelInfo` and refuses files or data
+that do not match, before any work starts.
+
+onnxruntime is imported lazily, so ``pipeline`` can be imported (and plans made) on a machine
+that has neither ``rtsmap[cpu]`` nor ``rtsmap[gpu]`` installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ModelError
+
+MODEL_FORMAT = "rtsmap-model/1"
+"""The value of ``format`` in the metadata that this version of the pipeline reads."""
+
+METADATA_KEY = "rtsmap"
+"""The key of the JSON metadata in the ONNX model's ``metadata_props``."""
+
+OUTPUT_NAMES = ("boxes", "scores", "masks", "num_detections")
+"""The outputs every model must have (docs/contracts.md, "The model file")."""
+
+Dim = int | str | None
+"""One dimension of an ONNX input/output: a fixed size, a symbolic name, or unknown."""
+
+
+@dataclass(frozen=True)
+class BandNormalization:
+    """Per-band normalization of one modality: ``(x - mean) / std``."""
+
+    mean: tuple[float, ...]
+    """Mean per band, in the model's band order."""
+    std: tuple[float, ...]
+    """Standard deviation per band (all > 0), in the model's band order."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline knows about a model file: its identity, metadata and signature."""
+
+    path: Path
+    """The ONNX file."""
+    sha256: str
+    """SHA-256 of the file's bytes (hex): identifies the model in fragment names and run metadata."""
+    name: str
+    """Model name from the metadata."""
+    version: str
+    """Model version from the metadata."""
+    fusion: str
+    """Fusion method the network was trained with (e.g. ``"rcma"``)."""
+    trained_on: str
+    """Free text: the data the model was trained on."""
+    modalities: tuple[str, ...]
+    """Input modalities in the model's order (e.g. ``("optical", "sar", "dem")``)."""
+    bands: Mapping[str, tuple[str, ...]] = field(hash=False)
+    """Band names per modality, in the channel order the model expects."""
+    normalization: Mapping[str, BandNormalization] = field(hash=False)
+    """Mean/std per band for each modality."""
+    tile_size: int
+    """Tile side T in pixels: inputs are ``[B, C, T, T]``."""
+    resolution: float
+    """Pixel size in CRS units (metres) the model was trained at."""
+    max_detections: int
+    """K: the fixed, padded number of detections per tile in the outputs."""
+    score_threshold: float
+    """Detections scoring below this are dropped."""
+    mask_threshold: float
+    """Mask probabilities at or above this are inside the object."""
+    classes: tuple[str, ...]
+    """Class names (``("rts",)``)."""
+    weights_sha256: str
+    """SHA-256 of the weights the file was exported from (may be empty)."""
+    input_shapes: Mapping[str, tuple[Dim, ...]] = field(hash=False)
+    """ONNX input name -> shape as declared in the graph."""
+    output_shapes: Mapping[str, tuple[Dim, ...]] = field(hash=False)
+    """ONNX output name -> shape as declared in the graph."""
+    metadata: Mapping[str, Any] = field(hash=False, repr=False)
+    """The whole ``rtsmap`` metadata object, as read (for provenance records)."""
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """ONNX input names, in graph order."""
+        return tuple(self.input_shapes)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """ONNX output names, in graph order."""
+        return tuple(self.output_shapes)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def import_onnxruntime():
+    """Import onnxruntime, or raise a ModelError that says which extra to install.
+
+    Returns
+    -------
+    module
+        The ``onnxruntime`` module.
+
+    Raises
+    ------
+    ModelError
+        When onnxruntime is not installed.
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ModelError(
+            f"onnxruntime is not installed ({exc}): install rtsmap[cpu] or rtsmap[gpu]"
+        ) from None
+    return onnxruntime
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """Read and check a model file's metadata and signature without keeping a session.
+
+    For plan time: opens a CPU session with graph optimizations off (fast), reads what it
+    needs and drops it.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ONNX file.
+
+    Returns
+    -------
+    ModelInfo
+
+    Raises
+    ------
+    ModelError
+        Missing file, not ONNX, missing or invalid metadata, or inputs/outputs that do not
+        match the metadata.
+    """
+    ort = import_onnxruntime()
+    path = Path(path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = open_session(path, options, ["CPUExecutionProvider"])
+    return model_info_from_session(session, path)
+
+
+def open_session(path: Path, options, providers: Sequence[str]):
+    """Create an ``onnxruntime.InferenceSession``, turning file problems into ModelError.
+
+    Parameters
+    ----------
+    path : Path
+        The ONNX file.
+    options : onnxruntime.SessionOptions
+        Session options.
+    providers : sequence of str
+        Execution provider names, in order of preference.
+
+    Returns
+    -------
+    onnxruntime.InferenceSession
+
+    Raises
+    ------
+    ModelError
+        When the file is missing or onnxruntime cannot load it.
+    """
+    ort = import_onnxruntime()
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist: give the path of an exported .onnx file")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"model file {path} cannot be loaded by onnxruntime ({first_line}): "
+            "is it an ONNX model exported with `rtsmap export`?"
+        ) from None
+
+
+def model_info_from_session(session, path: Path, sha256: str | None = None) -> ModelInfo:
+    """Build a ModelInfo from an open session: parse the metadata, check the signature.
+
+    Parameters
+    ----------
+    session : onnxruntime.InferenceSession
+        A session of the model file.
+    path : Path
+        The file (for messages and the hash).
+    sha256 : str, optional
+        The file's hash when already known.
+
+    Returns
+    -------
+    ModelInfo
+
+    Raises
+    ------
+    ModelError
+        Missing or invalid metadata, or a graph signature that does not match it.
+    """
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise ModelError(
+            f"model file {path} has no '{METADATA_KEY}' metadata: it was not exported by "
+            "`rtsmap export` (or by an older version); export it again"
+        )
+    try:
+        meta = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"model file {path}: the '{METADATA_KEY}' metadata is not valid JSON ({exc})"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"model file {path}: the '{METADATA_KEY}' metadata is not a JSON object")
+    if meta.get("format") != MODEL_FORMAT:
+        raise ModelError(
+            f"model file {path}: metadata format is {meta.get('format')!r}, this pipeline reads "
+            f"{MODEL_FORMAT!r}; export the model again with this version of rtsmap"
+        )
+    problems = _metadata_problems(meta)
+    if problems:
+        raise ModelError(f"model file {path}: invalid '{METADATA_KEY}' metadata: " + "; ".join(problems))
+
+    modalities = tuple(meta["modalities"])
+    bands = {m: tuple(meta["bands"][m]) for m in modalities}
+    normalization = {
+        m: BandNormalization(
+            mean=tuple(float(v) for v in meta["normalization"][m]["mean"]),
+            std=tuple(float(v) for v in meta["normalization"][m]["std"]),
+        )
+        for m in modalities
+    }
+    input_shapes = {i.name: tuple(i.shape) for i in session.get_inputs()}
+    output_shapes = {o.name: tuple(o.shape) for o in session.get_outputs()}
+    input_types = {i.name: i.type for i in session.get_inputs()}
+
+    problems = _signature_problems(meta, bands, input_shapes, input_types, output_shapes)
+    if problems:
+        raise ModelError(
+            f"model file {path}: the graph does not match its metadata: " + "; ".join(problems)
+        )
+    return ModelInfo(
+        path=path,
+        sha256=sha256 if sha256 is not None else file_sha256(path),
+        name=str(meta.get("name", "")),
+        version=str(meta.get("version", "")),
+        fusion=str(meta.get("fusion", "")),
+        trained_on=str(meta.get("trained_on", "")),
+        modalities=modalities,
+        bands=bands,
+        normalization=normalization,
+        tile_size=int(meta["tile_size"]),
+        resolution=float(meta["resolution"]),
+        max_detections=int(meta["max_detections"]),
+        score_threshold=float(meta["score_threshold"]),
+        mask_threshold=float(meta["mask_threshold"]),
+        classes=tuple(meta.get("classes", ("rts",))),
+        weights_sha256=str(meta.get("weights_sha256", "")),
+        input_shapes=input_shapes,
+        output_shapes=output_shapes,
+        metadata=meta,
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _metadata_problems(meta: Mapping[str, Any]) -> list[str]:
+    """Everything wrong with a metadata object (empty when it is usable)."""
+    problems = []
+    modalities = meta.get("modalities")
+    if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities):
+        return ["'modalities' must be a non-empty list of names"]
+    if len(set(modalities)) != len(modalities):
+        problems.append(f"'modalities' has duplicates: {modalities}")
+    bands = meta.get("bands")
+    norm = meta.get("normalization")
+    if not isinstance(bands, dict):
+        return problems + ["'bands' must be an object: modality -> list of band names"]
+    if not isinstance(norm, dict):
+        return problems + ["'normalization' must be an object: modality -> {mean, std}"]
+    for m in modalities:
+        names = bands.get(m)
+        if not isinstance(names, list) or not names or not all(isinstance(b, str) for b in names):
+            problems.append(f"'bands.{m}' must be a non-empty list of band names")
+            continue
+        stats = norm.get(m)
+        if not isinstance(stats, dict):
+            problems.append(f"'normalization.{m}' is missing")
+            continue
+        for key in ("mean", "std"):
+            values = stats.get(key)
+            if not isinstance(values, list) or len(values) != len(names) or not all(map(_is_number, values)):
+                problems.append(f"'normalization.{m}.{key}' must be {len(names)} numbers (one per band)")
+            elif key == "std" and any(v <= 0 for v in values):
+                problems.append(f"'normalization.{m}.std' must be > 0, got {values}")
+    for key in ("tile_size", "max_detections"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(f"'{key}' must be a positive integer, got {value!r}")
+    if not _is_number(meta.get("resolution")) or meta["resolution"] <= 0:
+        problems.append(f"'resolution' must be a positive number, got {meta.get('resolution')!r}")
+    for key in ("score_threshold", "mask_threshold"):
+        value = meta.get(key)
+        if not _is_number(value) or not 0.0 <= value <= 1.0:
+            problems.append(f"'{key}' must be a number in [0, 1], got {value!r}")
+    return problems
+
+
+def _signature_problems(meta, bands, input_shapes, input_types, output_shapes) -> list[str]:
+    """Differences between the graph's inputs/outputs and what the metadata promises."""
+    problems = []
+    tile = meta["tile_size"]
+    if set(input_shapes) != set(meta["modalities"]):
+        problems.append(f"inputs are {sorted(input_shapes)}, metadata modalities are {meta['modalities']}")
+    for m, shape in input_shapes.items():
+        if m not in bands:
+            continue
+        if input_types[m] != "tensor(float)":
+            problems.append(f"input '{m}' is {input_types[m]}, expected tensor(float)")
+        expected = (None, len(bands[m]), tile, tile)
+        want = f"[B, {len(bands[m])}, {tile}, {tile}]"
+        if len(shape) != 4:
+            problems.append(f"input '{m}' has shape {list(shape)}, expected {want}")
+            continue
+        for axis in (1, 2, 3):
+            # A symbolic dimension cannot be checked here; a fixed one must match.
+            if isinstance(shape[axis], int) and shape[axis] != expected[axis]:
+                problems.append(f"input '{m}' has shape {list(shape)}, expected {want}")
+                break
+    missing = [name for name in OUTPUT_NAMES if name not in output_shapes]
+    if missing:
+        problems.append(f"outputs {missing} are missing (has {sorted(output_shapes)})")
+    k = meta["max_detections"]
+    for name, axis_k in (("boxes", 1), ("scores", 1), ("masks", 1)):
+        shape = output_shapes.get(name)
+        fixed = shape is not None and len(shape) > axis_k and isinstance(shape[axis_k], int)
+        if fixed and shape[axis_k] != k:
+            problems.append(f"output '{name}' has {shape[axis_k]} detections, metadata max_detections is {k}")
+    return problems
+
+
+def check_compatible(
+    info: ModelInfo,
+    stack_band_names: Mapping[str, Sequence[str]],
+    resolution: float,
+    tile_size: int,
+) -> None:
+    """Refuse data that the model was not made for, listing every difference.
+
+    Modalities present in the data but not used by the model are ignored.
+
+    Parameters
+    ----------
+    info : ModelInfo
+        The model.
+    stack_band_names : mapping of str to sequence of str
+        Modality -> band names the loader will produce (model-facing names, in order).
+    resolution : float
+        The grid's pixel size in CRS units.
+    tile_size : int
+        The grid's tile side in pixels.
+
+    Raises
+    ------
+    ModelError
+        When anything differs; the message lists all differences.
+    """
+    differences = []
+    for m in info.modalities:
+        wanted = list(info.bands[m])
+        if m not in stack_band_names:
+            differences.append(f"modality '{m}' (bands {', '.join(wanted)}) is needed but the data has none")
+        elif list(stack_band_names[m]) != wanted:
+            differences.append(f"'{m}' bands: model {wanted}, data {list(stack_band_names[m])}")
+    if not math.isclose(float(resolution), info.resolution, rel_tol=1e-9, abs_tol=1e-9):
+        differences.append(f"resolution: model {info.resolution:g}, data grid {float(resolution):g}")
+    if int(tile_size) != info.tile_size:
+        differences.append(f"tile size: model {info.tile_size} px, data grid {int(tile_size)} px")
+    if differences:
+        raise ModelError(
+            f"model {info.path} does not match the data:\n  - "
+            + "\n  - ".join(differences)
+            + "\nUse a model exported for this data, or change the run's grid/profiles to match the model."
+        )
