@@ -1,0 +1,226 @@
+"""Seam merge (pipeline/merge.py): copies of one slump join, distinct slumps never do.
+
+Detections here are what a perfect detector would return: each tile's copy of a slump is the
+slump clipped to the tile (the truncated copy near a tile edge). tests/test_seams.py does the
+same with rasterized masks of real ARTS footprints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+import geopandas as gpd
+
+from pipeline.errors import RtsmapError
+from pipeline.grid import GridSpec
+from pipeline.merge import merge_block, merge_by_blocks, merge_detections, tile_indices
+
+# 64 px tiles at 10 m overlapping by 16 px: stride 480 m, tile 640 m, overlap strip 160 m.
+SPEC = GridSpec(resolution=10.0, tile_px=64, overlap_px=16, tiles_per_chunk=2)
+STRIDE = SPEC.stride_px * SPEC.resolution
+
+
+def tile_box(i, j):
+    return shapely.box(*SPEC.tile_bounds(i, j))
+
+
+def detections(objects, *, year=2021, tiles=None, score=0.9, extra=()):
+    """Clip each true polygon to every tile it overlaps: one detection per (object, tile)."""
+    if tiles is None:
+        tiles = [(i, j) for i in range(-1, 5) for j in range(-1, 5)]
+    rows = []
+    for k, geom in enumerate(objects):
+        for i, j in tiles:
+            part = geom.intersection(tile_box(i, j))
+            if part.area > 0:
+                rows.append(dict(geometry=part, tile=(i, j), score=score - 0.001 * k))
+    rows.extend(extra)
+    return make_gdf(rows, year)
+
+
+def make_gdf(rows, year=2021):
+    return gpd.GeoDataFrame(
+        {
+            "score": [r["score"] for r in rows],
+            "area_m2": [r["geometry"].area for r in rows],
+            "perimeter_m": [r["geometry"].length for r in rows],
+            "year": [r.get("year", year) for r in rows],
+            "chunk_id": [SPEC.chunk_id(r["tile"][0] // 2, r["tile"][1] // 2) for r in rows],
+            "tile_id": [SPEC.tile_id(*r["tile"]) for r in rows],
+            "source_items": [r.get("items", f"S2_{r['tile'][0]}_{r['tile'][1]},DEM") for r in rows],
+        },
+        geometry=[r["geometry"] for r in rows],
+        crs="EPSG:3413",
+    )
+
+
+def iou(a, b):
+    return a.intersection(b).area / a.union(b).area
+
+
+# Seam between tile columns 0 and 1: x in [480, 640] is seen by both.
+SEAM_X = STRIDE
+
+
+def test_truncated_copies_across_a_seam_become_one_slump():
+    slump = shapely.Point(SEAM_X + 60, -300).buffer(120)  # crosses both edges of the strip
+    gdf = detections([slump])
+    assert len(gdf) == 2  # one truncated copy per tile
+    out = merge_detections(gdf, spec=SPEC)
+    assert len(out) == 1
+    assert iou(out.geometry.iloc[0], slump) > 0.999
+    assert out["tile_ids"].iloc[0] == f"{SPEC.tile_id(0, 0)},{SPEC.tile_id(1, 0)}"
+    assert out["source_items"].iloc[0] == "DEM,S2_0_0,S2_1_0"
+    assert out["n_detections"].iloc[0] == 2
+    assert out["area_m2"].iloc[0] == pytest.approx(out.geometry.iloc[0].area)
+
+
+def test_slump_on_a_four_tile_corner_becomes_one():
+    slump = shapely.Point(SEAM_X + 80, -SEAM_X - 80).buffer(200)
+    gdf = detections([slump])
+    assert len(gdf) >= 4
+    out = merge_detections(gdf, spec=SPEC)
+    assert len(out) == 1
+    assert iou(out.geometry.iloc[0], slump) > 0.999
+
+
+def test_touching_distinct_slumps_stay_separate():
+    # Two slumps sharing an edge in the middle of the seam strip, seen by both tiles.
+    left = shapely.box(SEAM_X - 150, -400, SEAM_X + 80, -200)
+    right = shapely.box(SEAM_X + 80, -400, SEAM_X + 300, -200)
+    out = merge_detections(detections([left, right]), spec=SPEC)
+    assert len(out) == 2
+    got = sorted(out.geometry, key=lambda g: g.bounds[0])
+    assert iou(got[0], left) > 0.999 and iou(got[1], right) > 0.999
+
+
+def test_slump_in_pieces_in_one_tile_joins_the_whole_copy():
+    slump = shapely.box(SEAM_X - 200, -400, SEAM_X + 120, -200)
+    whole_b = slump.intersection(tile_box(1, 0))
+    in_a = slump.intersection(tile_box(0, 0))
+    top, bottom = in_a.intersection(shapely.box(-1e4, -300, 1e4, 0)), in_a.intersection(shapely.box(-1e4, -1e4, 1e4, -300))
+    rows = [dict(geometry=top, tile=(0, 0), score=0.8), dict(geometry=bottom, tile=(0, 0), score=0.7),
+            dict(geometry=whole_b, tile=(1, 0), score=0.95)]
+    out = merge_detections(make_gdf(rows), spec=SPEC)
+    assert len(out) == 1
+    assert iou(out.geometry.iloc[0], slump) > 0.999
+    assert out["score"].iloc[0] == pytest.approx(0.95)
+
+
+def test_noisy_copies_still_join():
+    # The two tiles disagree on the boundary by ~2 pixels: still one slump.
+    slump = shapely.Point(SEAM_X + 80, -300).buffer(150)
+    a = slump.buffer(20).intersection(tile_box(0, 0))
+    b = slump.buffer(-20).intersection(tile_box(1, 0))
+    out = merge_detections(make_gdf([dict(geometry=a, tile=(0, 0), score=0.9),
+                                     dict(geometry=b, tile=(1, 0), score=0.9)]), spec=SPEC)
+    assert len(out) == 1
+
+
+def test_small_slump_beside_a_big_one_is_not_swallowed():
+    # Tile (0,0) sees a small slump S in the strip; tile (1,0)'s detection of a big slump L
+    # bleeds over S. IoS of S in L is 1, but the tiles' views of the strip disagree: split.
+    small = shapely.box(SEAM_X + 10, -330, SEAM_X + 60, -280)
+    big_b = shapely.box(SEAM_X, -600, SEAM_X + 400, -100)
+    rows = [dict(geometry=small, tile=(0, 0), score=0.8), dict(geometry=big_b, tile=(1, 0), score=0.9)]
+    out = merge_detections(make_gdf(rows), spec=SPEC)
+    assert len(out) == 2
+    assert sorted(out["n_detections"]) == [1, 1]
+
+
+def test_chain_through_a_big_detection_is_split():
+    # S1 (tile 0,0) ~ L (tile 1,0) ~ S2 (tile 1,1 below): the group fails verification and is
+    # split keeping the strongest consistent joins; no group holds all three.
+    s1 = shapely.box(SEAM_X + 10, -330, SEAM_X + 60, -280)
+    big = shapely.box(SEAM_X, -600, SEAM_X + 400, -100)
+    rows = [dict(geometry=s1, tile=(0, 0), score=0.8), dict(geometry=big, tile=(1, 0), score=0.9),
+            dict(geometry=shapely.box(SEAM_X + 300, -600, SEAM_X + 350, -STRIDE + 10), tile=(1, 1), score=0.7)]
+    out = merge_detections(make_gdf(rows), spec=SPEC)
+    assert out["n_detections"].max() < 3
+
+
+def test_same_tile_overlaps_are_distinct_objects():
+    a = shapely.box(100, -300, 300, -100)
+    b = shapely.box(200, -350, 400, -150)
+    out = merge_detections(make_gdf([dict(geometry=a, tile=(0, 0), score=0.9),
+                                     dict(geometry=b, tile=(0, 0), score=0.8)]), spec=SPEC)
+    assert len(out) == 2
+
+
+def test_years_never_merge():
+    slump = shapely.Point(SEAM_X + 60, -300).buffer(120)
+    gdf = detections([slump])
+    gdf.loc[gdf.index[1], "year"] = 2022
+    out = merge_detections(gdf, spec=SPEC)
+    assert sorted(out["year"]) == [2021, 2022]
+
+
+def random_scene(seed, n=60):
+    rng = np.random.default_rng(seed)
+    objects = []
+    while len(objects) < n:
+        x, y = rng.uniform(-300, 4 * STRIDE), -rng.uniform(-300, 4 * STRIDE)
+        g = shapely.affinity.scale(shapely.Point(x, y).buffer(rng.uniform(30, 250)), 1.0, rng.uniform(0.4, 1.0))
+        if not any(g.intersects(o) for o in objects):
+            objects.append(g)
+    return objects
+
+
+def canonical(gdf):
+    cols = ["rts_id", "year", "score", "area_m2", "perimeter_m", "n_detections", "tile_ids", "chunk_ids", "source_items"]
+    df = gdf[cols].copy()
+    df["wkb"] = [g.wkb_hex for g in gdf.geometry]
+    return df.sort_values("rts_id").reset_index(drop=True)
+
+
+def test_random_scene_shuffled_gives_identical_output_and_whole_slumps():
+    objects = random_scene(0)
+    gdf = detections(objects)
+    ref = merge_detections(gdf, spec=SPEC)
+    assert len(ref) == len(objects)
+    for g in objects:  # each true slump matches exactly one output, whole
+        best = max(iou(g, o) for o in ref.geometry)
+        assert best > 0.999
+    for seed in (1, 2, 3):
+        shuffled = gdf.sample(frac=1.0, random_state=seed)
+        assert canonical(merge_detections(shuffled, spec=SPEC)).equals(canonical(ref))
+
+
+@pytest.mark.parametrize("block_chunks", [1, 2])
+def test_merge_by_blocks_equals_merging_everything(block_chunks):
+    objects = random_scene(5, n=70)
+    gdf = detections(objects, tiles=[(i, j) for i in range(-2, 6) for j in range(-2, 6)])
+    whole = merge_detections(gdf, spec=SPEC)
+    blocks = merge_by_blocks(gdf.sample(frac=1.0, random_state=0), spec=SPEC, block_chunks=block_chunks)
+    assert canonical(blocks).equals(canonical(whole))
+
+
+def test_merge_block_leaves_border_groups_open():
+    # Block of 2x2 tiles (one chunk): slump on the seam between tiles 1 and 2 (blocks 0 and 1).
+    slump = shapely.Point(2 * STRIDE + 60, -300).buffer(100)
+    gdf = detections([slump])
+    in_block0 = gdf[[tile_indices([t])[0, 0] < 2 for t in gdf.tile_id]]
+    merged, open_ = merge_block(in_block0, spec=SPEC, block_tiles=2)
+    assert len(merged) == 0 and len(open_) == len(in_block0)
+
+
+def test_rts_ids_are_stable_and_unique():
+    objects = random_scene(3, n=20)
+    a = merge_detections(detections(objects), spec=SPEC)
+    b = merge_detections(detections(objects).sample(frac=1.0, random_state=9), spec=SPEC)
+    assert list(a.rts_id) == list(b.rts_id)
+    assert a.rts_id.is_unique
+    assert all(r.startswith("3413_2021_x") for r in a.rts_id)
+
+
+def test_bad_input_raises_clear_errors():
+    gdf = detections([shapely.Point(100, -100).buffer(50)])
+    with pytest.raises(RtsmapError, match="lack column"):
+        merge_detections(gdf.drop(columns=["tile_id"]), spec=SPEC)
+    bad = gdf.copy()
+    bad["tile_id"] = "tile-7"
+    with pytest.raises(RtsmapError, match="tile_id"):
+        merge_detections(bad, spec=SPEC)
+    empty = merge_detections(gdf.iloc[:0], spec=SPEC)
+    assert len(empty) == 0 and "rts_id" in empty.columns

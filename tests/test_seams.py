@@ -1,0 +1,171 @@
+"""Real slump footprints across tile and chunk seams come out of the inventory whole, once.
+
+Real ARTS footprints (EPSG:3413) are placed across the tile and chunk seams of a small grid and
+rasterized into per-tile masks: each tile sees only its own part of each slump (the truncated
+copy at its edge). The "detector" that returns exactly those masks is a stand-in at the model
+boundary only (no trained model can run in a unit test); everything after it is real:
+pipeline.vectorize turns the masks into polygons, pipeline.merge joins the copies,
+pipeline.inventory writes the GeoPackage and GDAL (pyogrio) reads it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import pytest
+import rasterio.features
+import shapely
+from affine import Affine
+
+from pipeline.grid import GridSpec, plan_grid
+from pipeline.infer import TileDetections
+from pipeline.inventory import write_inventory
+from pipeline.merge import merge_detections
+from pipeline.vectorize import mask_to_geometry, vectorize_detections
+
+ARTS = Path("/work/shared/data/arts/ARTS_main_dataset_v.0.0.7-alpha.geojson")
+# 3 m pixels (the ARTS imagery's resolution), 64 px tiles overlapping by 16 px, 2x2 tiles a
+# chunk: tiles are 192 m, seams 144 m apart, a chunk seam every 288 m, so 50-200 m slumps cross
+# one to three seams each.
+SPEC = GridSpec(resolution=3.0, tile_px=64, overlap_px=16, tiles_per_chunk=2)
+YEAR = 2021
+SPACING = 420.0  # metres between slump centres: no two placed slumps overlap
+
+
+def footprints(n=30):
+    """n real footprints (single polygons, 2,000-30,000 m2), centred on seams of the grid."""
+    if not ARTS.exists():
+        pytest.skip(f"ARTS sample not found at {ARTS} (see /work/shared/data/arts/README.md)")
+    arts = gpd.read_file(ARTS).to_crs("EPSG:3413")
+    arts = arts[~(arts.geometry.isna() | arts.geometry.is_empty)]
+    geoms = [shapely.make_valid(g) for g in arts.sort_values("UID").geometry]
+    polys = [g for g in geoms if g.geom_type == "Polygon" and 2_000 < g.area < 30_000
+             and (g.bounds[2] - g.bounds[0]) < SPACING - 60 and (g.bounds[3] - g.bounds[1]) < SPACING - 60]
+    rng = np.random.default_rng(7)
+    picks = rng.choice(len(polys), size=n, replace=False)
+    stride = SPEC.stride_px * SPEC.resolution
+    placed = []
+    for k, idx in enumerate(sorted(picks.tolist())):
+        g = polys[idx]
+        c = g.centroid
+        # Lattice point k, snapped onto a seam strip (tile seams, every other one a chunk seam),
+        # with a random offset so slumps sit at all positions across the strip.
+        col, row = k % 6, k // 6
+        x = round(col * SPACING / stride) * stride + rng.uniform(0, SPEC.overlap_px * SPEC.resolution)
+        y = -(round(row * SPACING / stride) * stride + rng.uniform(0, SPEC.overlap_px * SPEC.resolution))
+        placed.append(shapely.affinity.translate(g, x - c.x, y - c.y))
+    return placed
+
+
+def touching_pair(base):
+    """Two distinct slumps sharing an edge: one real footprint cut in two inside a seam strip."""
+    stride = SPEC.stride_px * SPEC.resolution
+    x_cut = 8 * stride + 20.0  # inside the overlap strip of tile columns 7/8
+    c = base.centroid
+    g = shapely.affinity.translate(base, x_cut - c.x, -2 * SPACING - c.y)
+    left = g.intersection(shapely.box(-1e9, -1e9, x_cut, 1e9))
+    right = g.intersection(shapely.box(x_cut, -1e9, 1e9, 1e9))
+    return [left, right]
+
+
+def detect(slumps, rng=None):
+    """Per-tile instance masks of the true slumps, vectorized per chunk (pipeline.vectorize)."""
+    aoi = shapely.box(*shapely.union_all(slumps).buffer(50).bounds)
+    frames = []
+    chunks = plan_grid(aoi, SPEC)
+    if rng is not None:
+        chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+    for chunk in chunks:
+        tiles = list(chunk.tiles)
+        if rng is not None:
+            tiles = [tiles[i] for i in rng.permutation(len(tiles))]
+        dets = []
+        for tile in tiles:
+            row0, col0 = tile.offset
+            transform = chunk.transform @ Affine.translation(col0, row0)
+            masks, scores = [], []
+            for k, s in enumerate(slumps):
+                if not s.intersects(shapely.box(*tile.bounds)):
+                    continue
+                m = rasterio.features.rasterize([s], out_shape=(SPEC.tile_px, SPEC.tile_px), transform=transform,
+                                                dtype="uint8").astype(bool)
+                if m.any():
+                    masks.append(m)
+                    scores.append(0.99 - 0.001 * k)
+            if masks:
+                n = len(masks)
+                dets.append(TileDetections(
+                    tile_id=tile.id, chunk_id=chunk.id,
+                    boxes=np.tile(np.array([[col0, row0, col0 + SPEC.tile_px, row0 + SPEC.tile_px]], np.float32), (n, 1)),
+                    scores=np.asarray(scores, np.float32), masks=tuple(masks), offsets=tuple([(row0, col0)] * n),
+                    invalid_fractions=np.zeros(n, np.float32)))
+        frames.append(vectorize_detections(dets, chunk.transform, SPEC.crs, year=YEAR,
+                                           source_items=["S2_demo_" + chunk.id, "DEM_1"]))
+    gdf = pd.concat(frames, ignore_index=True)
+    return gpd.GeoDataFrame(gdf, geometry="geometry", crs=SPEC.crs)
+
+
+def raster_truth(slump):
+    """The true slump as a whole mask on the grid's pixels: the best any detector can return."""
+    minx, miny, maxx, maxy = slump.bounds
+    res = SPEC.resolution
+    x0, y1 = np.floor(minx / res) * res - res, np.ceil(maxy / res) * res + res
+    w, h = int(np.ceil((maxx - x0) / res)) + 2, int(np.ceil((y1 - miny) / res)) + 2
+    transform = Affine(res, 0, x0, 0, -res, y1)
+    mask = rasterio.features.rasterize([slump], out_shape=(h, w), transform=transform, dtype="uint8").astype(bool)
+    return mask_to_geometry(mask, transform)
+
+
+def iou(a, b):
+    return a.intersection(b).area / a.union(b).area
+
+
+def write_and_read(slumps_gdf, path):
+    write_inventory(path, {YEAR: slumps_gdf}, {YEAR: gpd.GeoDataFrame(
+        {"status": ["processed"], "reason": [""]}, geometry=[shapely.box(*slumps_gdf.total_bounds)], crs=SPEC.crs)},
+        {"software_version": "test"}, overwrite=True)
+    return pyogrio.read_dataframe(path, layer=f"rts_{YEAR}")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    placed = footprints(30)
+    pair = touching_pair(footprints(31)[-1])
+    truth = placed + pair
+    return truth, detect(truth)
+
+
+def test_every_slump_whole_once_in_the_inventory(scene, tmp_path):
+    truth, dets = scene
+    assert dets["tile_id"].nunique() > 50
+    assert len(dets) > 1.8 * len(truth)  # most slumps really are cut by seams
+    merged = merge_detections(dets, spec=SPEC)
+    got = write_and_read(merged, tmp_path / "inv.gpkg")
+    assert len(got) == len(truth)  # no duplicates, no splits, touching pair kept apart
+    geoms = list(got.geometry)
+    tree = shapely.STRtree(geoms)
+    for k, slump in enumerate(truth):
+        best = raster_truth(slump)
+        ious = [iou(best, geoms[i]) for i in tree.query(best, predicate="intersects")]
+        good = [v for v in ious if v > 0.5]
+        assert len(good) == 1, f"slump {k}: {len(good)} outputs overlap it well (ious {ious})"
+        assert good[0] >= 0.95, f"slump {k} comes out cut: IoU {good[0]:.3f} with its whole mask"
+        assert iou(slump, geoms[tree.query(best, predicate="intersects")[int(np.argmax(ious))]]) > 0.8
+    # Slumps that span several tiles really were merged from several detections.
+    assert (got["n_detections"] >= 2).sum() >= 20
+    assert got["rts_id"].is_unique
+
+
+def test_shuffled_tile_order_gives_identical_inventory(scene, tmp_path):
+    truth, dets = scene
+    ref = write_and_read(merge_detections(dets, spec=SPEC), tmp_path / "a.gpkg")
+    shuffled = detect(truth, rng=np.random.default_rng(3)).sample(frac=1.0, random_state=1)
+    other = write_and_read(merge_detections(shuffled, spec=SPEC), tmp_path / "b.gpkg")
+    key = lambda df: df.sort_values("rts_id").reset_index(drop=True)
+    a, b = key(ref), key(other)
+    pd.testing.assert_frame_equal(a.drop(columns="geometry"), b.drop(columns="geometry"))
+    assert all(x.equals_exact(y, 0.0) for x, y in zip(a.geometry, b.geometry))
