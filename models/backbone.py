@@ -1,0 +1,249 @@
+"""The multimodal backbone: MViTv2 encoders, FPNs and the fusion of modalities.
+
+One class covers every fusion strategy the project compares:
+
+- ``"none"``: one modality, one MViTv2 + FPN (the unimodal models, also used for pretraining);
+- ``"data_level"``: one MViTv2 + FPN on the channel concatenation of all modalities;
+- ``"conv"``, ``"attention"``, ``"residual_attention"``: one MViTv2 + FPN per modality, then a
+  fusion module (``models/fusion.py``) at every FPN level P2..P6, with the first modality
+  (optical) as the query.
+
+State-dict layout (what :meth:`MultimodalBackbone.load_unimodal_state` relies on):
+``encoders.<branch>.*`` (MViTv2), ``fpns.<branch>.*`` (torchvision FPN) and, for the feature
+fusions, ``fusions.<level>.*``. A branch is named after its modality, except for data-level
+fusion, whose single branch is ``stacked``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping, NamedTuple
+
+import torch
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from models.fusion import AttentionFusion, ConvFusion, ResidualCrossModalityAttention
+from models.mvit import STAGE_NAMES, MViTConfig, MViTv2
+
+FUSIONS = ("none", "data_level", "conv", "attention", "residual_attention")
+LEVELS = ("p2", "p3", "p4", "p5", "p6")
+LEVEL_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+# Spatial reduction of the auxiliary keys/values per level: on a T px tile, P2..P5 then all
+# attend to (T/32)^2 tokens per auxiliary modality, so cost grows with the query count only.
+KV_REDUCTION = {"p2": 8, "p3": 4, "p4": 2, "p5": 1, "p6": 1}
+STACKED = "stacked"
+
+
+class LoadResult(NamedTuple):
+    """Keys left out by :meth:`MultimodalBackbone.load_unimodal_state`."""
+
+    missing_keys: list[str]
+    """Keys of the target branch that the given state dict did not provide."""
+    unexpected_keys: list[str]
+    """Keys of the given state dict (after the prefix) that are not in the target branch."""
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of a module.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Any module.
+    trainable_only : bool
+        Count only parameters with ``requires_grad``.
+
+    Returns
+    -------
+    int
+        The parameter count.
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class MultimodalBackbone(nn.Module):
+    """MViTv2 + FPN per branch and a per-level fusion; returns FPN levels P2..P6.
+
+    Parameters
+    ----------
+    modalities : mapping of str to int
+        Modality name -> input channels, in model order ("optical" first when present; the
+        first modality is the fusion query).
+    mvit : MViTConfig
+        Encoder architecture (one encoder per branch, not shared).
+    img_size : int
+        Tile size in pixels (multiple of 32; fixed, as in the exported model).
+    fusion : str
+        One of :data:`FUSIONS`.
+    fpn_channels : int
+        Channels of every FPN level.
+    fusion_heads : int, optional
+        Heads of the attention fusions; default ``fpn_channels // 32`` (head width 32).
+
+    Attributes
+    ----------
+    out_channels : int
+        ``fpn_channels``.
+    modalities : tuple of str
+        Modality names in input order.
+    strides : dict of str to int
+        Stride of each output level.
+
+    Raises
+    ------
+    ValueError
+        For an unknown fusion, or a modality count that does not fit it.
+    """
+
+    def __init__(
+        self,
+        modalities: Mapping[str, int],
+        mvit: MViTConfig,
+        img_size: int,
+        fusion: str,
+        fpn_channels: int = 256,
+        fusion_heads: int | None = None,
+    ) -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"MultimodalBackbone: unknown fusion {fusion!r}; expected one of {FUSIONS}")
+        if not modalities:
+            raise ValueError("MultimodalBackbone: no modalities given")
+        if fusion == "none" and len(modalities) != 1:
+            raise ValueError(
+                f"MultimodalBackbone: fusion 'none' takes exactly one modality, got {list(modalities)}"
+            )
+        if fusion not in ("none", "data_level") and len(modalities) < 2:
+            raise ValueError(f"MultimodalBackbone: fusion {fusion!r} needs at least two modalities")
+        self.fusion = fusion
+        self.modalities = tuple(modalities)
+        self.in_channels = dict(modalities)
+        self.img_size = img_size
+        self.out_channels = fpn_channels
+        self.strides = dict(LEVEL_STRIDES)
+
+        if fusion == "data_level":
+            branches = {STACKED: sum(modalities.values())}
+        else:
+            branches = dict(modalities)
+        self.encoders = nn.ModuleDict(
+            {name: MViTv2(mvit, channels, img_size) for name, channels in branches.items()}
+        )
+        self.fpns = nn.ModuleDict(
+            {
+                name: FeaturePyramidNetwork(
+                    [enc.out_channels[s] for s in STAGE_NAMES], fpn_channels, extra_blocks=LastLevelMaxPool()
+                )
+                for name, enc in self.encoders.items()
+            }
+        )
+        num_aux = len(modalities) - 1
+        heads = fusion_heads if fusion_heads is not None else max(1, fpn_channels // 32)
+        if fusion == "residual_attention":
+            fusions = {lvl: ResidualCrossModalityAttention(fpn_channels, heads, KV_REDUCTION[lvl], num_aux) for lvl in LEVELS}
+        elif fusion == "attention":
+            fusions = {lvl: AttentionFusion(fpn_channels, heads, KV_REDUCTION[lvl], num_aux) for lvl in LEVELS}
+        elif fusion == "conv":
+            fusions = {lvl: ConvFusion(fpn_channels, num_aux) for lvl in LEVELS}
+        else:
+            fusions = None
+        self.fusions = nn.ModuleDict(fusions) if fusions is not None else None
+
+    def _pyramid(self, branch: str, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Encoder + FPN of one branch, renamed to p2..p6."""
+        feats = self.encoders[branch](x)
+        pyramid = self.fpns[branch](OrderedDict((s, feats[s]) for s in STAGE_NAMES))
+        # torchvision names the levels after its inputs plus "pool" for LastLevelMaxPool's P6.
+        return OrderedDict(zip(LEVELS, pyramid.values()))
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """Compute the fused pyramid.
+
+        Parameters
+        ----------
+        inputs : mapping of str to Tensor
+            One [B, C_m, img_size, img_size] tensor per modality (extra keys are ignored).
+
+        Returns
+        -------
+        OrderedDict of str to Tensor
+            "p2".."p6", each [B, fpn_channels, img_size / stride, img_size / stride] for
+            strides 4, 8, 16, 32, 64.
+
+        Raises
+        ------
+        ValueError
+            If a modality is missing.
+        """
+        missing = [m for m in self.modalities if m not in inputs]
+        if missing:
+            raise ValueError(f"MultimodalBackbone: inputs lack modalities {missing}; expected {list(self.modalities)}")
+        if self.fusion == "data_level":
+            return self._pyramid(STACKED, torch.cat([inputs[m] for m in self.modalities], dim=1))
+        pyramids = [self._pyramid(m, inputs[m]) for m in self.modalities]
+        if self.fusions is None:
+            return pyramids[0]
+        query, aux = pyramids[0], pyramids[1:]
+        return OrderedDict((lvl, self.fusions[lvl](query[lvl], [p[lvl] for p in aux])) for lvl in LEVELS)
+
+    def load_unimodal_state(
+        self, modality: str, state_dict: Mapping[str, torch.Tensor], prefix: str = ""
+    ) -> LoadResult:
+        """Load a unimodal (``fusion="none"``) backbone's weights into this model's branch.
+
+        Lets multimodal fine-tuning start from one pretrained checkpoint per modality.
+
+        Parameters
+        ----------
+        modality : str
+            The branch to fill (one of :attr:`modalities`).
+        state_dict : mapping of str to Tensor
+            State dict of a ``MultimodalBackbone(..., fusion="none")`` for that modality, with
+            keys ``encoders.<modality>.*`` and ``fpns.<modality>.*`` after ``prefix``.
+        prefix : str
+            Leading part of the keys to strip, e.g. ``"backbone."`` for a detector's state dict;
+            keys not starting with it are ignored.
+
+        Returns
+        -------
+        LoadResult
+            ``missing_keys`` (branch keys not provided) and ``unexpected_keys`` (keys under the
+            prefix that do not belong to the branch, with the prefix stripped).
+
+        Raises
+        ------
+        ValueError
+            If this model has no branch for ``modality`` (e.g. data-level fusion), or a tensor's
+            shape differs (other bands, architecture or tile size).
+        """
+        if self.fusion == "data_level" or modality not in self.modalities:
+            raise ValueError(
+                f"MultimodalBackbone: no {modality!r} branch to load into "
+                f"(fusion {self.fusion!r}, branches {list(self.encoders)})"
+            )
+        own = {
+            k: v
+            for k, v in self.state_dict().items()
+            if k.startswith((f"encoders.{modality}.", f"fpns.{modality}."))
+        }
+        selected: dict[str, torch.Tensor] = {}
+        unexpected: list[str] = []
+        for key, value in state_dict.items():
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix):]
+            if key not in own:
+                unexpected.append(key)
+                continue
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"MultimodalBackbone: cannot load {prefix}{key} into the {modality!r} branch: "
+                    f"shape {list(value.shape)} != {list(own[key].shape)} (different bands, "
+                    f"architecture or tile size?)"
+                )
+            selected[key] = value
+        self.load_state_dict(selected, strict=False)
+        missing = sorted(set(own) - set(selected))
+        return LoadResult(missing_keys=missing, unexpected_keys=unexpected)

@@ -1,0 +1,214 @@
+"""Fusion modules and the multimodal backbone: shapes, gradients, zero-gate equivalence, loading
+unimodal checkpoints, ONNX export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from models.backbone import FUSIONS, MultimodalBackbone, count_parameters  # noqa: E402
+from models.fusion import AttentionFusion, ConvFusion, ResidualCrossModalityAttention  # noqa: E402
+from models.mvit import MVIT_VARIANTS  # noqa: E402
+
+torch.set_num_threads(1)
+DEMO = MVIT_VARIANTS["demo"]
+MODS = {"optical": 4, "sar": 2, "dem": 3}
+SIZE = 64
+FPN = 32
+
+
+def _inputs(modalities, batch=2, size=SIZE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(batch, c, size, size, generator=gen) for m, c in modalities.items()}
+
+
+def _backbone(fusion, modalities=MODS, size=SIZE):
+    torch.manual_seed(0)
+    return MultimodalBackbone(modalities, DEMO, size, fusion, fpn_channels=FPN)
+
+
+def _open_gates(model, value=0.5):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate"):
+                p.fill_(value)
+
+
+# --- fusion modules ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", [1, 2, 4])
+def test_fusion_modules_keep_the_shape(reduction):
+    opt, sar, dem = (torch.randn(2, 16, 8, 8) for _ in range(3))
+    for module in (
+        ResidualCrossModalityAttention(16, 2, reduction),
+        AttentionFusion(16, 2, reduction),
+        ConvFusion(16),
+    ):
+        assert module(opt, [sar, dem]).shape == (2, 16, 8, 8)
+
+
+def test_residual_attention_starts_as_identity_and_gate_learns():
+    module = ResidualCrossModalityAttention(16, 2, 2)
+    opt = torch.randn(2, 16, 8, 8)
+    aux = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)]
+    out = module(opt, aux)
+    assert torch.equal(out, opt)
+    out.square().sum().backward()
+    # Zero gate: only the gate gets a gradient at step 0; the attention weights get none.
+    assert module.gate.grad.abs().sum() > 0
+    assert module.q.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        module.gate.fill_(1.0)
+    assert not torch.allclose(module(opt, aux), opt)
+
+
+def test_attention_fusion_output_depends_on_the_auxiliary_maps():
+    module = AttentionFusion(16, 2, 1).eval()
+    opt = torch.randn(1, 16, 4, 4)
+    a = module(opt, [torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)])
+    b = module(opt, [torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)])
+    assert not torch.allclose(a, b)
+
+
+def test_fusion_refuses_wrong_number_of_maps():
+    with pytest.raises(ValueError, match="expected 2 auxiliary maps"):
+        ResidualCrossModalityAttention(16, 2, 1)(torch.randn(1, 16, 4, 4), [torch.randn(1, 16, 4, 4)])
+    with pytest.raises(ValueError, match="not divisible"):
+        AttentionFusion(16, 3, 1)
+
+
+# --- backbone ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_mode_forward_backward(fusion):
+    modalities = {"optical": 4} if fusion == "none" else MODS
+    model = _backbone(fusion, modalities).train()
+    _open_gates(model)  # a closed gate would cut SAR/DEM off from the loss (tested below)
+    out = model(_inputs(modalities))
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
+    assert model.modalities == tuple(modalities) and model.out_channels == FPN
+    for level, feat in out.items():
+        side = SIZE // model.strides[level]
+        assert feat.shape == (2, FPN, side, side), level
+    sum(v.sum() for v in out.values()).backward()
+    for branch, encoder in model.encoders.items():
+        assert encoder.patch_embed.weight.grad.abs().sum() > 0, branch
+    if fusion == "data_level":
+        # The stem sees all 9 bands: every band's input weights get a gradient.
+        grad = model.encoders["stacked"].patch_embed.weight.grad
+        assert (grad.abs().sum(dim=(0, 2, 3)) > 0).all()
+    if model.fusions is not None:
+        for name, p in model.fusions.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_closed_gate_passes_gradient_to_the_gate_only():
+    model = _backbone("residual_attention").train()
+    out = model(_inputs(MODS))
+    sum(v.sum() for v in out.values()).backward()
+    for level, fusion in model.fusions.items():
+        assert fusion.gate.grad.abs().sum() > 0, level
+        assert fusion.kv.weight.grad.abs().sum() == 0, level
+    assert model.encoders["optical"].patch_embed.weight.grad.abs().sum() > 0
+    # SAR/DEM are in the graph (through gate * attention) but a zero gate zeroes their gradient.
+    assert model.encoders["sar"].patch_embed.weight.grad.abs().sum() == 0
+
+
+def test_zero_gate_model_equals_the_optical_model():
+    unimodal = _backbone("none", {"optical": 4}).eval()
+    fused = MultimodalBackbone(MODS, DEMO, SIZE, "residual_attention", fpn_channels=FPN).eval()
+    result = fused.load_unimodal_state("optical", unimodal.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    x = _inputs(MODS, batch=2, seed=3)
+    with torch.no_grad():
+        expected = unimodal({"optical": x["optical"]})
+        got = fused(x)
+    for level in expected:
+        assert torch.equal(got[level], expected[level]), level
+
+
+def test_load_unimodal_state_prefix_mismatch_and_unknown_branch():
+    fused = _backbone("conv")
+    sar_model = _backbone("none", {"sar": 2})
+    state = {f"backbone.{k}": v for k, v in sar_model.state_dict().items()}
+    state["roi_heads.w"] = torch.zeros(1)  # outside the prefix: ignored
+    state["backbone.fpns.optical.extra"] = torch.zeros(1)
+    result = fused.load_unimodal_state("sar", state, prefix="backbone.")
+    assert result.unexpected_keys == ["fpns.optical.extra"]
+    assert result.missing_keys == []
+    key = "encoders.sar.patch_embed.weight"
+    assert torch.equal(fused.state_dict()[key], sar_model.state_dict()[key])
+    # A SAR (2-band) checkpoint cannot go into the optical (4-band) branch.
+    renamed = {k.replace(".sar.", ".optical."): v for k, v in sar_model.state_dict().items()}
+    with pytest.raises(ValueError, match="patch_embed.weight.*shape"):
+        fused.load_unimodal_state("optical", renamed)
+    partial = {k: v for k, v in sar_model.state_dict().items() if k.startswith("encoders.")}
+    assert fused.load_unimodal_state("sar", partial).missing_keys[0].startswith("fpns.sar.")
+    with pytest.raises(ValueError, match="no 'optical' branch"):
+        _backbone("data_level").load_unimodal_state("optical", {})
+
+
+def test_bad_configurations_are_refused():
+    with pytest.raises(ValueError, match="exactly one modality"):
+        MultimodalBackbone(MODS, DEMO, SIZE, "none")
+    with pytest.raises(ValueError, match="at least two"):
+        MultimodalBackbone({"optical": 4}, DEMO, SIZE, "residual_attention")
+    with pytest.raises(ValueError, match="unknown fusion"):
+        MultimodalBackbone(MODS, DEMO, SIZE, "late")
+    with pytest.raises(ValueError, match="lack modalities"):
+        _backbone("conv")({"optical": torch.randn(1, 4, SIZE, SIZE)})
+
+
+def test_parameter_counts_grow_with_the_branches():
+    counts = {f: count_parameters(_backbone(f, {"optical": 4} if f == "none" else MODS)) for f in FUSIONS}
+    # Data-level adds only stem weights for the extra bands; feature fusions triplicate the
+    # encoder + FPN and add their fusion modules.
+    assert counts["none"] < counts["data_level"] < 1.1 * counts["none"]
+    assert counts["residual_attention"] > 3 * counts["none"]
+    assert counts["attention"] - counts["residual_attention"] == 5 * (2 * FPN - FPN)  # norm_out vs gate
+    model = _backbone("none", {"optical": 4})
+    for p in model.fpns.parameters():
+        p.requires_grad_(False)
+    assert count_parameters(model, trainable_only=True) == count_parameters(model.encoders)
+
+
+class _Positional(torch.nn.Module):
+    """Positional-tensor wrapper: one ONNX input per modality, one output per level."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, *tensors):
+        return tuple(self.backbone(dict(zip(self.backbone.modalities, tensors))).values())
+
+
+def test_residual_attention_backbone_exports_to_onnx(tmp_path):
+    size = 128
+    model = _backbone("residual_attention", size=size).eval()
+    _open_gates(model)  # so the exported graph's fusion path is actually compared
+    names_in, names_out = list(MODS), ["p2", "p3", "p4", "p5", "p6"]
+    path = tmp_path / "backbone.onnx"
+    torch.onnx.export(
+        _Positional(model),
+        tuple(_inputs(MODS, batch=1, size=size).values()),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=names_in,
+        output_names=names_out,
+        dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 2):
+        x = _inputs(MODS, batch=batch, size=size, seed=batch)
+        with torch.no_grad():
+            ref = model(x)
+        got = session.run(names_out, {m: t.numpy() for m, t in x.items()})
+        for name, value in zip(names_out, got):
+            np.testing.assert_allclose(value, ref[name].numpy(), rtol=1e-4, atol=1e-4)
