@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import ModelError
-from workflows.config import DEMO_MODEL, ClusterConfig, RunConfig, parse_years
+from workflows.config import DEMO_MODEL, ClusterConfig, GridConfig, RunConfig, parse_years
 
 
 def ensure_region(region_dir: Path, *, seed: int, years: tuple[int, ...], size_km: float) -> dict:
@@ -59,6 +59,8 @@ def demo_command(out_dir, model, workers, years, size_km, seed):
         out=str(out / "demo_inventory.gpkg"),
         overwrite=True,
         truth=str(region_dir / "truth.gpkg"),
+        # Small chunks so that the small demo region still makes several tasks per year.
+        grid=GridConfig(tiles_per_chunk=2),
         cluster=ClusterConfig(kind="local", n_workers=workers),
     )
     result = run(config)

@@ -83,7 +83,6 @@ def make_plan(config: RunConfig) -> RunPlan:
             f"the model needs {', '.join(missing)} but profile {profile.name} has no such modality"
         )
     profiles = {m: profile.modalities[m] for m in info.modalities}
-    check_compatible(info, {m: list(p.band_names) for m, p in profiles.items()}, resolution=None, tile_size=None)
     aoi = read_aoi(config.aoi, crs=config.grid.crs)
     spec = GridSpec(
         crs=config.grid.crs,
@@ -92,6 +91,7 @@ def make_plan(config: RunConfig) -> RunPlan:
         overlap_px=config.grid.overlap_px,
         tiles_per_chunk=config.grid.tiles_per_chunk,
     )
+    check_compatible(info, {m: list(p.band_names) for m, p in profiles.items()}, spec.resolution, spec.tile_px)
     chunks = plan_grid(aoi.geometry, spec)
     catalog = open_catalog(config.catalog or profile.url, signing=profile.signing)
     found = search_modalities(catalog, aoi, config.years, profile, modalities=list(profiles))
@@ -127,6 +127,7 @@ def make_plan(config: RunConfig) -> RunPlan:
                     inference=config.inference,
                     store=store,
                     core_wkb=core.wkb,
+                    signing=profile.signing,
                 )
             )
     for (modality, year), items in found.items():
@@ -285,7 +286,7 @@ class RunResult:
     failures: list[dict[str, Any]]
     seconds: float
     quicklooks: list[Path] = field(default_factory=list)
-    evaluation: dict[int, dict[str, float]] | None = None
+    evaluation: dict | None = None
 
     @property
     def partial(self) -> bool:
@@ -299,6 +300,7 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
 
     from pipeline.inventory import write_inventory
     from pipeline.merge import merge_detections
+    from pipeline.vectorize import empty_polygons
 
     config, store, crs = plan.config, plan.store, plan.spec.crs
     layers, coverage, results, failures = {}, {}, [], []
@@ -328,7 +330,7 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
         detections = (
             gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs) if frames else None
         )
-        merged = merge_detections(detections) if detections is not None else _empty_inventory(crs)
+        merged = merge_detections(detections if detections is not None else empty_polygons(crs), spec=plan.spec)
         layers[year] = merged
         cov = gpd.GeoDataFrame(cov_rows, geometry="geometry", crs=crs) if cov_rows else gpd.GeoDataFrame(
             {"status": [], "reason": [], "chunk_id": []}, geometry=[], crs=crs
@@ -368,13 +370,6 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
 
         result.evaluation = evaluate_inventory(config.out, config.truth)
     return result
-
-
-def _empty_inventory(crs: str):
-    from pipeline.merge import merge_detections
-    from pipeline.vectorize import empty_detections
-
-    return merge_detections(empty_detections(crs))
 
 
 def _version() -> str:
@@ -423,8 +418,8 @@ def print_summary(result: RunResult, stream=None) -> None:
     if result.evaluation:
         for year, scores in sorted(result.evaluation.items()):
             print(
-                f"  {year} vs truth: precision {scores['precision']:.3f}, recall {scores['recall']:.3f}, "
-                f"F1 {scores['f1']:.3f}",
+                f"  {year} vs truth: precision {scores.precision:.3f}, recall {scores.recall:.3f}, "
+                f"F1 {scores.f1:.3f} ({scores.tp} matched, {scores.fp} false, {scores.fn} missed)",
                 file=out,
             )
     if result.failures:

@@ -22,7 +22,8 @@ from pipeline.grid import Chunk
 from pipeline.infer import Detector, infer_chunk, load_model
 from pipeline.load import load_chunk
 from pipeline.profiles import ModalityProfile
-from pipeline.vectorize import vectorize_detections
+from pipeline.stac import make_signer
+from pipeline.vectorize import empty_polygons, vectorize_detections
 from workflows.config import InferenceConfig
 from workflows.fragments import FragmentStore
 
@@ -53,6 +54,8 @@ class ChunkTask:
     """Where the fragment goes."""
     core_wkb: bytes
     """The area this chunk answers for: its tiles' cores clipped to the AOI (grid CRS, WKB)."""
+    signing: str | None = None
+    """Asset URL signing of the catalog (``planetary-computer``), applied on the worker at read time."""
 
 
 def get_detector(path: str, sha256: str, inference: InferenceConfig) -> Detector:
@@ -107,9 +110,16 @@ def process_chunk_year(task: ChunkTask) -> dict[str, Any]:
         reason = f"no {', '.join(missing)} items for {year}"
         record = {**base, "status": "no_data", "reason": reason, "n_detections": 0, "seconds": 0.0}
         record["coverage"] = [{"status": "no_data", "reason": reason, "wkb": core.wkb_hex}]
-        store.write(year, chunk.id, _empty_detections(chunk), record)
+        store.write(year, chunk.id, empty_polygons(chunk.spec.crs), record)
         return record
     items = {m: [pystac.Item.from_dict(d) for d in task.items[m]] for m in task.profiles}
+    if task.signing:
+        # Signed URLs live only in this worker's memory; messages redact query strings.
+        sign = make_signer(task.signing)
+        for modality_items in items.values():
+            for item in modality_items:
+                for asset in item.assets.values():
+                    asset.href = sign(asset.href, item.collection_id)
     try:
         stack = load_chunk(chunk, items, task.profiles, year)
     except AssetError as exc:
@@ -152,9 +162,3 @@ def process_chunk_year(task: ChunkTask) -> dict[str, Any]:
     }
     store.write(year, chunk.id, gdf, record)
     return record
-
-
-def _empty_detections(chunk: Chunk):
-    from pipeline.vectorize import vectorize_detections
-
-    return vectorize_detections([], chunk.transform, chunk.spec.crs, year=0, min_area_m2=0.0, source_items=[])
