@@ -1,0 +1,25 @@
+"""Shared fixtures: a small synthetic demo region and the ARTS sample (when present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ARTS_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/arts/ARTS_main_dataset_v.0.0.7-alpha.geojson"
+
+
+@pytest.fixture(scope="session")
+def demo_region(tmp_path_factory):
+    """A 2.5 km x 2.5 km demo region, 2021-2023, seed 0 (generated once per session, a few seconds)."""
+    from workflows.demo_region import generate_region
+
+    return generate_region(tmp_path_factory.mktemp("demo_region"), seed=0, years=(2021, 2022, 2023), size_m=(2500.0, 2500.0))
+
+
+@pytest.fixture(scope="session")
+def arts_path() -> Path:
+    """The ARTS sample GeoJSON in ../shared (skips the test where the checkout has none)."""
+    if not ARTS_SAMPLE.exists():
+        pytest.skip(f"ARTS sample not found at {ARTS_SAMPLE}")
+    return ARTS_SAMPLE

@@ -1,0 +1,976 @@
+"""A synthetic multimodal demo region: terrain, slumps, optical, SAR and DEM scenes, and STAC.
+
+Real imagery cannot be fetched everywhere rtsmap is tested, so this region stands in for it in
+tests, in ``rtsmap demo`` and in the demo model's training. It is built so that fusion matters:
+
+- active slumps: a depression under a steep headwall in the DEM, bright bare soil (low NDVI) in the
+  optical scenes, rough bright floors in SAR; they grow upslope every year and new ones appear;
+- some slumps sit under cloud in every optical scene of a year: only SAR and the DEM show them;
+- bare ridges look like slumps optically (bright, low NDVI) but have no depression;
+- old stabilised slumps have the depression but are green: not labelled as RTS;
+- lakes (flat, dark water) and rivers in valleys.
+
+The scene is drawn once on a fine EPSG:3413 canvas and then resampled to each modality's native
+grid (Sentinel-2 in UTM 8N at 10 m, Sentinel-1 in UTM 9N at 20 m, the DEM in EPSG:3413 at 10 m)
+with ``rasterio.warp.reproject``, so the pipeline's co-registration is exercised for real.
+The DEM is a single snapshot taken in the first year: slumps that appear later have no depression
+in it (as with a real, older ArcticDEM strip).
+
+Everything is deterministic given the seed. Only numpy, rasterio, shapely, pyproj and pystac are
+used (no torch): this module is part of the inference install.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import pystac
+import rasterio
+import rasterio.features
+import rasterio.shutil
+import rasterio.warp
+import shapely
+from affine import Affine
+from pyproj import Transformer
+from pystac.extensions.eo import EOExtension
+from pystac.extensions.projection import ProjectionExtension
+from rasterio.enums import Resampling
+from rasterio.io import MemoryFile
+from shapely import affinity
+from shapely.geometry import LineString, Polygon, box, mapping
+
+from pipeline.errors import ConfigError, OutputError
+from workflows import shapes as shp
+
+# --- what the demo region is: names the `demo` profile (workflows/profiles/demo.yaml) relies on ---
+
+REGION_CENTER_LONLAT = (-135.3, 67.4)
+"""Peel Plateau, NW Canada: thousands of real slumps on valley sides of glaciated terrain."""
+REGION_NAME = "Synthetic Peel Plateau (rtsmap demo)"
+
+DEM_CRS, DEM_RES = "EPSG:3413", 10.0
+OPTICAL_CRS, OPTICAL_RES = "EPSG:32608", 10.0
+SAR_CRS, SAR_RES = "EPSG:32609", 20.0
+
+OPTICAL_COLLECTION = "rtsmap-demo-s2-l2a"
+SAR_COLLECTION = "rtsmap-demo-s1-rtc"
+DEM_COLLECTION = "rtsmap-demo-dem"
+OPTICAL_BANDS = ("blue", "green", "red", "nir")
+SAR_BANDS = ("vv", "vh")
+
+DEM_NODATA = -9999.0
+SCL_NODATA, SCL_SHADOW, SCL_VEGETATION, SCL_BARE, SCL_WATER = 0, 3, 4, 5, 6
+SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS = 8, 9, 10
+
+# Feature densities per km2 (Peel Plateau valley sides carry roughly one active slump per km2).
+ACTIVE_PER_KM2 = 1.0
+NEW_PER_KM2_PER_YEAR = 0.25
+STABILISED_PER_KM2 = 0.35
+RIDGES_PER_KM2 = 0.4
+LAKES_PER_KM2 = 0.12
+
+NATIVE_PAD_M = 150.0
+"""The native rasters reach this far beyond the region square, so the AOI is covered whole."""
+AOI_INSET_M = 100.0
+"""The AOI is the region square shrunk by this much (its edge never touches a raster edge)."""
+PLACEMENT_INSET_M = 120.0
+"""Features keep this far from the region edge (grown slumps included)."""
+
+
+@dataclass(frozen=True)
+class DemoRegion:
+    """Paths of a generated demo region (all absolute)."""
+
+    root: Path
+    """The output directory."""
+    aoi: Path
+    """``aoi.geojson``: the AOI polygon in EPSG:4326."""
+    truth: Path
+    """``truth.gpkg``: true RTS per year (layers ``rts_<year>``) and a ``distractors`` layer."""
+    items: Path
+    """``stac/items.json``: an ItemCollection with every item (absolute asset hrefs)."""
+    items_ndjson: Path
+    """``stac/items.ndjson``: the same items, one JSON object per line."""
+    catalog: Path
+    """``stac/catalog.json``: a self-contained static catalog (catalog -> collections -> items)."""
+    collections: tuple[Path, ...]
+    """``stac/collections/<id>.json``: standalone collections, for loading into a STAC API."""
+    region_json: Path
+    """``region.json``: what was generated (seed, years, sizes, CRSs, counts, item ids)."""
+    years: tuple[int, ...]
+    """The years with scenes and truth layers."""
+    seed: int
+    """The seed the region was generated from."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Raster helpers. Hand-written because scipy is not a dependency: a Gaussian blur and fractal noise
+# are a few lines with numpy's FFT.
+# ------------------------------------------------------------------------------------------------
+
+
+def _blur(a: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur through the FFT, with reflected padding so edges do not wrap around."""
+    if sigma_px <= 0:
+        return a.astype(np.float32)
+    pad = int(np.ceil(3 * sigma_px))
+    p = np.pad(a.astype(np.float64), pad, mode="reflect")
+    fy = np.fft.fftfreq(p.shape[0])[:, None]
+    fx = np.fft.rfftfreq(p.shape[1])[None, :]
+    kernel = np.exp(-2.0 * (np.pi * sigma_px) ** 2 * (fx**2 + fy**2))
+    out = np.fft.irfft2(np.fft.rfft2(p) * kernel, s=p.shape)
+    return out[pad:-pad, pad:-pad].astype(np.float32)
+
+
+def _fractal(rng: np.random.Generator, shape: tuple[int, int], beta: float, cutoff_px: float = 2.0) -> np.ndarray:
+    """Zero-mean, unit-std noise with a 1/f**beta power spectrum (bigger beta: smoother)."""
+    white = rng.standard_normal(shape)
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    f = np.maximum(f, 1.0 / max(shape))
+    amp = f ** (-beta / 2.0) * np.exp(-((f * cutoff_px) ** 2))
+    out = np.fft.irfft2(np.fft.rfft2(white) * amp, s=shape)
+    out -= out.mean()
+    return (out / (out.std() + 1e-12)).astype(np.float32)
+
+
+def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """A raster grid: CRS, transform, shape."""
+
+    crs: str
+    transform: Affine
+    shape: tuple[int, int]
+
+    @property
+    def res(self) -> float:
+        return self.transform.a
+
+    def xy(self) -> tuple[np.ndarray, np.ndarray]:
+        """Map coordinates of pixel centres, as 2D arrays."""
+        rows, cols = np.indices(self.shape, dtype=np.float64)
+        x = self.transform.c + (cols + 0.5) * self.transform.a
+        y = self.transform.f + (rows + 0.5) * self.transform.e
+        return x, y
+
+    def footprint(self) -> Polygon:
+        h, w = self.shape
+        x0, y0 = self.transform.c, self.transform.f
+        return box(x0, y0 + h * self.transform.e, x0 + w * self.transform.a, y0)
+
+
+def _snapped_grid(bounds: tuple[float, float, float, float], crs: str, res: float) -> _Grid:
+    """A north-up grid covering ``bounds``, its origin on a multiple of ``res`` (like real tiles)."""
+    minx = np.floor(bounds[0] / res) * res
+    maxy = np.ceil(bounds[3] / res) * res
+    w = int(np.ceil((bounds[2] - minx) / res))
+    h = int(np.ceil((maxy - bounds[1]) / res))
+    return _Grid(crs, Affine(res, 0.0, minx, 0.0, -res, maxy), (h, w))
+
+
+def _to_crs(geom, src: str, dst: str, densify_m: float | None = 50.0):
+    """Reproject a shapely geometry (densified first, so straight edges bend correctly)."""
+    if densify_m:
+        geom = shapely.segmentize(geom, densify_m)
+    tr = Transformer.from_crs(src, dst, always_xy=True)
+    return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
+
+
+def _rasterize(geoms, grid: _Grid) -> np.ndarray:
+    """0/1 float32 mask of ``geoms`` on ``grid``."""
+    geoms = [g for g in geoms if g is not None and not g.is_empty]
+    if not geoms:
+        return np.zeros(grid.shape, np.float32)
+    return rasterio.features.rasterize(
+        [(g, 1) for g in geoms], out_shape=grid.shape, transform=grid.transform, dtype="uint8"
+    ).astype(np.float32)
+
+
+def _resample(fine: np.ndarray, src: _Grid, dst: _Grid, resampling: Resampling) -> np.ndarray:
+    """Resample a canvas layer to a native grid; pixels the canvas does not cover become NaN."""
+    out = np.full(dst.shape, np.nan, np.float32)
+    rasterio.warp.reproject(
+        fine.astype(np.float32),
+        out,
+        src_transform=src.transform,
+        src_crs=src.crs,
+        dst_transform=dst.transform,
+        dst_crs=dst.crs,
+        resampling=resampling,
+        dst_nodata=np.nan,
+        num_threads=1,
+    )
+    return out
+
+
+def _write_cog(path: Path, data: np.ndarray, grid: _Grid, nodata: float, overview_resampling: str) -> None:
+    """Write one band as a tiled (256 x 256), deflate-compressed COG with at least two overviews."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = data.shape
+    profile = dict(
+        driver="GTiff", height=h, width=w, count=1, dtype=data.dtype.name, crs=grid.crs,
+        transform=grid.transform, nodata=nodata,
+    )
+    # GDAL's COG driver only copies from an existing dataset, hence the in-memory GTiff first.
+    with MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            ds.write(data, 1)
+        with mem.open() as src:
+            rasterio.shutil.copy(
+                src, path, driver="COG", BLOCKSIZE=256, COMPRESS="DEFLATE",
+                OVERVIEW_COUNT=max(2, int(np.log2(max(h, w) / 64))),
+                OVERVIEW_RESAMPLING=overview_resampling,
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# The scene: terrain and features on the fine canvas
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slump:
+    """One active slump: its footprint per year (absent before it appears)."""
+
+    slump_id: str
+    shape_type: str
+    upslope: tuple[float, float]
+    first_year: int
+    footprints: dict[int, Polygon]
+    depth_m: float
+
+
+@dataclass
+class _Scene:
+    """Everything drawn on the canvas that does not change between scenes."""
+
+    canvas: _Grid
+    region: Polygon
+    elevation: np.ndarray
+    water: np.ndarray
+    ridges: np.ndarray
+    stabilised: np.ndarray
+    veg_texture: tuple[np.ndarray, np.ndarray]
+    slumps: list[_Slump] = field(default_factory=list)
+    distractors: list[tuple[str, str, Polygon]] = field(default_factory=list)
+    rivers: list[LineString] = field(default_factory=list)
+
+
+def _terrain(rng: np.random.Generator, canvas: _Grid, region: Polygon, n_rivers: int) -> tuple[np.ndarray, list[LineString], list[Polygon]]:
+    """Base elevation (hills, regional tilt, river valleys) and the river channels."""
+    res = canvas.res
+    x, y = canvas.xy()
+    cx, cy = region.centroid.x, region.centroid.y
+    tilt_dir = rng.uniform(0, 2 * np.pi)
+    downhill = np.array([np.cos(tilt_dir), np.sin(tilt_dir)])
+    elev = 380.0 - 0.008 * ((x - cx) * downhill[0] + (y - cy) * downhill[1])
+    elev += 18.0 * _fractal(rng, canvas.shape, beta=3.4, cutoff_px=60.0 / res)
+    elev += 0.4 * _fractal(rng, canvas.shape, beta=2.0, cutoff_px=10.0 / res)
+
+    # Rivers run roughly downhill across the region and meander; their valleys are computed on a
+    # coarse grid (valley walls are smooth) and resampled to the canvas.
+    coarse = _Grid(canvas.crs, canvas.transform @ Affine.scale(4.0), (canvas.shape[0] // 4 + 1, canvas.shape[1] // 4 + 1))
+    cxs, cys = coarse.xy()
+    pts = shapely.points(cxs.ravel(), cys.ravel())
+    valley = np.zeros(coarse.shape, np.float32)
+    half = max(region.bounds[2] - region.bounds[0], region.bounds[3] - region.bounds[1])
+    rivers, channels = [], []
+    normal = np.array([-downhill[1], downhill[0]])
+    for k in range(n_rivers):
+        across = (k + 0.5) / n_rivers - 0.5 + rng.uniform(-0.15, 0.15) / n_rivers
+        s = np.linspace(-half, half, 200)
+        wiggle = 90.0 * np.sin(2 * np.pi * s / rng.uniform(600, 1100) + rng.uniform(0, 6.3))
+        wiggle += 40.0 * np.sin(2 * np.pi * s / rng.uniform(250, 400) + rng.uniform(0, 6.3))
+        off = across * half * 1.6 + wiggle
+        line = LineString(np.column_stack([cx + s * downhill[0] + off * normal[0], cy + s * downhill[1] + off * normal[1]]))
+        rivers.append(line)
+        d = shapely.distance(pts, line).reshape(coarse.shape)
+        depth, width = rng.uniform(20, 32), rng.uniform(140, 220)
+        valley = np.minimum(valley, -depth * np.exp(-((d / width) ** 2)) - 4.0 * np.clip(1 - d / 50.0, 0, None))
+        channels.append(line.buffer(rng.uniform(5, 9), quad_segs=4))
+    elev += _resample(valley, coarse, canvas, Resampling.bilinear)
+    return elev.astype(np.float32), rivers, channels
+
+
+def _slope_and_upslope(elev: np.ndarray, res: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slope (degrees) and the upslope unit vector (map x, map y) of the smoothed terrain."""
+    smooth = _blur(elev, 25.0 / res)
+    drow, dcol = np.gradient(smooth, res)
+    gx, gy = dcol, -drow  # map y grows northward, rows southward
+    norm = np.hypot(gx, gy) + 1e-9
+    return np.degrees(np.arctan(norm)), gx / norm, gy / norm
+
+
+def _blob(rng: np.random.Generator, center: tuple[float, float], area_m2: float, elongation: float, roughness: float = 0.12) -> Polygon:
+    """A wobbly ellipse of a given area, randomly oriented (lakes, ridge tops)."""
+    theta = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    r = np.ones_like(theta)
+    for k in range(2, 6):
+        r += rng.normal(0, roughness / k) * np.sin(k * theta + rng.uniform(0, 6.3))
+    r = np.clip(r, 0.5, None)
+    poly = shapely.make_valid(Polygon(np.column_stack([elongation * r * np.cos(theta), r * np.sin(theta)])))
+    if not isinstance(poly, Polygon):
+        poly = max(poly.geoms, key=lambda g: g.area)
+    poly = affinity.rotate(poly, rng.uniform(0, 180), origin=(0, 0))
+    scale = np.sqrt(area_m2 / poly.area)
+    return affinity.translate(affinity.scale(poly, scale, scale, origin=(0, 0)), *center)
+
+
+def _same(geom: Polygon) -> tuple[Polygon, Polygon]:
+    """A feature that is its own spacing geometry (for :func:`_place`)."""
+    return geom, geom
+
+
+def _keyed(fp: tuple[str, Polygon, tuple[float, float]]) -> tuple[Polygon, tuple]:
+    """A (kind, footprint, upslope) feature spaced by its footprint (for :func:`_place`)."""
+    return fp[1], fp
+
+
+def _carve(elev: np.ndarray, canvas: _Grid, poly: Polygon, upslope: tuple[float, float], depth: float, edge_sigma_m: float, rng: np.random.Generator) -> None:
+    """Cut a slump scar into ``elev`` in place: a floor sloping downhill under a steep headwall.
+
+    The floor is a plane from the toe (original height) to the headwall (``depth`` metres below
+    the rim, or deeper where the hillside is too gentle for the floor to slope downhill); the
+    edge is softened over ``edge_sigma_m`` (a few metres: a steep headwall; tens: a degraded one).
+    """
+    res = canvas.res
+    pad = 4 * edge_sigma_m + 2 * res
+    minx, miny, maxx, maxy = poly.bounds
+    inv = ~canvas.transform
+    c0, r0 = (int(np.floor(v)) for v in inv @ (minx - pad, maxy + pad))
+    c1, r1 = (int(np.ceil(v)) for v in inv @ (maxx + pad, miny - pad))
+    r0, c0 = max(r0, 0), max(c0, 0)
+    r1, c1 = min(r1, canvas.shape[0]), min(c1, canvas.shape[1])
+    win = _Grid(canvas.crs, canvas.transform @ Affine.translation(c0, r0), (r1 - r0, c1 - c0))
+    mask = _rasterize([poly], win)
+    if mask.sum() == 0:
+        return
+    soft = np.clip(_blur(mask, edge_sigma_m / res) * 1.6, 0, 1) * _smoothstep(0.0, 0.3, _blur(mask, 0.5))
+    x, y = win.xy()
+    proj = x * upslope[0] + y * upslope[1]
+    coords = np.asarray(poly.exterior.coords)
+    pmin = (coords[:, 0] * upslope[0] + coords[:, 1] * upslope[1]).min()
+    pmax = (coords[:, 0] * upslope[0] + coords[:, 1] * upslope[1]).max()
+    t = np.clip((proj - pmin) / max(pmax - pmin, 1.0), 0, 1)
+    sub = elev[r0:r1, c0:c1]
+    inside = mask > 0
+    toe = sub[inside & (t < 0.15)].mean() if np.any(inside & (t < 0.15)) else sub[inside].min()
+    head = sub[inside & (t > 0.85)].mean() if np.any(inside & (t > 0.85)) else sub[inside].max()
+    floor_head = min(head - depth, toe - 0.02 * (pmax - pmin))
+    floor = toe + (floor_head - toe) * t + 0.3 * rng.standard_normal(t.shape).astype(np.float32)
+    sub -= soft * np.clip(sub - floor, 0, None)
+
+
+def _place(
+    rng: np.random.Generator,
+    n: int,
+    region: Polygon,
+    canvas: _Grid,
+    accept,
+    make,
+    occupied: list[Polygon],
+    tries_per_feature: int = 300,
+) -> list:
+    """Rejection-sample ``n`` features: ``accept(row, col, x, y)`` gates a site, ``make(x, y, row, col)``
+    returns ``(geometry_for_spacing, feature)`` or None; features never overlap (40 m apart)."""
+    inner = region.buffer(-PLACEMENT_INSET_M)
+    minx, miny, maxx, maxy = inner.bounds
+    inv = ~canvas.transform
+    out = []
+    for _ in range(n * tries_per_feature):
+        if len(out) == n:
+            break
+        x, y = rng.uniform(minx, maxx), rng.uniform(miny, maxy)
+        col, row = (int(v) for v in inv @ (x, y))
+        if not accept(row, col, x, y):
+            continue
+        made = make(x, y, row, col)
+        if made is None:
+            continue
+        geom, feature = made
+        if not inner.contains(geom):
+            continue
+        spaced = geom.buffer(40.0)
+        if any(spaced.intersects(o) for o in occupied):
+            continue
+        occupied.append(geom)
+        out.append(feature)
+    return out
+
+
+def _build_scene(rng: np.random.Generator, canvas: _Grid, region: Polygon, years: tuple[int, ...], pool: list[Polygon] | None) -> _Scene:
+    """Terrain, water, distractors and slumps (with their yearly growth) on the canvas."""
+    res = canvas.res
+    area_km2 = region.area / 1e6
+    size_km = np.sqrt(area_km2)
+    elev, rivers, channels = _terrain(rng, canvas, region, n_rivers=max(1, int(round(size_km / 2.5))))
+    water_geoms = list(channels)
+    distractors: list[tuple[str, str, Polygon]] = [(f"river_{i}", "river", c) for i, c in enumerate(channels)]
+    occupied: list[Polygon] = list(channels)
+    relative = elev - _blur(elev, 200.0 / res)
+
+    # Lakes sit in hollows, away from the rivers; their surface is flat.
+    low = np.quantile(relative, 0.3)
+    lakes = _place(
+        rng, max(1, int(round(LAKES_PER_KM2 * area_km2))), region, canvas,
+        accept=lambda r, c, x, y: relative[r, c] < low,
+        make=lambda x, y, r, c: _same(_blob(rng, (x, y), rng.uniform(2e4, 1.2e5), rng.uniform(1.0, 1.8), 0.2)),
+        occupied=occupied,
+    )
+    for i, lake in enumerate(lakes):
+        m = _rasterize([lake], canvas) > 0
+        elev[m] = elev[m].min() - 0.5
+        distractors.append((f"lake_{i}", "lake", lake))
+        water_geoms.append(lake)
+    water_union = shapely.union_all(water_geoms)
+    slope, ux, uy = _slope_and_upslope(elev, res)
+
+    def on_slope(r: int, c: int, x: float, y: float, near_water_m: float = 450.0) -> bool:
+        if not 3.0 <= slope[r, c] <= 25.0:
+            return False
+        d = water_union.distance(shapely.Point(x, y))
+        # most slumps face valleys and lake shores; a few sit on open hillsides
+        return d > 50.0 and (d < near_water_m or rng.random() < 0.15)
+
+    def footprint(x: float, y: float, r: int, c: int, max_area: float = shp.MAX_AREA_M2) -> tuple[str, Polygon, tuple[float, float]]:
+        up = (float(ux[r, c]), float(uy[r, c]))
+        if pool:
+            real = pool[int(rng.integers(len(pool)))]
+            return "arts", shp.move_to(real, (x, y)), up
+        kind = shp.SHAPE_KINDS[int(rng.integers(2))]
+        local = shp.slump_outline(kind, float(shp.sample_areas(rng, 1, max_m2=max_area)[0]), float(shp.sample_elongations(rng, 1)[0]), rng)
+        return kind, shp.place(local, (x, y), up), up
+
+    slumps: list[_Slump] = []
+
+    def make_slump(first_year: int, max_area: float):
+        def make(x, y, r, c):
+            kind, poly, up = footprint(x, y, r, c, max_area)
+            rate = rng.uniform(6.0, 25.0)  # headwall retreat, m/yr (Peel Plateau: ~5-30)
+            fps = {first_year: poly}
+            for prev, year in zip(years, years[1:]):
+                if year > first_year:
+                    fps[year] = shp.retreat(fps[prev], up, rate * (year - prev))
+            return fps[years[-1]], _Slump("", kind, up, first_year, fps, rng.uniform(3.0, 8.0))
+        return make
+
+    # Stabilised slumps first (older, they can be anywhere an active one could), then active ones.
+    stabilised = _place(
+        rng, max(1, int(round(STABILISED_PER_KM2 * area_km2))), region, canvas, accept=on_slope,
+        make=lambda x, y, r, c: _keyed(footprint(x, y, r, c, 40_000.0)),
+        occupied=occupied,
+    )
+    slumps += _place(rng, max(3, int(round(ACTIVE_PER_KM2 * area_km2))), region, canvas, on_slope, make_slump(years[0], shp.MAX_AREA_M2), occupied)
+    for year in years[1:]:
+        slumps += _place(rng, max(1, int(round(NEW_PER_KM2_PER_YEAR * area_km2))), region, canvas, on_slope, make_slump(year, 15_000.0), occupied)
+    for k, s in enumerate(slumps):
+        s.slump_id = f"s{k + 1:03d}"
+
+    # Bare ridges: convex hilltops (high relative elevation, gentle slope), no depression.
+    high = np.quantile(relative, 0.9)
+    ridges = _place(
+        rng, max(1, int(round(RIDGES_PER_KM2 * area_km2))), region, canvas,
+        accept=lambda r, c, x, y: relative[r, c] > high and slope[r, c] < 10.0,
+        make=lambda x, y, r, c: _same(_blob(rng, (x, y), float(shp.sample_areas(rng, 1, 4_000.0, 40_000.0)[0]), rng.uniform(1.2, 2.5))),
+        occupied=occupied,
+    )
+
+    # Carve: active slumps as they were in the DEM year (the first year), stabilised slumps as
+    # shallower scars with degraded, smooth headwalls.
+    for s in slumps:
+        if years[0] in s.footprints:
+            _carve(elev, canvas, s.footprints[years[0]], s.upslope, s.depth_m, 4.0, rng)
+    for i, (kind, poly, up) in enumerate(stabilised):
+        _carve(elev, canvas, poly, up, rng.uniform(1.5, 4.0), 12.0, rng)
+        distractors.append((f"stabilised_{i}", "stabilised_slump", poly))
+    if ridges:
+        # wind-scoured knolls: gentle domes a couple of metres high, the opposite of a scar
+        heights = rasterio.features.rasterize(
+            [(g, rng.uniform(1.5, 3.0)) for g in ridges], out_shape=canvas.shape, transform=canvas.transform, dtype="float32"
+        )
+        elev += np.minimum(_blur(heights, 15.0 / res) * 1.5, heights.max())
+    for i, g in enumerate(ridges):
+        distractors.append((f"ridge_{i}", "bare_ridge", g))
+    elev += 0.15 * _fractal(rng, canvas.shape, beta=1.0)  # micro-relief so hillshade is not glassy
+
+    soft = lambda geoms, s=0.6: np.clip(_blur(_rasterize(geoms, canvas), s), 0, 1)  # noqa: E731
+    return _Scene(
+        canvas=canvas,
+        region=region,
+        elevation=elev,
+        water=soft(water_geoms),
+        ridges=soft(ridges, 1.0),
+        stabilised=soft([p for _, p, _ in stabilised], 1.5),
+        veg_texture=(_fractal(rng, canvas.shape, 2.2), _fractal(rng, canvas.shape, 2.8)),
+        slumps=slumps,
+        distractors=distractors,
+        rivers=rivers,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenes per modality
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OpticalPlan:
+    """One optical acquisition: when, how cloudy, and whether it has a nodata strip."""
+
+    item_id: str
+    year: int
+    when: dt.datetime
+    cloud_target: float
+    """Rough fraction of the scene under random clouds (before the slump-hiding ones)."""
+    cover_fraction: float
+    """Fraction of the year's slumps deliberately put under cloud."""
+    nodata_strip: bool
+
+
+def _optical_plans(rng: np.random.Generator, years: tuple[int, ...], area_km2: float) -> list[_OpticalPlan]:
+    """1 item per year, 2 in every second year (one clear with a nodata strip, one cloudy)."""
+    plans = []
+    two_item_years = [y for k, y in enumerate(years) if k % 2 == 1]
+    strip_year = two_item_years[0] if two_item_years else years[0]
+    for year in years:
+        d1 = dt.datetime(year, 7, 5, 20, 25, tzinfo=dt.timezone.utc) + dt.timedelta(days=int(rng.integers(0, 15)))
+        if year in two_item_years:
+            d2 = dt.datetime(year, 8, 2, 20, 25, tzinfo=dt.timezone.utc) + dt.timedelta(days=int(rng.integers(0, 20)))
+            plans.append(_OpticalPlan(f"rtsmap-demo-s2-{d1:%Y%m%d}", year, d1, 0.04, 0.0, year == strip_year))
+            plans.append(_OpticalPlan(f"rtsmap-demo-s2-{d2:%Y%m%d}", year, d2, 0.35, 0.35, False))
+        else:
+            plans.append(_OpticalPlan(f"rtsmap-demo-s2-{d1:%Y%m%d}", year, d1, 0.12, 0.15, year == strip_year))
+    return plans
+
+
+def _clouds(rng: np.random.Generator, scene: _Scene, plan: _OpticalPlan, covered: list[_Slump]) -> tuple[np.ndarray, np.ndarray]:
+    """Cloud opacity and cloud-shadow strength on the canvas (both 0..1)."""
+    canvas = scene.canvas
+    x, y = canvas.xy()
+    minx, miny, maxx, maxy = scene.region.bounds
+    # a blob of radius r covers ~pi * (1.2 r)**2, about 0.23 km2 for the mean r of 225 m
+    n_blobs = max(1, int(round(plan.cloud_target * scene.region.area / 0.23e6)))
+    centers = [(rng.uniform(minx, maxx), rng.uniform(miny, maxy), rng.uniform(100, 350), 1.0) for _ in range(n_blobs)]
+    for s in covered:  # a thick blob centred on the slump hides it completely
+        c = s.footprints[plan.year].centroid
+        extent = np.sqrt(s.footprints[plan.year].area)
+        centers.append((c.x, c.y, max(100.0, 1.2 * extent), 1.8))
+    field_ = np.zeros(canvas.shape, np.float32)
+    for cx, cy, r, amp in centers:
+        field_ = np.maximum(field_, amp * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r)).astype(np.float32))
+    fluff = 0.75 + 0.25 * np.clip(_fractal(rng, canvas.shape, 2.6) / 2.0, -1, 1)
+    alpha = _smoothstep(0.25, 0.55, field_ * fluff).astype(np.float32)
+    # the shadow is the cloud moved away from the sun (low sun in the south-east)
+    dr, dc = (int(round(v / canvas.res)) for v in (-160.0, -120.0))
+    shadow = np.zeros_like(alpha)
+    h, w = alpha.shape
+    shadow[max(dr, 0):h + min(dr, 0), max(dc, 0):w + min(dc, 0)] = alpha[max(-dr, 0):h + min(-dr, 0), max(-dc, 0):w + min(-dc, 0)]
+    return alpha, shadow * (1.0 - alpha)
+
+
+def _slump_layer(scene: _Scene, year: int) -> np.ndarray:
+    """Fraction of each canvas pixel inside an active slump in ``year``."""
+    polys = [s.footprints[year] for s in scene.slumps if year in s.footprints]
+    return np.clip(_blur(_rasterize(polys, scene.canvas), 0.6), 0, 1)
+
+
+def _render_optical(rng: np.random.Generator, scene: _Scene, slumps_now: np.ndarray, alpha: np.ndarray, shadow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Surface reflectance [4, H, W] (0..1) and SCL classes [H, W] on the canvas."""
+    t1, t2 = scene.veg_texture
+    shape = scene.canvas.shape
+    bright = rng.uniform(0.95, 1.05)
+    # tundra: NDVI ~0.65-0.8; stabilised scars carry shrubs (even greener)
+    veg_nir = 0.29 + 0.025 * t1 + 0.03 * scene.stabilised
+    veg_red = 0.042 + 0.006 * t2 - 0.006 * scene.stabilised
+    veg = np.stack([0.032 + 0.004 * t2, 0.062 + 0.006 * t1, veg_red, veg_nir])
+    noise = rng.standard_normal(shape).astype(np.float32)
+    bare = np.stack([0.095 + 0.008 * noise, 0.125 + 0.01 * noise, 0.155 + 0.012 * noise, 0.205 + 0.012 * noise])
+    water = np.array([0.05, 0.045, 0.03, 0.012], np.float32)[:, None, None]
+    b = np.clip(np.maximum(slumps_now * 0.95, scene.ridges * 0.9), 0, 1)
+    w = scene.water
+    surface = (1 - w) * ((1 - b) * veg + b * bare) + w * water
+    surface *= 1.0 - 0.65 * shadow
+    cloud = np.array([0.52, 0.53, 0.55, 0.58], np.float32)[:, None, None] * (1 + 0.05 * t2)
+    refl = (1 - alpha) * surface + alpha * cloud
+    refl = refl * bright + 0.002 * rng.standard_normal(refl.shape).astype(np.float32)
+    ndvi = (refl[3] - refl[2]) / (refl[3] + refl[2] + 1e-6)
+    scl = np.full(shape, SCL_VEGETATION, np.uint8)
+    scl[ndvi < 0.35] = SCL_BARE
+    scl[w > 0.5] = SCL_WATER
+    scl[(shadow > 0.3) & (alpha < 0.12)] = SCL_SHADOW
+    scl[(alpha >= 0.12) & (alpha < 0.3)] = SCL_CIRRUS
+    scl[(alpha >= 0.3) & (alpha < 0.6)] = SCL_CLOUD_MEDIUM
+    scl[alpha >= 0.6] = SCL_CLOUD_HIGH
+    return refl.astype(np.float32), scl
+
+
+def _render_sar(rng: np.random.Generator, scene: _Scene, slumps_now: np.ndarray) -> np.ndarray:
+    """Noise-free gamma0 [2, H, W] (linear) on the canvas: land cover times a terrain factor."""
+    res = scene.canvas.res
+    drow, dcol = np.gradient(scene.elevation, res)
+    nx, ny, nz = -dcol, drow, np.ones_like(dcol)  # surface normal (map x, map y, up)
+    norm = np.sqrt(nx**2 + ny**2 + 1)
+    inc = np.radians(38.0)
+    look = (-np.sin(inc), 0.0, np.cos(inc))  # towards a sensor looking east (+x)
+    cos_local = (nx * look[0] + ny * look[1] + nz * look[2]) / norm
+    terrain = np.clip(cos_local / np.cos(inc), 0.1, 3.0) ** 1.2
+    t1, _ = scene.veg_texture
+    offset = rng.normal(0, 0.4)
+    db = lambda v: 10 ** (v / 10.0)  # noqa: E731
+    tundra = np.stack([db(-13.5 + 0.8 * t1 + offset), db(-20.5 + 0.8 * t1 + offset)])
+    floor = np.stack([np.full_like(t1, db(-8.5 + offset)), np.full_like(t1, db(-15.5 + offset))])  # rough wet debris
+    ridge = np.stack([np.full_like(t1, db(-12.5 + offset)), np.full_like(t1, db(-20.0 + offset))])
+    water = np.array([db(-23.0), db(-29.0)], np.float32)[:, None, None]
+    land = (1 - slumps_now) * ((1 - scene.ridges) * tundra + scene.ridges * ridge) + slumps_now * floor
+    return ((1 - scene.water) * land * terrain + scene.water * water).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# STAC
+# ------------------------------------------------------------------------------------------------
+
+
+def _item(item_id: str, collection: str, when: dt.datetime, grid: _Grid, assets: dict[str, Path], props: dict) -> pystac.Item:
+    footprint = _to_crs(grid.footprint(), grid.crs, "EPSG:4326", densify_m=10 * grid.res)
+    item = pystac.Item(item_id, mapping(footprint), list(footprint.bounds), when, dict(props), collection=collection)
+    for key, path in assets.items():
+        item.add_asset(key, pystac.Asset(str(path), title=key, media_type=pystac.MediaType.COG, roles=["data"]))
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    proj.code = grid.crs
+    proj.shape = list(grid.shape)
+    proj.transform = list(grid.transform)[:6]
+    # older readers (odc-stac < 0.4, some STAC APIs) look for proj:epsg only
+    item.properties["proj:epsg"] = int(grid.crs.split(":")[1])
+    return item
+
+
+def _collection(cid: str, description: str, items: list[pystac.Item]) -> pystac.Collection:
+    bboxes = np.array([i.bbox for i in items])
+    times = sorted(i.datetime for i in items)
+    extent = pystac.Extent(
+        pystac.SpatialExtent([[*bboxes[:, :2].min(0), *bboxes[:, 2:].max(0)]]),
+        pystac.TemporalExtent([[times[0], times[-1]]]),
+    )
+    return pystac.Collection(cid, description, extent, license="CC0-1.0", title=cid)
+
+
+def _write_stac(stac_dir: Path, by_collection: dict[str, tuple[str, list[pystac.Item]]]) -> tuple[Path, Path, Path, tuple[Path, ...]]:
+    stac_dir.mkdir(parents=True, exist_ok=True)
+    all_items = sorted((i for _, items in by_collection.values() for i in items), key=lambda i: i.id)
+    items_path = stac_dir / "items.json"
+    items_path.write_text(json.dumps(pystac.ItemCollection([i.clone() for i in all_items]).to_dict(), indent=1))
+    ndjson_path = stac_dir / "items.ndjson"
+    ndjson_path.write_text("".join(json.dumps(i.to_dict(include_self_link=False)) + "\n" for i in all_items))
+
+    catalog = pystac.Catalog("rtsmap-demo", "Synthetic multimodal demo region for rtsmap (Peel Plateau-like)", title="rtsmap demo")
+    coll_paths = []
+    (stac_dir / "collections").mkdir(exist_ok=True)
+    for cid, (description, items) in by_collection.items():
+        coll = _collection(cid, description, items)
+        standalone = coll.to_dict(include_self_link=False)
+        standalone["links"] = []
+        path = stac_dir / "collections" / f"{cid}.json"
+        path.write_text(json.dumps(standalone, indent=1))
+        coll_paths.append(path)
+        for i in items:
+            coll.add_item(i.clone())
+        catalog.add_child(coll)
+    catalog.normalize_hrefs(str(stac_dir))
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    return items_path, ndjson_path, stac_dir / "catalog.json", tuple(coll_paths)
+
+
+# ------------------------------------------------------------------------------------------------
+# The region
+# ------------------------------------------------------------------------------------------------
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Refuse a non-empty directory unless it holds an earlier demo region (then replace it)."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / "region.json").exists():
+            raise OutputError(f"{out} exists and is not an rtsmap demo region (no region.json); give an empty or new directory")
+        for name in ("cogs", "stac"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("aoi.geojson", "truth.gpkg", "region.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def generate_region(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    years: tuple[int, ...] = (2021, 2022, 2023),
+    size_m: tuple[float, float] = (6000.0, 6000.0),
+    shapes: str | Path | None = None,
+    center_lonlat: tuple[float, float] = REGION_CENTER_LONLAT,
+    fine_resolution: float = 5.0,
+) -> DemoRegion:
+    """Generate the synthetic demo region (rasters, truth, STAC) under ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : str or pathlib.Path
+        Output directory: new, empty, or an earlier demo region (replaced).
+    seed : int
+        Seed; the same seed gives the same truth and the same pixels.
+    years : tuple of int
+        Years with optical and SAR scenes and a truth layer each (strictly increasing).
+    size_m : tuple of float
+        Width and height of the region in metres (EPSG:3413), at least 1000 each.
+    shapes : str or pathlib.Path, optional
+        An ARTS-schema vector file; its footprints (translated, shape and size kept) replace the
+        synthetic teardrop/horseshoe outlines.
+    center_lonlat : tuple of float
+        Centre of the region (longitude, latitude). Must stay within reach of UTM zones 8N and 9N.
+    fine_resolution : float
+        Pixel size of the EPSG:3413 canvas the scene is drawn on before resampling to each
+        native grid (finer than every native grid).
+
+    Returns
+    -------
+    DemoRegion
+        Paths of what was written.
+
+    Raises
+    ------
+    ConfigError
+        If years, size or the shapes file are unusable.
+    OutputError
+        If ``out_dir`` is a non-empty directory that is not a demo region.
+    """
+    years = tuple(int(y) for y in years)
+    if not years or any(b <= a for a, b in zip(years, years[1:])):
+        raise ConfigError(f"years must be a non-empty, strictly increasing list, got {years}")
+    if min(size_m) < 1000.0 or max(size_m) > 50_000.0:
+        raise ConfigError(f"region size must be 1-50 km per side, got {size_m[0] / 1000:g} x {size_m[1] / 1000:g} km")
+    pool = None
+    if shapes is not None:
+        pool = [p for p in shp.read_footprints(shapes) if shp.MIN_AREA_M2 <= p.area <= shp.MAX_AREA_M2]
+        if not pool:
+            raise ConfigError(f"--shapes file {shapes} has no footprints between {shp.MIN_AREA_M2:g} and {shp.MAX_AREA_M2:g} m2")
+    out = Path(out_dir).resolve()
+    _prepare_out_dir(out)
+
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
+    rng_scene, rng_plan, rng_clouds, rng_optical, rng_sar, _ = rngs
+
+    # Region square in EPSG:3413, snapped to the 10 m grid, and the native grids around it.
+    cx, cy = Transformer.from_crs("EPSG:4326", DEM_CRS, always_xy=True).transform(*center_lonlat)
+    cx, cy = round(cx / DEM_RES) * DEM_RES, round(cy / DEM_RES) * DEM_RES
+    w, h = (round(v / 2 / DEM_RES) * DEM_RES for v in size_m)
+    region = box(cx - w, cy - h, cx + w, cy + h)
+    padded = region.buffer(NATIVE_PAD_M, join_style="mitre")
+    grids = {
+        "dem": _snapped_grid(padded.bounds, DEM_CRS, DEM_RES),
+        "optical": _snapped_grid(_to_crs(padded, DEM_CRS, OPTICAL_CRS).bounds, OPTICAL_CRS, OPTICAL_RES),
+        "sar": _snapped_grid(_to_crs(padded, DEM_CRS, SAR_CRS).bounds, SAR_CRS, SAR_RES),
+    }
+    # The canvas covers every native grid's footprint, so no native pixel is left empty.
+    reach = shapely.union_all([_to_crs(g.footprint(), g.crs, DEM_CRS) for g in grids.values()])
+    canvas = _snapped_grid(reach.buffer(4 * fine_resolution).bounds, DEM_CRS, fine_resolution)
+
+    scene = _build_scene(rng_scene, canvas, region, years, pool)
+    cogs = out / "cogs"
+    items: dict[str, list[pystac.Item]] = {OPTICAL_COLLECTION: [], SAR_COLLECTION: [], DEM_COLLECTION: []}
+
+    # DEM
+    dem_grid = grids["dem"]
+    dem = _resample(scene.elevation, canvas, dem_grid, Resampling.average)
+    dem = np.where(np.isnan(dem), DEM_NODATA, dem).astype(np.float32)
+    dem_id = "rtsmap-demo-dem-10m"
+    dem_path = cogs / DEM_COLLECTION / dem_id / "dem.tif"
+    _write_cog(dem_path, dem, dem_grid, DEM_NODATA, "AVERAGE")
+    items[DEM_COLLECTION].append(
+        _item(dem_id, DEM_COLLECTION, dt.datetime(years[0], 7, 1, tzinfo=dt.timezone.utc), dem_grid, {"dem": dem_path},
+              {"platform": "synthetic", "rtsmap:synthetic": True})
+    )
+
+    # Optical and SAR, year by year
+    plans = _optical_plans(rng_plan, years, region.area / 1e6)
+    cloud_alpha: dict[str, np.ndarray] = {}
+    for year in years:
+        slumps_now = _slump_layer(scene, year)
+        present = [s for s in scene.slumps if year in s.footprints]
+        year_plans = [p for p in plans if p.year == year]
+        # The same slumps are hidden in every scene of a single-scene year; in a two-scene year,
+        # the cloudy scene hides some and the clear one shows them, so best-first mosaicking matters.
+        n_cover = max(1, int(round(max(p.cover_fraction for p in year_plans) * len(present))))
+        hidden = [present[i] for i in sorted(rng_clouds.choice(len(present), size=min(n_cover, len(present)), replace=False))]
+        for plan in year_plans:
+            covered = hidden if plan.cover_fraction > 0 else []
+            alpha, shadow = _clouds(rng_clouds, scene, plan, covered)
+            cloud_alpha[plan.item_id] = alpha
+            refl, scl = _render_optical(rng_optical, scene, slumps_now, alpha, shadow)
+            grid = grids["optical"]
+            bands = [_resample(refl[k], canvas, grid, Resampling.average) for k in range(4)]
+            scl_n = _resample(scl.astype(np.float32), canvas, grid, Resampling.mode)
+            valid = ~np.isnan(scl_n)
+            if plan.nodata_strip:  # the swath edge: the eastern 12 % of the scene has no data
+                valid[:, int(grid.shape[1] * 0.88):] = False
+            scl_out = np.where(valid, np.nan_to_num(scl_n), SCL_NODATA).astype(np.uint8)
+            paths = {}
+            for name, band in zip(OPTICAL_BANDS, bands):
+                dn = np.where(valid, np.clip(np.round(np.nan_to_num(band) * 10000), 1, 65535), 0).astype(np.uint16)
+                paths[name] = cogs / OPTICAL_COLLECTION / plan.item_id / f"{name}.tif"
+                _write_cog(paths[name], dn, grid, 0, "AVERAGE")
+            paths["scl"] = cogs / OPTICAL_COLLECTION / plan.item_id / "scl.tif"
+            _write_cog(paths["scl"], scl_out, grid, SCL_NODATA, "NEAREST")
+            n_valid = max(int(valid.sum()), 1)
+            cloud_cover = 100.0 * np.isin(scl_out, (SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS)).sum() / n_valid
+            item = _item(plan.item_id, OPTICAL_COLLECTION, plan.when, grid, paths,
+                         {"platform": "sentinel-2a", "constellation": "sentinel-2", "rtsmap:synthetic": True})
+            EOExtension.ext(item, add_if_missing=True).cloud_cover = round(float(cloud_cover), 2)
+            items[OPTICAL_COLLECTION].append(item)
+
+        # SAR: noise-free gamma0 averaged onto the 20 m grid, then speckle (multiplicative gamma,
+        # equivalent number of looks ~4.4, as in multi-looked RTC products).
+        when = dt.datetime(year, 7, 18, 15, 40, tzinfo=dt.timezone.utc) + dt.timedelta(days=int(rng_sar.integers(0, 20)))
+        sar_id = f"rtsmap-demo-s1-{when:%Y%m%d}"
+        gamma0 = _render_sar(rng_sar, scene, slumps_now)
+        grid = grids["sar"]
+        paths = {}
+        for k, name in enumerate(SAR_BANDS):
+            g = _resample(gamma0[k], canvas, grid, Resampling.average)
+            looks = 4.4
+            g = g * rng_sar.gamma(looks, 1.0 / looks, size=g.shape)
+            g = np.where(np.isnan(g), 0.0, np.maximum(g, 1e-5)).astype(np.float32)
+            paths[name] = cogs / SAR_COLLECTION / sar_id / f"{name}.tif"
+            _write_cog(paths[name], g, grid, 0.0, "AVERAGE")
+        items[SAR_COLLECTION].append(
+            _item(sar_id, SAR_COLLECTION, when, grid, paths,
+                  {"platform": "sentinel-1a", "constellation": "sentinel-1", "sar:polarizations": ["VV", "VH"], "rtsmap:synthetic": True})
+        )
+
+    # Truth
+    truth_path = out / "truth.gpkg"
+    counts = _write_truth(truth_path, scene, years, plans, cloud_alpha, seed)
+
+    # AOI
+    aoi_path = out / "aoi.geojson"
+    aoi = _to_crs(region.buffer(-AOI_INSET_M, join_style="mitre"), DEM_CRS, "EPSG:4326", densify_m=100.0)
+    aoi_path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"name": REGION_NAME, "seed": seed}, "geometry": mapping(aoi)}]}, indent=1))
+
+    # STAC
+    items_path, ndjson_path, catalog_path, coll_paths = _write_stac(out / "stac", {
+        OPTICAL_COLLECTION: ("Synthetic Sentinel-2 L2A-like surface reflectance (UTM 8N, 10 m)", items[OPTICAL_COLLECTION]),
+        SAR_COLLECTION: ("Synthetic Sentinel-1 RTC-like gamma0 (UTM 9N, 20 m)", items[SAR_COLLECTION]),
+        DEM_COLLECTION: ("Synthetic ArcticDEM-like elevation (EPSG:3413, 10 m)", items[DEM_COLLECTION]),
+    })
+
+    region_path = out / "region.json"
+    region_path.write_text(json.dumps({
+        "generator": "rtsmap demo_region",
+        "name": REGION_NAME,
+        "seed": seed,
+        "years": list(years),
+        "size_m": [float(v) for v in size_m],
+        "center_lonlat": list(center_lonlat),
+        "bounds_3413": list(region.bounds),
+        "fine_resolution": fine_resolution,
+        "shapes": str(Path(shapes).resolve()) if shapes is not None else None,
+        "dem_year": years[0],
+        "grids": {k: {"crs": g.crs, "resolution": g.res, "shape": list(g.shape), "transform": list(g.transform)[:6]} for k, g in grids.items()},
+        "collections": {c: [i.id for i in v] for c, v in items.items()},
+        "counts": counts,
+    }, indent=1))
+    return DemoRegion(out, aoi_path, truth_path, items_path, ndjson_path, catalog_path, coll_paths, region_path, years, seed)
+
+
+def _write_truth(path: Path, scene: _Scene, years: tuple[int, ...], plans: list[_OpticalPlan], cloud_alpha: dict[str, np.ndarray], seed: int) -> dict:
+    """Write ``rts_<year>`` layers and a ``distractors`` layer; return counts for region.json."""
+    import geopandas as gpd  # heavy; only needed here
+
+    to_wgs84 = Transformer.from_crs(DEM_CRS, "EPSG:4326", always_xy=True)
+    counts: dict = {"active_slumps": {}, "new_slumps": {}, "cloud_covered_slumps": {}}
+    for year in years:
+        rows = []
+        year_items = [p.item_id for p in plans if p.year == year]
+        for s in scene.slumps:
+            if year not in s.footprints:
+                continue
+            poly = s.footprints[year]
+            mask = _rasterize([poly], scene.canvas) > 0
+            # share of the slump under cloud (opacity >= 0.3) in the clearest scene of the year
+            cloud = min(float((cloud_alpha[i][mask] >= 0.3).mean()) for i in year_items)
+            c = poly.centroid
+            lon, lat = to_wgs84.transform(c.x, c.y)
+            rows.append({
+                "UID": str(uuid.uuid5(uuid.NAMESPACE_URL, f"rtsmap-demo/{seed}/{s.slump_id}/{year}")),
+                "slump_id": s.slump_id,
+                "Year": year,
+                "first_year": s.first_year,
+                "shape_type": s.shape_type,
+                "area_m2": round(float(poly.area), 2),
+                "cloud_fraction": round(cloud, 3),
+                "CentroidLat": round(lat, 5),
+                "CentroidLon": round(lon, 5),
+                "RegionName": REGION_NAME,
+                "TrainClass": "Positive",
+                "LabelType": "Polygon",
+                "BaseMapSource": "synthetic",
+                "geometry": poly,
+            })
+        gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=DEM_CRS)
+        gdf.to_file(path, layer=f"rts_{year}", driver="GPKG")
+        counts["active_slumps"][str(year)] = len(rows)
+        counts["new_slumps"][str(year)] = sum(r["first_year"] == year for r in rows) if year != years[0] else 0
+        counts["cloud_covered_slumps"][str(year)] = sum(r["cloud_fraction"] > 0.5 for r in rows)
+    d = gpd.GeoDataFrame(
+        [{"feature_id": fid, "class": cls, "area_m2": round(float(g.area), 2), "geometry": g} for fid, cls, g in scene.distractors],
+        geometry="geometry", crs=DEM_CRS,
+    )
+    d.to_file(path, layer="distractors", driver="GPKG")
+    for cls in ("lake", "river", "bare_ridge", "stabilised_slump"):
+        counts[cls + "s"] = sum(c == cls for _, c, _ in scene.distractors)
+    return counts
+
+
+def _parse_years(text: str) -> tuple[int, ...]:
+    """``2021-2023`` or ``2021,2023`` -> a tuple of years."""
+    try:
+        if "-" in text:
+            a, b = (int(v) for v in text.split("-"))
+            years = tuple(range(a, b + 1))
+        else:
+            years = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--years {text!r}: expected a range like 2021-2023 or a list like 2021,2023") from None
+    if not years:
+        raise ConfigError(f"--years {text!r} holds no year; expected e.g. 2021-2023")
+    return years
+
+
+@click.command("demo-data")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory (new, empty, or an earlier demo region).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives the same region.")
+@click.option("--shapes", type=click.Path(dir_okay=False, path_type=Path), default=None, help="ARTS-schema GeoJSON/GPKG whose real footprints replace the synthetic ones.")
+@click.option("--years", "years_text", default="2021-2023", show_default=True, help="Years, as a range (2021-2023) or a list (2021,2023).")
+@click.option("--size-km", default=6.0, show_default=True, type=float, help="Side of the square region in km.")
+def demo_data_command(out_dir: Path, seed: int, shapes: Path | None, years_text: str, size_km: float) -> None:
+    """Generate the synthetic multimodal demo region (COGs, STAC, truth) into --out."""
+    t0 = time.perf_counter()
+    region = generate_region(out_dir, seed=seed, years=_parse_years(years_text), size_m=(size_km * 1000.0, size_km * 1000.0), shapes=shapes)
+    counts = json.loads(region.region_json.read_text())["counts"]
+    click.echo(f"demo region written to {region.root} in {time.perf_counter() - t0:.1f} s")
+    click.echo(f"  STAC items: {region.items}")
+    click.echo(f"  AOI: {region.aoi}   truth: {region.truth}")
+    click.echo("  active slumps per year: " + ", ".join(f"{y}: {n}" for y, n in counts["active_slumps"].items()))
+    click.echo(f"  distractors: {counts['lakes']} lakes, {counts['rivers']} rivers, {counts['bare_ridges']} bare ridges, "
+               f"{counts['stabilised_slumps']} stabilised slumps")
