@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "plan": "workflows.plan:plan_command",
     "run": "workflows.run:run_command",
     "evaluate-inventory": "workflows.inventory_commands:evaluate_inventory_command",
+    "training-data": "workflows.training_data:training_data_command",
     "export": "workflows.model_commands:export_command",
     "train": "workflows.model_commands:train_command",
     "evaluate": "workflows.model_commands:evaluate_command",

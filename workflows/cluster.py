@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
@@ -40,19 +42,58 @@ def worker_extra_args(config: ClusterConfig) -> list[str]:
     return args
 
 
-def _jobqueue_cluster(config: ClusterConfig):
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Processes started in this block ignore SIGINT (an ignored signal stays ignored across exec).
+
+    Ctrl-C reaches every process of the terminal's group. The main process turns it into a clean
+    shutdown of the cluster; worker processes would otherwise each print a KeyboardInterrupt
+    traceback. The price: a Ctrl-C during the few seconds the workers start is ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def jobqueue_cluster(config: ClusterConfig):
+    """A dask-jobqueue SLURMCluster or PBSCluster for ``config`` (no jobs submitted yet).
+
+    Everything else (cores, memory, queue, walltime, scheduler host, job directives) comes from
+    Dask's ``jobqueue.<kind>`` configuration; rtsmap's worker arguments are appended to the
+    configured ``worker-extra-args``.
+
+    Raises
+    ------
+    ConfigError
+        When dask-jobqueue is missing or the cluster is not configured (cores, memory).
+    """
+    try:
+        import dask
         import dask_jobqueue
     except ImportError:
         raise ConfigError(f"cluster.kind={config.kind} needs dask-jobqueue: pip install 'rtsmap[hpc]'") from None
     cls = dask_jobqueue.SLURMCluster if config.kind == "slurm" else dask_jobqueue.PBSCluster
+    # Passing worker_extra_args replaces the configured ones, so join them.
+    configured = list(dask.config.get(f"jobqueue.{config.kind}.worker-extra-args", None) or [])
     try:
-        cluster = cls(worker_extra_args=worker_extra_args(config))
+        return cls(worker_extra_args=configured + worker_extra_args(config))
     except ValueError as exc:
-        # dask-jobqueue raises ValueError when cores/memory are not configured.
+        # dask-jobqueue raises ValueError when cores/memory are not configured; its message
+        # goes on over several lines with a Python example, the first line says what is missing.
+        reason = str(exc).splitlines()[0].removesuffix(", for example:")
         raise ConfigError(
-            f"cannot configure the {config.kind} cluster: {exc} (set it in ~/.config/dask/jobqueue.yaml)"
+            f"cannot configure the {config.kind} cluster: {reason} "
+            f"(set jobqueue.{config.kind}.cores and .memory in ~/.config/dask/jobqueue.yaml)"
         ) from None
+
+
+def _jobqueue_cluster(config: ClusterConfig):
+    cluster = jobqueue_cluster(config)
     if config.lifetime:
         # Adaptive with a fixed size: jobs whose workers retired are replaced.
         cluster.adapt(minimum_jobs=config.jobs, maximum_jobs=config.jobs)
@@ -89,14 +130,15 @@ def open_cluster(config: ClusterConfig) -> Iterator[Client]:
         else:
             if config.kind == "local":
                 resources = {"GPU": config.gpus_per_worker} if config.gpus_per_worker else None
-                cluster = LocalCluster(
-                    n_workers=local_worker_count(config),
-                    threads_per_worker=config.threads_per_worker,
-                    processes=True,
-                    memory_limit=config.memory_limit,
-                    dashboard_address=":0",
-                    resources=resources,
-                )
+                with _children_ignore_sigint():
+                    cluster = LocalCluster(
+                        n_workers=local_worker_count(config),
+                        threads_per_worker=config.threads_per_worker,
+                        processes=True,
+                        memory_limit=config.memory_limit,
+                        dashboard_address=":0",
+                        resources=resources,
+                    )
             elif config.kind in ("slurm", "pbs"):
                 cluster = _jobqueue_cluster(config)
             else:

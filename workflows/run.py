@@ -475,6 +475,13 @@ def run_command(aoi, years, catalog, profile, model, config_path, out, workdir, 
         else:
             overrides["cluster.kind"] = cluster_kind
     config = load_run_config(config_path, overrides)
+    # Dask logs at INFO by default (set when distributed is imported, hence the import first);
+    # on the command line its messages follow -v like ours.
+    import distributed  # noqa: F401
+
+    root_level = logging.getLogger().getEffectiveLevel()
+    if root_level > logging.INFO:
+        logging.getLogger("distributed").setLevel(root_level)
     if not config.aoi:
         raise click.UsageError("--aoi is required (or `aoi:` in the configuration file)")
     result = run(config)

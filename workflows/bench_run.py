@@ -1,0 +1,259 @@
+"""Benchmark of `rtsmap run`: the whole pipeline against onnxruntime alone, 1 worker against 2.
+
+    python -m workflows.bench_run                       # 5 km demo region, 2 years, untrained demo model
+    python -m workflows.bench_run --size-m 3000 --json bench.json
+    python -m workflows.bench_run --model rts.onnx      # any exported model
+
+What it measures, on a synthetic demo region (``workflows.demo_region``):
+
+- **onnxruntime alone**: the same tiles (loaded and normalized beforehand, outside the clock),
+  in the same batches (per chunk, ``--batch-size``), through one bare onnxruntime session in this
+  process: once with 1 intra-op thread, once with one thread per worker of the largest run.
+- **end to end**: plan + cluster start + execute + merge/GeoPackage/quick-looks, with 1 and with 2
+  (``--workers``) worker processes of 1 thread each, each run from an empty work directory.
+- **overhead ratio**: end-to-end time over the onnxruntime time the same cores would need at
+  best (single-thread time / workers). 1.0 would mean loading, vectorizing, Dask and writing
+  cost nothing.
+- **peak memory**: the largest resident set of each worker process (psutil, sampled every
+  0.1 s) and of this process (client and scheduler).
+
+The model is the untrained ``demo`` variant of ``models/`` exported to ONNX (random weights: the
+compute is the real network's; its detections are noise, so vectorizing and merging them is
+heavier than with a trained model). Needs the train extra (torch) for that; pass ``--model``
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+
+
+class MemorySampler:
+    """Peak RSS of this process and of its Dask worker processes, sampled in a thread."""
+
+    def __init__(self, every_s: float = 0.1) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.every_s = every_s
+        self.peaks: dict[int, int] = {}
+        self.main_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            self.main_peak = max(self.main_peak, self.me.memory_info().rss)
+            for child in self.me.children(recursive=True):
+                try:
+                    # LocalCluster's worker processes are multiprocessing "spawn" children.
+                    if "spawn_main" not in " ".join(child.cmdline()):
+                        continue
+                    rss = child.memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), rss)
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def export_demo_model(path: Path, seed: int = 0) -> Path:
+    """Export the untrained ``demo`` model variant (random weights) to ``path``."""
+    import torch
+
+    from models.config import build_config
+    from models.detector import RTSDetector
+    from models.export import export_onnx
+
+    torch.manual_seed(seed)
+    config = build_config("demo")
+    export_onnx(RTSDetector(config), config, path, trained_on="untrained (benchmark)")
+    return path
+
+
+def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, int]:
+    """Seconds onnxruntime needs for the plan's tiles, the number of tiles and of model calls.
+
+    The chunks are loaded and cut into normalized batches first (not timed), exactly as the
+    pipeline cuts them: per chunk, ``batch_size`` tiles at a time, tiles without any valid
+    pixel left out.
+    """
+    import pystac
+
+    from pipeline.infer import _normalized_batch, load_model  # the pipeline's own batching
+    from pipeline.load import load_chunk
+
+    detector = load_model(plan.config.model, providers=("cpu",), intra_op_threads=threads)
+    t = detector.info.tile_size
+    batches = []
+    for task in plan.tasks:
+        items = {m: [pystac.Item.from_dict(d) for d in task.items[m]] for m in task.profiles}
+        if any(not v for v in items.values()):
+            continue
+        stack = load_chunk(task.chunk, items, task.profiles, task.year)
+        any_valid = np.zeros(stack.shape, bool)
+        for valid in stack.valid.values():
+            any_valid |= valid
+        windows = []
+        for tile in task.chunk.tiles:
+            r0, c0 = (int(v) for v in tile.offset)
+            window = (slice(r0, r0 + t), slice(c0, c0 + t))
+            if any_valid[window].any():
+                windows.append(window)
+        for start in range(0, len(windows), batch_size):
+            batches.append(_normalized_batch(detector.info, stack, windows[start : start + batch_size]))
+    detector.predict(batches[0])  # warm-up: first-call allocations are not part of the steady state
+    started = time.perf_counter()
+    for batch in batches:
+        detector.predict(batch)
+    seconds = time.perf_counter() - started
+    return seconds, sum(len(next(iter(b.values()))) for b in batches), len(batches)
+
+
+def end_to_end(config) -> dict:
+    """One run from an empty work directory, timed by phase, with peak memory."""
+    from workflows.cluster import open_cluster
+    from workflows.run import execute, finish, make_plan
+
+    shutil.rmtree(config.work_dir, ignore_errors=True)
+    with MemorySampler() as memory:
+        started = time.monotonic()
+        plan = make_plan(config)
+        planned = time.monotonic()
+        with open_cluster(config.cluster) as client:
+            client.wait_for_workers(config.cluster.n_workers, timeout=config.cluster.timeout_s)
+            ready = time.monotonic()
+            records = execute(plan, client, stream=StringIO())
+            executed = time.monotonic()
+        closed = time.monotonic()
+        result = finish(plan, started=started, started_iso="")
+        finished = time.monotonic()
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        raise RuntimeError(f"benchmark run had failures: {failed[:3]}")
+    infer_s = sum(r["seconds"]["infer"] for r in records if isinstance(r.get("seconds"), dict))
+    load_s = sum(r["seconds"]["load"] for r in records if isinstance(r.get("seconds"), dict))
+    return {
+        "workers": config.cluster.n_workers,
+        "total_s": finished - started,
+        "plan_s": planned - started,
+        "cluster_start_s": ready - planned,
+        "execute_s": executed - ready,
+        "cluster_close_s": closed - executed,
+        "finish_s": finished - closed,
+        "task_load_s": load_s,
+        "task_infer_s": infer_s,
+        "chunk_years": len(records),
+        "slumps": sum(y.count for y in result.years),
+        "worker_peak_rss_mib": sorted(round(v / 2**20) for v in memory.peaks.values()),
+        "main_peak_rss_mib": round(memory.main_peak / 2**20),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and print its figures; return them."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-m", type=float, default=5000.0, help="side of the square demo region (m)")
+    parser.add_argument("--years", default="2021,2022", help="years of the region and the run")
+    parser.add_argument("--tiles-per-chunk", type=int, default=2, help="tiles along a chunk side")
+    parser.add_argument("--batch-size", type=int, default=4, help="tiles per model call")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run")
+    parser.add_argument("--model", help="ONNX model (default: export the untrained demo model)")
+    parser.add_argument("--dir", help="working folder (default: a temporary one, removed after)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+
+    from workflows.config import ClusterConfig, GridConfig, InferenceConfig, RunConfig, parse_years
+    from workflows.demo_region import generate_region
+    from workflows.run import make_plan
+
+    years = parse_years(args.years)
+    folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rtsmap-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.monotonic()
+        region = generate_region(folder / "region", seed=0, years=years, size_m=(args.size_m, args.size_m))
+        print(f"region: {args.size_m:g} m square, years {','.join(map(str, years))} ({time.monotonic() - t0:.1f} s)")
+        model = Path(args.model) if args.model else export_demo_model(folder / "demo_untrained.onnx")
+        config = RunConfig(
+            aoi=str(region.aoi),
+            years=years,
+            catalog=str(region.items),
+            profile="demo",
+            model=str(model),
+            out=str(folder / "inventory.gpkg"),
+            overwrite=True,
+            grid=GridConfig(tiles_per_chunk=args.tiles_per_chunk),
+            inference=InferenceConfig(batch_size=args.batch_size, threads=1),
+            cluster=ClusterConfig(n_workers=1, timeout_s=120),
+        )
+        plan = make_plan(config)
+        ort_1, n_tiles, n_calls = onnxruntime_alone(plan, args.batch_size, threads=1)
+        most = max(args.workers)
+        ort_n = onnxruntime_alone(plan, args.batch_size, threads=most)[0] if most > 1 else ort_1
+        figures = {
+            "machine_cpus": os.cpu_count(),
+            "model": str(model),
+            "chunks": len(plan.chunks),
+            "chunk_years": len(plan.tasks),
+            "tiles": n_tiles,
+            "model_calls": n_calls,
+            "batch_size": args.batch_size,
+            "onnxruntime_1_thread_s": ort_1,
+            f"onnxruntime_{most}_threads_s": ort_n,
+            "runs": [],
+        }
+        print(
+            f"plan: {len(plan.chunks)} chunks, {len(plan.tasks)} chunk-years, {n_tiles} tiles in {n_calls} calls "
+            f"of <= {args.batch_size}"
+        )
+        print(f"onnxruntime alone: {ort_1:.2f} s with 1 thread, {ort_n:.2f} s with {most} threads")
+        for n in args.workers:
+            run_config = replace(config, cluster=replace(config.cluster, n_workers=n))
+            fig = end_to_end(run_config)
+            fig["overhead_ratio"] = fig["total_s"] / (ort_1 / n)
+            fig["execute_ratio"] = fig["execute_s"] / (ort_1 / n)
+            figures["runs"].append(fig)
+            print(
+                f"{n} worker(s): total {fig['total_s']:.2f} s (plan {fig['plan_s']:.2f}, cluster start "
+                f"{fig['cluster_start_s']:.2f}, execute {fig['execute_s']:.2f}, close {fig['cluster_close_s']:.2f}, "
+                f"finish {fig['finish_s']:.2f}); in tasks: load {fig['task_load_s']:.2f} s, infer "
+                f"{fig['task_infer_s']:.2f} s; ratio to onnxruntime/{n}: total {fig['overhead_ratio']:.2f}, "
+                f"execute only {fig['execute_ratio']:.2f}; peak RSS per worker {fig['worker_peak_rss_mib']} MiB, "
+                f"main process {fig['main_peak_rss_mib']} MiB; {fig['slumps']} slumps"
+            )
+        runs = {f["workers"]: f for f in figures["runs"]}
+        if 1 in runs and 2 in runs:
+            figures["speedup_2_vs_1"] = runs[1]["total_s"] / runs[2]["total_s"]
+            print(f"2 workers vs 1: {figures['speedup_2_vs_1']:.2f}x faster end to end")
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+        return figures
+    finally:
+        if not args.dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
