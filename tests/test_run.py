@@ -175,18 +175,24 @@ def test_end_to_end_cli(reference):
     assert "[rtsmap] 8/8 chunk-years done, 0 failed" in proc.stderr  # progress (log lines off a terminal)
     assert f"inventory: {out}" in proc.stdout
     for year in YEARS:
-        # One box per tile, 4 tiles, none on a seam: 4 slumps of 40 x 50 px = 20 ha each.
-        assert f"{year}: 4 slumps, 80.00 ha; coverage: 4 processed, 0 no-data, 0 failed" in proc.stdout
+        # One box per tile, 4 tiles, none on a seam: 4 slumps of 40 x 50 px = 20 ha each, but the
+        # tiles reach past the AOI and only the one box that touches it is kept.
+        assert f"{year}: 1 slumps, 20.00 ha; coverage: 4 processed, 0 no-data, 0 failed" in proc.stdout
         png = out.with_name(f"{out.stem}_{year}.png")
         assert f"quick-look: {png}" in proc.stdout
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PARTIAL" not in proc.stdout
+    # One hillshade thumbnail per chunk (the DEM is static) for the quick-look maps.
+    thumbnails = sorted(Path(str(out) + ".work").rglob("hillshade/*.npz"))
+    assert len(thumbnails) == 4
+    with np.load(thumbnails[0]) as npz:
+        assert np.isfinite(npz["image"]).mean() > 0.5 and npz["transform"][0] == 40.0
 
     names = {name for name, _ in pyogrio.list_layers(out)}
     assert names == {"rts_2021", "rts_2022", "coverage_2021", "coverage_2022", "run_metadata"}
     for year in YEARS:
         rts = pyogrio.read_dataframe(out, layer=f"rts_{year}")
-        assert len(rts) == 4 and rts.crs.to_epsg() == 3413
+        assert len(rts) == 1 and rts.crs.to_epsg() == 3413
         assert (rts["year"] == year).all() and np.allclose(rts["score"], 0.9)
         assert np.allclose(rts.geometry.area, 40 * 50 * 100.0)
         assert all(f"rtsmap-demo-s1-{year}" in s for s in rts["source_items"])
@@ -204,7 +210,8 @@ def test_end_to_end_cli(reference):
     assert info.returncode == 0, info.stderr
     for year in YEARS:
         assert f"Layer name: rts_{year}" in info.stdout and f"Layer name: coverage_{year}" in info.stdout
-    assert info.stdout.count("Feature Count: 4") == 4  # two rts_ and two coverage_ layers
+    assert info.stdout.count("Feature Count: 1") == 2  # the two rts_ layers
+    assert info.stdout.count("Feature Count: 4") == 2  # the two coverage_ layers
 
 
 @pytest.mark.slow
@@ -368,7 +375,7 @@ def test_corrupt_asset_is_partial_then_resumed(demo_region, model_path, referenc
     proc = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "2021: 4 slumps" in proc.stdout and "2022: 0 slumps" in proc.stdout
+    assert "2021: 1 slumps" in proc.stdout and "2022: 0 slumps" in proc.stdout
     assert "PARTIAL: 4 chunk-years failed" in proc.stdout
     cov = pyogrio.read_dataframe(out, layer="coverage_2022")
     assert sorted(cov["status"]) == ["failed"] * 4

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
+import numpy as np
+from affine import Affine
 
 from pipeline.errors import OutputError
 
@@ -43,6 +45,11 @@ def _atomic_write_bytes(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path
+        np.savez(f, **arrays)
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,25 @@ class FragmentStore:
     def read_detections(self, year: int, chunk_id: str) -> gpd.GeoDataFrame:
         """The detections of a finished chunk-year."""
         return gpd.read_parquet(self._base(year, chunk_id).with_suffix(".parquet"))
+
+    def has_thumbnail(self, chunk_id: str) -> bool:
+        """True when the chunk's hillshade thumbnail is kept."""
+        return (self.root / "hillshade" / f"{chunk_id}.npz").is_file()
+
+    def write_thumbnail(self, chunk_id: str, image: np.ndarray, transform: Affine) -> None:
+        """Keep a small image of a chunk (for the quick-look maps), atomically."""
+        path = self.root / "hillshade" / f"{chunk_id}.npz"
+        _atomic_write_bytes(path, lambda tmp: _save_npz(tmp, image=image, transform=np.array(transform)[:6]))
+
+    def read_thumbnails(self, chunk_ids) -> list[tuple[np.ndarray, Affine]]:
+        """The kept thumbnails of these chunks, with their transforms."""
+        out = []
+        for chunk_id in chunk_ids:
+            path = self.root / "hillshade" / f"{chunk_id}.npz"
+            if path.is_file():
+                with np.load(path) as npz:
+                    out.append((npz["image"].astype(np.float32), Affine(*npz["transform"])))
+        return out
 
     def failures(self, year: int) -> dict[str, dict[str, Any]]:
         """Failure records of a year by chunk id."""

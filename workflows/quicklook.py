@@ -10,6 +10,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+from affine import Affine
 
 COVERAGE_STYLE = {
     "processed": {"facecolor": "#e8efe4", "edgecolor": "none", "label": "processed"},
@@ -18,11 +19,29 @@ COVERAGE_STYLE = {
 }
 
 
+def mosaic_thumbnails(thumbnails: list[tuple[np.ndarray, Affine]]) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Paste chunk thumbnails of one pixel size into one image; returns it and its extent.
+
+    Chunks lie on the globally anchored grid, so their thumbnails line up on whole pixels and
+    a paste by offset is exact (no resampling); overlapping borders hold the same values.
+    """
+    size = thumbnails[0][1].a
+    left = min(t.c for _, t in thumbnails)
+    top = max(t.f for _, t in thumbnails)
+    right = max(t.c + img.shape[1] * size for img, t in thumbnails)
+    bottom = min(t.f - img.shape[0] * size for img, t in thumbnails)
+    canvas = np.full((round((top - bottom) / size), round((right - left) / size)), np.nan, dtype=np.float32)
+    for image, transform in thumbnails:
+        row, col = round((top - transform.f) / size), round((transform.c - left) / size)
+        canvas[row : row + image.shape[0], col : col + image.shape[1]] = image
+    return canvas, (left, right, bottom, top)
+
+
 def write_quicklooks(
     out: Path,
     layers: dict[int, gpd.GeoDataFrame],
     coverage: dict[int, gpd.GeoDataFrame],
-    hillshade: dict[int, tuple[np.ndarray, tuple[float, float, float, float]]] | None = None,
+    hillshade: tuple[np.ndarray, tuple[float, float, float, float]] | None = None,
 ) -> list[Path]:
     """Write ``<out stem>_<year>.png`` for each year and return the paths.
 
@@ -35,9 +54,10 @@ def write_quicklooks(
     coverage
         Year -> coverage polygons with a ``status`` column.
     hillshade
-        Optional year -> (array, (left, right, bottom, top)) drawn underneath.
+        Optional (array, (left, right, bottom, top)) drawn underneath every year's map.
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -47,9 +67,11 @@ def write_quicklooks(
     for year, slumps in sorted(layers.items()):
         fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
         cov = coverage.get(year)
-        if hillshade and year in hillshade:
-            image, extent = hillshade[year]
-            ax.imshow(image, cmap="gray", extent=extent, vmin=0, vmax=1, interpolation="nearest")
+        if hillshade is not None:
+            image, extent = hillshade
+            # Stretch to the scene's own range: low Arctic relief gives a flat grey at 0..1.
+            low, high = np.nanpercentile(image, [2, 98]) if np.isfinite(image).any() else (0.0, 1.0)
+            ax.imshow(image, cmap="gray", extent=extent, vmin=low, vmax=max(high, low + 1e-3), interpolation="nearest")
             alpha = 0.35
         else:
             alpha = 1.0
@@ -65,9 +87,19 @@ def write_quicklooks(
         handles.append(Patch(facecolor="#ff6f00", edgecolor="#b71c1c", label=f"RTS ({len(slumps)})"))
         ax.legend(handles=handles, loc="lower right", fontsize=8)
         ax.set_title(f"Retrogressive thaw slumps {year}")
-        ax.set_xlabel(f"x ({slumps.crs.to_string() if slumps.crs else ''}, m)")
+        if cov is not None and len(cov):
+            # Frame the processed area, not the whole hillshade canvas (chunk windows reach past the AOI).
+            minx, miny, maxx, maxy = cov.total_bounds
+            pad = 0.03 * max(maxx - minx, maxy - miny)
+            ax.set_xlim(minx - pad, maxx + pad)
+            ax.set_ylim(miny - pad, maxy + pad)
+        crs = slumps.crs.to_string() if slumps.crs else ""
+        ax.set_xlabel(f"x (km, {crs})")
+        ax.set_ylabel(f"y (km, {crs})")
         ax.set_aspect("equal")
-        ax.ticklabel_format(style="plain", useOffset=False)
+        km = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}")
+        ax.xaxis.set_major_formatter(km)
+        ax.yaxis.set_major_formatter(km)
         fig.tight_layout()
         path = out.with_name(f"{out.stem}_{year}.png")
         fig.savefig(path)

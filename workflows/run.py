@@ -331,6 +331,8 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
             gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs) if frames else None
         )
         merged = merge_detections(detections if detections is not None else empty_polygons(crs), spec=plan.spec)
+        # Tiles reach past the AOI; keep the slumps that touch it, whole (never clipped).
+        merged = merged[merged.intersects(plan.aoi.geometry)].reset_index(drop=True)
         layers[year] = merged
         cov = gpd.GeoDataFrame(cov_rows, geometry="geometry", crs=crs) if cov_rows else gpd.GeoDataFrame(
             {"status": [], "reason": [], "chunk_id": []}, geometry=[], crs=crs
@@ -364,7 +366,11 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
     if config.quicklook:
         from workflows.quicklook import write_quicklooks
 
-        result.quicklooks = write_quicklooks(Path(config.out), layers, coverage)
+        from workflows.quicklook import mosaic_thumbnails
+
+        thumbnails = store.read_thumbnails(chunk.id for chunk in plan.chunks)
+        hillshade = mosaic_thumbnails(thumbnails) if thumbnails else None
+        result.quicklooks = write_quicklooks(Path(config.out), layers, coverage, hillshade)
     if config.truth:
         from pipeline.evaluation import evaluate_inventory
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from affine import Affine
 import pystac
 import shapely
 
@@ -92,6 +93,21 @@ def _no_data_geometry(stack, core: shapely.Geometry) -> shapely.Geometry:
     return shapely.intersection(core, holes)
 
 
+THUMBNAIL_STEP = 4
+"""Hillshade thumbnails for the quick-look maps keep every 4th pixel (40 m at 10 m)."""
+
+
+def _keep_hillshade(store: FragmentStore, chunk_id: str, stack) -> None:
+    """Keep a coarse hillshade of the chunk for the quick-look maps (once per chunk: the DEM is static)."""
+    names = list(stack.band_names.get("dem", ()))
+    if "hillshade" not in names or store.has_thumbnail(chunk_id):
+        return
+    image = stack.data["dem"][names.index("hillshade")][::THUMBNAIL_STEP, ::THUMBNAIL_STEP]
+    valid = stack.valid["dem"][::THUMBNAIL_STEP, ::THUMBNAIL_STEP]
+    image = np.where(valid, image, np.nan).astype(np.float16)
+    store.write_thumbnail(chunk_id, image, stack.transform * Affine.scale(THUMBNAIL_STEP))
+
+
 def process_chunk_year(task: ChunkTask) -> dict[str, Any]:
     """Process one chunk-year and write its fragment; return a small summary record.
 
@@ -127,6 +143,7 @@ def process_chunk_year(task: ChunkTask) -> dict[str, Any]:
         store.write_failure(year, chunk.id, record)
         return record
     loaded = time.perf_counter()
+    _keep_hillshade(store, chunk.id, stack)
     detector = get_detector(task.model_path, task.model_sha256, task.inference)
     detections = infer_chunk(detector, stack, chunk.tiles, batch_size=task.inference.batch_size)
     inferred = time.perf_counter()
