@@ -1,0 +1,270 @@
+"""Evaluate a detector on a chip split: COCO box/mask AP (pycocotools) and F1 at IoU 0.5.
+
+The model is a PyTorch checkpoint (``models.train.load_detector``) or an exported ONNX file
+(run with onnxruntime, fed exactly as the pipeline feeds it: normalised with the file's
+metadata, invalid pixels 0). Both give the padded outputs of docs/contracts.md; masks (28x28
+inside each box) are pasted into the tile with torchvision's ``paste_masks_in_image`` and
+thresholded at the model's ``mask_threshold``, then RLE-encoded for COCOeval.
+
+F1 counts one-to-one matches of mask IoU >= 0.5, greedy by IoU, highest first, over the
+detections the model reports (those above its score threshold): the operating point the
+inventory sees, where AP summarises all thresholds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from models.data import ChipDataset, collate
+
+#: Keys of the metrics dict, in order.
+METRIC_KEYS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75",
+               "precision", "recall", "f1", "tp", "fp", "fn")
+
+
+def results_from_outputs(
+    image_ids: Iterable[int], outputs: Mapping[str, np.ndarray], tile_size: int, mask_threshold: float
+) -> list[dict[str, Any]]:
+    """COCO result entries from the model's padded outputs of one batch.
+
+    Parameters
+    ----------
+    image_ids
+        COCO image id of each batch entry.
+    outputs
+        ``boxes`` ``[B, K, 4]``, ``scores`` ``[B, K]``, ``masks`` ``[B, K, 28, 28]``, ``num_detections`` ``[B]``.
+    tile_size
+        T.
+    mask_threshold
+        Mask probability above which a pixel belongs to the slump.
+
+    Returns
+    -------
+    list of dict
+        ``image_id, category_id, bbox (x, y, w, h), score, segmentation (RLE)`` per detection.
+    """
+    results = []
+    for b, image_id in enumerate(image_ids):
+        n = int(outputs["num_detections"][b])
+        if n == 0:
+            continue
+        boxes = torch.as_tensor(np.asarray(outputs["boxes"][b, :n], np.float32))
+        probs = torch.as_tensor(np.asarray(outputs["masks"][b, :n], np.float32))
+        pasted = paste_masks_in_image(probs[:, None], boxes, (tile_size, tile_size))[:, 0].numpy()
+        binary = np.asfortranarray((pasted > mask_threshold).astype(np.uint8).transpose(1, 2, 0))
+        rles = mask_utils.encode(binary)
+        for k in range(n):
+            x1, y1, x2, y2 = (float(v) for v in boxes[k])
+            rle = {"size": rles[k]["size"], "counts": rles[k]["counts"].decode("ascii")}
+            results.append({"image_id": int(image_id), "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": float(outputs["scores"][b, k]), "segmentation": rle})
+    return results
+
+
+def _quiet(fn, *args):
+    """Run a pycocotools call without its progress prints."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def _rle(segmentation: dict) -> dict:
+    counts = segmentation["counts"]
+    return {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def f1_at(gt: Mapping[str, Any], results: list[dict[str, Any]], iou_threshold: float = 0.5) -> dict[str, float]:
+    """Precision, recall and F1 of one-to-one mask matches (greedy by IoU) at ``iou_threshold``.
+
+    Parameters
+    ----------
+    gt
+        COCO ground truth dict (``images``, ``annotations``).
+    results
+        COCO result entries with ``segmentation`` RLEs.
+    iou_threshold
+        Smallest IoU of a match.
+
+    Returns
+    -------
+    dict
+        ``precision, recall, f1, tp, fp, fn``.
+    """
+    by_image_gt: dict[int, list] = {}
+    by_image_dt: dict[int, list] = {}
+    for a in gt["annotations"]:
+        by_image_gt.setdefault(a["image_id"], []).append(_rle(a["segmentation"]))
+    for r in results:
+        by_image_dt.setdefault(r["image_id"], []).append(_rle(r["segmentation"]))
+    tp = fp = fn = 0
+    for image in gt["images"]:
+        g = by_image_gt.get(image["id"], [])
+        d = by_image_dt.get(image["id"], [])
+        matched = 0
+        if g and d:
+            iou = np.asarray(mask_utils.iou(d, g, [0] * len(g)), dtype=float).reshape(len(d), len(g))
+            # Greedy by IoU, highest first; ties cannot break one-to-one-ness.
+            pairs = sorted(((iou[i, j], i, j) for i, j in zip(*np.nonzero(iou >= iou_threshold))), reverse=True)
+            used_d, used_g = set(), set()
+            for _, i, j in pairs:
+                if i not in used_d and j not in used_g:
+                    used_d.add(i)
+                    used_g.add(j)
+            matched = len(used_d)
+        tp += matched
+        fp += len(d) - matched
+        fn += len(g) - matched
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def coco_metrics(gt: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str, float | int | None]:
+    """COCO box and mask AP, AP50, AP75 (pycocotools COCOeval) and F1 at IoU 0.5.
+
+    Parameters
+    ----------
+    gt
+        COCO ground truth dict (``images``, ``annotations``, ``categories``).
+    results
+        COCO result entries (``image_id, category_id, bbox, score, segmentation``).
+
+    Returns
+    -------
+    dict
+        :data:`METRIC_KEYS`; an AP is None where the split has no true instance.
+    """
+    coco_gt = COCO()
+    coco_gt.dataset = {"images": list(gt["images"]), "annotations": list(gt["annotations"]),
+                       "categories": list(gt["categories"])}
+    _quiet(coco_gt.createIndex)
+    metrics: dict[str, Any] = {}
+    for iou_type in ("bbox", "segm"):
+        if not gt["annotations"]:
+            stats = [None] * 3
+        elif not results:  # loadRes cannot take an empty list; no detection is AP 0
+            stats = [0.0] * 3
+        else:
+            coco_dt = _quiet(coco_gt.loadRes, [dict(r) for r in results])
+            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            ev.params.maxDets = [1, 10, 100]
+            _quiet(ev.evaluate)
+            _quiet(ev.accumulate)
+            _quiet(ev.summarize)
+            stats = [None if s < 0 else float(s) for s in ev.stats[:3]]
+        for key, value in zip(("AP", "AP50", "AP75"), stats):
+            metrics[f"{iou_type}_{key}"] = value
+    metrics.update(f1_at(gt, results, 0.5))
+    return metrics
+
+
+@torch.no_grad()
+def predict_detector(model: torch.nn.Module, dataset: ChipDataset, *, batch_size: int = 4, device: str = "cpu") -> list[dict]:
+    """COCO results of a PyTorch detector on every chip of ``dataset``."""
+    was_training = model.training
+    model.eval()
+    results: list[dict] = []
+    try:
+        for inputs, targets in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+            out = model({m: x.to(device) for m, x in inputs.items()})
+            out = {k: v.cpu().numpy() for k, v in out.items()}
+            results += results_from_outputs([int(t["image_id"]) for t in targets], out,
+                                            dataset.tile_size, model.config.mask_threshold)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def predict_onnx(path: str | os.PathLike, root: str | os.PathLike, split: str, *, batch_size: int = 4) -> tuple[list[dict], ChipDataset]:
+    """COCO results of an exported ONNX model (onnxruntime) on a split, fed as the pipeline feeds it.
+
+    Returns
+    -------
+    tuple
+        The results and the dataset (its ``coco`` is the ground truth).
+
+    Raises
+    ------
+    ValueError
+        If the file has no rtsmap metadata or its tile size differs from the chips'.
+    """
+    import onnxruntime as ort
+
+    from models.export import read_model_metadata
+
+    meta = read_model_metadata(path)
+    dataset = ChipDataset(root, split, meta["bands"], meta["normalization"])
+    if int(meta["tile_size"]) != dataset.tile_size:
+        raise ValueError(f"{path}: tile size {meta['tile_size']} but the chips in {root} are {dataset.tile_size} px")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    results: list[dict] = []
+    for inputs, targets in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        out = dict(zip(names, session.run(None, {m: inputs[m].numpy() for m in meta["modalities"]})))
+        results += results_from_outputs([int(t["image_id"]) for t in targets], out,
+                                        dataset.tile_size, float(meta["mask_threshold"]))
+    return results, dataset
+
+
+def evaluate_detector(model: torch.nn.Module, root: str | os.PathLike, split: str, *, device: str = "cpu") -> dict:
+    """:func:`coco_metrics` of a PyTorch detector on a split.
+
+    Raises
+    ------
+    ValueError
+        If the split has no chips.
+    """
+    dataset = ChipDataset(root, split, model.config.modalities, model.config.normalization)
+    if len(dataset) == 0:
+        raise ValueError(f"{root}: the {split!r} split has no chips")
+    metrics = coco_metrics(dataset.coco, predict_detector(model, dataset, device=device))
+    return {"split": split, "chips": len(dataset), "instances": len(dataset.coco["annotations"]), **metrics}
+
+
+def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split: str = "test", *, device: str = "cpu") -> dict:
+    """Evaluate a checkpoint (``.safetensors`` or stage folder) or an exported ``.onnx`` on a split.
+
+    Parameters
+    ----------
+    model_path
+        The model.
+    root
+        Chip folder.
+    split
+        ``train``, ``val``, ``test`` or ``all``.
+    device
+        Torch device for checkpoints.
+
+    Returns
+    -------
+    dict
+        ``split, chips, instances, model`` and :data:`METRIC_KEYS`.
+
+    Raises
+    ------
+    ValueError
+        If the model or the chips cannot be read, or the split is empty.
+    """
+    path = Path(model_path)
+    if path.suffix == ".onnx":
+        results, dataset = predict_onnx(path, root, split)
+        if len(dataset) == 0:
+            raise ValueError(f"{root}: the {split!r} split has no chips")
+        metrics = coco_metrics(dataset.coco, results)
+        return {"model": str(path), "split": split, "chips": len(dataset),
+                "instances": len(dataset.coco["annotations"]), **metrics}
+    from models.train import load_detector
+
+    return {"model": str(path), **evaluate_detector(load_detector(path, device), root, split, device=device)}

@@ -1,0 +1,283 @@
+"""Training chips through the real pipeline, two-stage training with resume, evaluation, ONNX.
+
+Everything is real: chips are cut from the demo region's COGs by pipeline.load, the detector
+trains a few steps on CPU, checkpoints are real safetensors files, the ONNX model runs in
+onnxruntime. Tiles are 64 px (the smallest the model takes) to keep the test fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import shapely
+import torch
+import yaml
+from click.testing import CliRunner
+
+from workflows.training_data import ChipOptions, chips_from_region
+
+torch.set_num_threads(1)
+
+TILE = 64
+
+
+@pytest.fixture(scope="module")
+def chips(demo_region, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("chips")
+    chips_from_region(demo_region.root, out, options=ChipOptions(tile_px=TILE, block_tiles=1, cluster_buffer_m=50.0))
+    return out
+
+
+def _coco(chips: Path) -> dict:
+    return json.loads((chips / "annotations.json").read_text())
+
+
+def test_chips_have_model_shapes_and_physical_values(chips):
+    manifest = json.loads((chips / "dataset.json").read_text())
+    assert manifest["bands"] == {"optical": ["blue", "green", "red", "nir"], "sar": ["vv", "vh"],
+                                 "dem": ["slope", "hillshade", "relative_elevation"]}
+    coco = _coco(chips)
+    assert len(coco["images"]) >= 40 and coco["annotations"]
+    with np.load(chips / coco["images"][0]["file_name"]) as z:
+        for m, c in (("optical", 4), ("sar", 2), ("dem", 3)):
+            assert z[m].shape == (c, TILE, TILE) and z[m].dtype == np.float32
+            assert z[f"{m}_valid"].shape == (TILE, TILE) and z[f"{m}_valid"].dtype == bool
+        valid = z["optical_valid"]
+        assert valid.any()
+        # Raw physical values: reflectance 0..1, gamma0 in dB.
+        assert 0 <= z["optical"][:, valid].min() and z["optical"][:, valid].max() <= 1.5
+        assert z["sar"][:, z["sar_valid"]].max() < 5
+    for name in ("optical", "sar", "dem"):
+        assert all(s > 0 for s in manifest["normalization"][name]["std"])
+
+
+def test_masks_match_truth_polygons(chips, demo_region):
+    from pycocotools import mask as mask_utils
+
+    coco = _coco(chips)
+    images = {i["id"]: i for i in coco["images"]}
+    checked = 0
+    for a in coco["annotations"]:
+        image = images[a["image_id"]]
+        truth = pyogrio.read_dataframe(demo_region.truth, layer=f"rts_{image['year']}").to_crs(image["crs"])
+        poly = truth.geometry[truth["slump_id"] == a["truth_id"]].iloc[0]
+        inside = poly.intersection(shapely.box(*image["bounds"]))
+        expected_px = inside.area / 100.0
+        rle = {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+        got_px = float(mask_utils.area(rle))
+        # Pixel-centre rasterization: the error grows with the outline, a few pixels at most here.
+        assert abs(got_px - expected_px) <= max(4.0, 0.08 * expected_px), (a["truth_id"], got_px, expected_px)
+        assert got_px == a["area"]
+        x, y, w, h = a["bbox"]
+        minx, _, _, maxy = image["bounds"]
+        bx0, by0, bx1, by1 = inside.bounds
+        assert abs(x - (bx0 - minx) / 10) <= 1.5 and abs(y - (maxy - by1) / 10) <= 1.5
+        checked += 1
+    assert checked >= 10
+
+
+def test_splits_are_spatially_leak_free(chips):
+    coco = _coco(chips)
+    split_of = {i["id"]: i["split"] for i in coco["images"]}
+    counts = {s: sum(v == s for v in split_of.values()) for s in ("train", "val", "test")}
+    assert counts["train"] > 0 and counts["val"] + counts["test"] > 0
+    slumps: dict[str, set] = {}
+    tiles: dict[str, set] = {}
+    for a in coco["annotations"]:
+        slumps.setdefault(a["truth_id"], set()).add(split_of[a["image_id"]])
+    for i in coco["images"]:
+        tiles.setdefault(i["tile_id"], set()).add(i["split"])
+    # Some slumps are cut by tile edges (so grouping matters); none crosses a split.
+    assert any(len({images_tile for images_tile in _tiles_of(coco, sid)}) > 1 for sid in slumps)
+    assert all(len(s) == 1 for s in slumps.values()), slumps
+    assert all(len(s) == 1 for s in tiles.values())  # every year of a tile in one split
+    # No pixel of one split lies in a chip of another (chips do not overlap).
+    boxes = {s: shapely.union_all([shapely.box(*i["bounds"]) for i in coco["images"] if i["split"] == s]) for s in counts}
+    for a_, b_ in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert boxes[a_].intersection(boxes[b_]).area == 0
+
+
+def _tiles_of(coco: dict, truth_id: str) -> set:
+    images = {i["id"]: i["tile_id"] for i in coco["images"]}
+    return {images[a["image_id"]] for a in coco["annotations"] if a["truth_id"] == truth_id}
+
+
+def test_dataset_normalises_augments_and_collates(chips):
+    from models.data import Augment, ChipDataset, collate
+
+    norm = json.loads((chips / "dataset.json").read_text())["normalization"]
+    mods = {"optical": ("blue", "green", "red", "nir"), "dem": ("slope", "hillshade", "relative_elevation")}
+    plain = ChipDataset(chips, "all", mods, norm)
+    index = next(k for k, i in enumerate(plain.images) if i["instances"])
+    inputs, target = plain[index]
+    with np.load(chips / plain.images[index]["file_name"]) as z:
+        raw, valid = z["optical"], z["optical_valid"]
+    mean = np.asarray(norm["optical"]["mean"])[:, None, None]
+    std = np.asarray(norm["optical"]["std"])[:, None, None]
+    expected = np.where(valid[None], (raw - mean) / std, 0.0)
+    np.testing.assert_allclose(inputs["optical"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert target["masks"].shape[1:] == (TILE, TILE) and len(target["boxes"]) == len(target["masks"])
+    assert (target["boxes"][:, 2:] > target["boxes"][:, :2]).all()
+
+    aug = ChipDataset(chips, "all", mods, norm, augment=Augment(noise_std={"dem": 0.1}))
+    a1, t1 = aug[(index, 7)]
+    a2, t2 = aug[(index, 7)]
+    assert torch.equal(a1["dem"], a2["dem"])  # same key, same draw (resumable)
+    # The symmetry moves masks and every modality together: mask pixels keep their values.
+    assert t1["masks"].sum() == target["masks"].sum()
+    assert (a1["optical"] == 0).sum() == (inputs["optical"] == 0).sum()
+    batch_inputs, batch_targets = collate([plain[0], plain[index]])
+    assert batch_inputs["optical"].shape == (2, 4, TILE, TILE) and len(batch_targets) == 2
+
+
+@pytest.fixture(scope="module")
+def trained(chips, tmp_path_factory):
+    from models.train import load_train_config, train
+
+    root = tmp_path_factory.mktemp("train")
+    cfg = {"data": str(chips), "out": str(root / "out"), "unimodal_steps": 3, "fusion_steps": 3, "warmup_steps": 1,
+           "freeze_backbone_steps": 1, "checkpoint_every": 2, "log_every": 1, "batch_size": 2, "evaluate": False,
+           "rot90": True, "flips": True}
+    (root / "train.yaml").write_text(yaml.safe_dump(cfg))
+    tc = load_train_config(root / "train.yaml")
+    lines: list[str] = []
+    run = train(tc, "all", progress=lines.append)
+    return tc, run, lines
+
+
+def test_training_writes_safetensors_checkpoints_and_records(trained):
+    from safetensors import safe_open
+
+    tc, run, lines = trained
+    assert set(run["stages"]) == {"unimodal_optical", "unimodal_sar", "unimodal_dem", "fusion"}
+    assert any("step 3/3 loss=" in line for line in lines)
+    for name, record in run["stages"].items():
+        stage = Path(tc.out) / name
+        assert record["steps"] == 3 and record["seed"] == 0 and record["train_seconds"] > 0
+        with safe_open(str(stage / "step_000003.safetensors"), framework="pt") as f:
+            assert any(k.startswith("backbone.encoders.") for k in f.keys())
+        sidecar = json.loads((stage / "step_000003.json").read_text())
+        assert sidecar["step"] == 3 and sidecar["model_config"]["tile_size"] == TILE
+        # Optimizer state loads under weights_only (nothing arbitrary is unpickled).
+        state = torch.load(stage / "step_000003.optim.pt", weights_only=True)
+        assert state["state"]
+        assert json.loads((stage / "record.json").read_text())["stage"] == name
+    assert json.loads((Path(tc.out) / "run.json").read_text())["stages"]["fusion"]["steps"] == 3
+
+
+def test_resume_continues_the_step_counter_and_matches_an_uninterrupted_run(trained):
+    from models.train import read_weights, train
+
+    tc, _, _ = trained
+    stage = Path(tc.out) / "unimodal_optical"
+    final, _, _ = read_weights(stage / "step_000003.safetensors")
+    # Interrupt after step 2: step 3 and the final files were never written.
+    for name in ("step_000003.json", "step_000003.safetensors", "step_000003.optim.pt", "model.safetensors", "record.json"):
+        (stage / name).unlink()
+    lines: list[str] = []
+    run = train(dataclasses.replace(tc, modalities=("optical",)), "unimodal", progress=lines.append)
+    record = run["stages"]["unimodal_optical"]
+    assert record["resumed_from"] == 2 and record["steps"] == 3
+    assert any("resuming from step_000002" in line for line in lines)
+    assert not any("step 1/3" in line for line in lines)
+    again, _, _ = read_weights(stage / "model.safetensors")
+    for key in final:
+        torch.testing.assert_close(again[key], final[key], rtol=1e-4, atol=1e-5)
+    # A finished stage is skipped on rerun.
+    lines.clear()
+    train(dataclasses.replace(tc, modalities=("optical",)), "unimodal", progress=lines.append)
+    assert lines == []
+
+
+def test_fused_model_starts_as_the_optical_model(trained):
+    from models.data import ChipDataset, collate
+    from models.train import build_fused_model, load_detector, stage_model_config
+
+    tc, _, _ = trained
+    out = Path(tc.out)
+    fused = build_fused_model(stage_model_config(tc, tc.modalities, tc.fusion),
+                              {m: out / f"unimodal_{m}" for m in tc.modalities}).eval()
+    optical = load_detector(out / "unimodal_optical")
+    # Everything the detector would report (score threshold 0), not only confident detections.
+    fused.config = dataclasses.replace(fused.config, score_threshold=0.0)
+    optical.config = dataclasses.replace(optical.config, score_threshold=0.0)
+    data = ChipDataset(tc.data, "all", fused.config.modalities, fused.config.normalization)
+    inputs, _ = collate([data[i] for i in range(2)])
+    assert inputs["sar"].abs().sum() > 0 and inputs["dem"].abs().sum() > 0
+    with torch.no_grad():
+        a = fused(inputs)
+        b = optical({"optical": inputs["optical"]})
+    assert int(b["num_detections"].sum()) > 0
+    for key in ("boxes", "scores", "masks", "num_detections"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
+    # The gates are what keeps them equal: open one and the outputs change.
+    with torch.no_grad():
+        for fusion in fused.backbone.fusions.values():
+            fusion.gate.fill_(1.0)
+        c = fused(inputs)
+    assert not torch.allclose(c["scores"], b["scores"])
+
+
+def test_metrics_wiring_with_stand_in_predictions(chips):
+    # A stand-in prediction set built from the ground truth itself, at the metric boundary:
+    # it tests the pycocotools wiring (AP = 1 for perfect predictions, lower when perturbed),
+    # not a model.
+    from pycocotools import mask as mask_utils
+
+    from models.data import ChipDataset
+    from models.evaluate import coco_metrics
+
+    data = ChipDataset(chips, "all", {"optical": ("blue",)}, {"optical": {"mean": [0.0], "std": [1.0]}})
+    gt = data.coco
+    perfect = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0,
+                "segmentation": a["segmentation"]} for a in gt["annotations"]]
+    m = coco_metrics(gt, perfect)
+    assert m["bbox_AP"] == pytest.approx(1.0) and m["segm_AP"] == pytest.approx(1.0)
+    assert m["segm_AP50"] == pytest.approx(1.0) and m["f1"] == 1.0 and m["fp"] == 0
+
+    perturbed = []
+    for k, a in enumerate(gt["annotations"]):
+        mask = mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+        mask = np.roll(mask, 4 if k % 2 else 0, axis=1)  # every second instance shifted 4 px
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        x, y, w, h = a["bbox"]
+        perturbed.append({"image_id": a["image_id"], "category_id": 1, "bbox": [x + (4 if k % 2 else 0), y, w, h],
+                          "score": 0.9, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+    perturbed = perturbed[1:]  # and one instance missed
+    p = coco_metrics(gt, perturbed)
+    assert p["segm_AP"] < 0.95 and p["bbox_AP"] < 0.95 and p["fn"] >= 1 and p["recall"] < 1.0
+    assert coco_metrics(gt, [])["segm_AP"] == 0.0
+
+
+def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
+    from workflows.model_commands import evaluate_command, export_command
+
+    tc, _, _ = trained
+    onnx_path = tmp_path / "fused.onnx"
+    runner = CliRunner()
+    result = runner.invoke(export_command, ["--checkpoint", str(Path(tc.out) / "fusion"), "--out", str(onnx_path)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(evaluate_command, ["--model", str(onnx_path), "--data", str(chips), "--split", "all", "--json"])
+    assert result.exit_code == 0, result.output
+    onnx_metrics = json.loads(result.output)
+    assert onnx_metrics["chips"] >= 40 and onnx_metrics["instances"] > 0
+    assert set(onnx_metrics) >= {"bbox_AP", "segm_AP", "segm_AP50", "segm_AP75", "f1"}
+    # The same checkpoint in PyTorch gives the same detections, hence the same counts.
+    result = runner.invoke(evaluate_command, ["--model", str(Path(tc.out) / "fusion"), "--data", str(chips),
+                                              "--split", "all", "--json"])
+    assert result.exit_code == 0, result.output
+    torch_metrics = json.loads(result.output)
+    assert abs(torch_metrics["tp"] + torch_metrics["fp"] - onnx_metrics["tp"] - onnx_metrics["fp"]) <= 2
+
+
+def test_train_config_refuses_unknown_keys(tmp_path):
+    from models.train import load_train_config
+
+    (tmp_path / "bad.yaml").write_text("data: x\nout: y\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
+        load_train_config(tmp_path / "bad.yaml")
