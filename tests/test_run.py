@@ -135,9 +135,9 @@ def assert_same_inventory(path: Path, reference: Path) -> None:
 
 
 def fragments(workdir: Path) -> dict[str, list[str]]:
-    """File names under each year of the (single) run key in a work directory."""
+    """File names under each year of the (single) run key in a work directory (not the thumbnails)."""
     (key,) = [p for p in workdir.iterdir() if p.is_dir()]
-    return {year.name: sorted(p.name for p in year.iterdir()) for year in sorted(key.iterdir())}
+    return {year.name: sorted(p.name for p in year.iterdir()) for year in sorted(key.iterdir()) if year.name.isdigit()}
 
 
 def markers(workdir: Path) -> list[Path]:
