@@ -181,6 +181,9 @@ def load_model(
     options.intra_op_num_threads = int(intra_op_threads)
     options.inter_op_num_threads = 1  # the graph is one chain of large ops; parallelism is within ops
     options.log_severity_level = 3  # keep onnxruntime's own warnings out of the run log
+    # Idle intra-op threads spin by default, which steals the cores that chunk loading and the
+    # other workers' tasks need; a pipeline shares its cores, so they sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = open_session(path, options, asked)
     in_use = session.get_providers()
     check_providers(asked, ort.get_available_providers(), in_use, require_gpu)

@@ -15,9 +15,10 @@ them, so a crash, a preemption or Ctrl-C loses at most the tasks in flight.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from pipeline.grid import Chunk, GridSpec, plan_grid
 from pipeline.infer import check_compatible
 from pipeline.model_file import read_model_info
 from pipeline.stac import open_catalog, search_modalities
+from workflows.cluster import local_worker_count, open_cluster
 from workflows.config import RunConfig, config_to_dict, load_run_config
 from workflows.fragments import FragmentStore, run_key
 from workflows.plan import resolve_profile
@@ -101,6 +103,12 @@ def make_plan(config: RunConfig) -> RunPlan:
         "profile": profile.name,
     }
     store = FragmentStore(config.work_dir / run_key(info.sha256, settings))
+    inference = config.inference
+    if config.cluster.kind == "local" and inference.threads == 0:
+        # onnxruntime's default (every core) in each of several local workers oversubscribes the
+        # machine; give each worker its share.
+        share = max(1, (os.cpu_count() or 1) // local_worker_count(config.cluster))
+        inference = replace(inference, threads=share)
     tasks: list[ChunkTask] = []
     skipped = 0
     item_ids: dict[str, list[str]] = {}
@@ -124,7 +132,7 @@ def make_plan(config: RunConfig) -> RunPlan:
                     profiles=profiles,
                     model_path=str(config.model),
                     model_sha256=info.sha256,
-                    inference=config.inference,
+                    inference=inference,
                     store=store,
                     core_wkb=core.wkb,
                     signing=profile.signing,
@@ -389,8 +397,6 @@ def _version() -> str:
 
 def run(config: RunConfig, *, stream=None) -> RunResult:
     """Plan, execute on the configured cluster, and write the inventory."""
-    from workflows.cluster import open_cluster
-
     stream = stream or sys.stderr
     started = time.monotonic()
     started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
