@@ -133,7 +133,10 @@ def open_cluster(config: ClusterConfig) -> Iterator[Client]:
                 with _children_ignore_sigint():
                     cluster = LocalCluster(
                         n_workers=local_worker_count(config),
-                        threads_per_worker=config.threads_per_worker,
+                        # GPU workers run tasks_per_gpu tasks at once (see run.execute).
+                        threads_per_worker=max(
+                            config.threads_per_worker, config.tasks_per_gpu if config.gpus_per_worker else 1
+                        ),
                         processes=True,
                         memory_limit=config.memory_limit,
                         dashboard_address=":0",

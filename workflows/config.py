@@ -75,6 +75,9 @@ class ClusterConfig:
     """Batch jobs to start for kind=slurm/pbs (each runs the workers that Dask's jobqueue config asks for)."""
     gpus_per_worker: int = 0
     """GPUs each worker advertises as the Dask resource GPU; inference tasks ask for one when > 0."""
+    tasks_per_gpu: int = 2
+    """Tasks sharing one GPU (each asks for 1/tasks_per_gpu of it), so that one task loads its
+    chunk while another runs the model; give workers at least this many threads."""
     lifetime: str | None = None
     """Retire workers before the batch walltime, e.g. 55m for a 1-hour job (Dask's --lifetime)."""
     timeout_s: float = 30.0
@@ -265,6 +268,8 @@ def _check_values(config: RunConfig) -> None:
             raise ConfigError(f"inference.providers: {name!r} is not one of tensorrt, cuda, cpu")
     if config.inference.batch_size < 1:
         raise ConfigError("inference.batch_size must be at least 1")
+    if config.cluster.tasks_per_gpu < 1:
+        raise ConfigError("cluster.tasks_per_gpu must be at least 1")
     if config.retries < 0:
         raise ConfigError("retries must be 0 or more")
 

@@ -223,7 +223,8 @@ def execute(plan: RunPlan, client, *, stream=None) -> list[dict[str, Any]]:
     config = plan.config
     n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
     limit = config.max_in_flight or 4 * n_workers
-    resources = {"GPU": 1} if config.cluster.gpus_per_worker > 0 else None
+    # A fraction of a GPU per task: loading (CPU, I/O) of one task overlaps the model of another.
+    resources = {"GPU": 1 / config.cluster.tasks_per_gpu} if config.cluster.gpus_per_worker > 0 else None
     progress = Progress(len(plan.tasks), stream=stream)
     pending = iter(plan.tasks)
     records: list[dict[str, Any]] = []
