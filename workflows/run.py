@@ -399,6 +399,11 @@ def _version() -> str:
 def run(config: RunConfig, *, stream=None) -> RunResult:
     """Plan, execute on the configured cluster, and write the inventory."""
     stream = stream or sys.stderr
+    # Dask sets its loggers to INFO when imported (it is, by now); its messages follow the
+    # command line's -v like ours instead.
+    root_level = logging.getLogger().getEffectiveLevel()
+    if root_level > logging.INFO:
+        logging.getLogger("distributed").setLevel(root_level)
     started = time.monotonic()
     started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     plan = make_plan(config)
@@ -488,13 +493,6 @@ def run_command(aoi, years, catalog, profile, model, config_path, out, workdir, 
         else:
             overrides["cluster.kind"] = cluster_kind
     config = load_run_config(config_path, overrides)
-    # Dask logs at INFO by default (set when distributed is imported, hence the import first);
-    # on the command line its messages follow -v like ours.
-    import distributed  # noqa: F401
-
-    root_level = logging.getLogger().getEffectiveLevel()
-    if root_level > logging.INFO:
-        logging.getLogger("distributed").setLevel(root_level)
     if not config.aoi:
         raise click.UsageError("--aoi is required (or `aoi:` in the configuration file)")
     result = run(config)
