@@ -89,6 +89,9 @@ class TrainConfig:
     """Peak learning rate of stage 2 (lower: it starts from trained weights)."""
     weight_decay: float = 0.05
     """AdamW weight decay of matrices and convolution kernels."""
+    gate_lr_scale: float = 1.0
+    """Learning-rate multiplier of the residual fusion gates. They start at zero and must grow to
+    order one for the fused model to use SAR and DEM; at the backbone's rate they barely move."""
     warmup_steps: int = 20
     """Linear warmup steps (from 1% of the peak)."""
     min_lr_ratio: float = 0.05
@@ -324,14 +327,23 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: nn.Module, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and kernels only (not norms, biases, gates, embeddings)."""
-    decay, no_decay = [], []
+def make_optimizer(model: nn.Module, weight_decay: float, gate_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and kernels only (not norms, biases, gates, embeddings).
+
+    Fusion gates get their own group whose ``lr_scale`` multiplies the scheduled rate.
+    """
+    decay, no_decay, gates = [], [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embed" not in name and "rel_pos" not in name else no_decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4
-    )
+        if name.endswith(".gate"):
+            gates.append(p)
+        elif p.ndim >= 2 and "embed" not in name and "rel_pos" not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr_scale": gate_lr_scale})
+    return torch.optim.AdamW(groups, lr=1e-4)
 
 
 def set_backbone_frozen(model: RTSDetector, frozen: bool) -> None:
@@ -426,7 +438,7 @@ def train_stage(
     emit = progress or _progress_printer(stage, steps)
     device = _device(tc)
     model.to(device)
-    optimizer = make_optimizer(model, tc.weight_decay)
+    optimizer = make_optimizer(model, tc.weight_decay, tc.gate_lr_scale)
     start, seconds = 0, 0.0
     sidecar = latest_checkpoint(stage_dir) if resume else None
     if sidecar is not None:
@@ -456,7 +468,7 @@ def train_stage(
         torch.manual_seed(tc.seed * 1_000_003 + step)
         lr_now = lr_at(step, steps, lr, tc.warmup_steps, tc.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr_now
+            group["lr"] = lr_now * group.get("lr_scale", 1.0)
         losses = model({m: x.to(device) for m, x in inputs.items()}, [_to(t, device) for t in targets])
         loss = sum(losses.values())
         if not torch.isfinite(loss):

@@ -281,3 +281,24 @@ def test_train_config_refuses_unknown_keys(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: x\nout: y\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
         load_train_config(tmp_path / "bad.yaml")
+
+
+def test_fusion_gates_get_their_own_learning_rate():
+    """The zero-initialised residual gates learn at gate_lr_scale x the scheduled rate, without decay."""
+    from models.config import build_config
+    from models.detector import RTSDetector
+    from models.train import make_optimizer
+
+    torch.manual_seed(0)
+    model = RTSDetector(build_config("demo", tile_size=64, fusion="residual_attention"))
+    optimizer = make_optimizer(model, weight_decay=0.05, gate_lr_scale=30.0)
+    gate_ids = {id(p) for n, p in model.named_parameters() if n.endswith(".gate")}
+    assert len(gate_ids) == 5  # one per FPN level, P2..P6
+    (gates,) = [g for g in optimizer.param_groups if "lr_scale" in g]
+    assert {id(p) for p in gates["params"]} == gate_ids
+    assert gates["lr_scale"] == 30.0 and gates["weight_decay"] == 0.0
+    others = [id(p) for g in optimizer.param_groups if "lr_scale" not in g for p in g["params"]]
+    assert not gate_ids & set(others)
+    # A unimodal model has no gates and no gate group.
+    unimodal = RTSDetector(build_config("demo", tile_size=64, fusion="none", modalities={"optical": ("blue", "green", "red", "nir")}))
+    assert all("lr_scale" not in g for g in make_optimizer(unimodal, 0.05, 30.0).param_groups)
