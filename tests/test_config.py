@@ -88,3 +88,24 @@ def test_cli_unreachable_scheduler(tmp_path):
     with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
         with open_cluster(ClusterConfig(kind="address", address=f"tcp://127.0.0.1:{port}", timeout_s=2)):
             pass
+
+
+def test_cli_catalog_down_is_one_line(tmp_path):
+    """A catalog nothing answers: retries (quietly), then one line and exit 2."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    aoi = tmp_path / "aoi.geojson"
+    ring = [[-135.3, 67.4], [-135.2, 67.4], [-135.2, 67.45], [-135.3, 67.45], [-135.3, 67.4]]
+    aoi.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+    proc = subprocess.run(
+        RTSMAP + ["plan", "--aoi", str(aoi), "--years", "2021", "--catalog", f"http://127.0.0.1:{port}/stac",
+                  "--profile", "demo"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith(f"error: catalog http://127.0.0.1:{port}/stac is unreachable")

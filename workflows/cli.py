@@ -58,6 +58,9 @@ def cli(verbose: int) -> None:
     """rtsmap: map retrogressive thaw slumps from optical, SAR and DEM scenes in STAC catalogs."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # urllib3 warns on every retry; the error that follows the last one says it all.
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
