@@ -52,7 +52,10 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
                 cluster=ClusterConfig(kind="local", n_workers=workers),
             )
         )
-        per_year = {str(y): vars(m) for y, m in (result.evaluation or {}).items()}
+        per_year = {
+            str(y): {"tp": m.tp, "fp": m.fp, "fn": m.fn, "precision": m.precision, "recall": m.recall, "f1": m.f1}
+            for y, m in (result.evaluation or {}).items()
+        }
         results[name] = {"checkpoint": str(checkpoint), "export_seconds": exported, "test_split": test, "end_to_end": per_year}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
