@@ -68,7 +68,9 @@ def evaluate_command(model_path: Path, data_dir: Path, split: str, as_json: bool
               help="A checkpoint (.safetensors, or a stage folder such as out/fusion).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--opset", default=17, show_default=True, type=int)
-def export_command(checkpoint: Path, out_path: Path, opset: int) -> None:
+@click.option("--trained-on", default=None,
+              help="What the model was trained on, for its metadata (default: the chip folder and steps).")
+def export_command(checkpoint: Path, out_path: Path, opset: int, trained_on: str | None) -> None:
     """Export a checkpoint to the ONNX model file the pipeline runs."""
     from models.export import export_onnx
     from models.train import load_detector, read_weights, resolve_checkpoint
@@ -79,11 +81,12 @@ def export_command(checkpoint: Path, out_path: Path, opset: int) -> None:
         _, _, meta = read_weights(weights)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
-    trained_on = "untrained"
     sidecar = weights.parent / "record.json"
-    if sidecar.is_file():
-        record = json.loads(sidecar.read_text())
-        trained_on = f"chips {record['train_config']['data']}, {record['steps']} steps ({record['stage']})"
+    if trained_on is None:
+        trained_on = "untrained"
+        if sidecar.is_file():
+            record = json.loads(sidecar.read_text())
+            trained_on = f"chips {record['train_config']['data']}, {record['steps']} steps ({record['stage']})"
     try:
         export_onnx(model, model.config, out_path, opset=opset, trained_on=trained_on,
                     metadata_extra={"checkpoint": str(weights), "step": int(meta.get("step", 0))})
