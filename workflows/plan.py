@@ -162,7 +162,7 @@ def make_plan(
     for (modality, year), found_items in found.items():
         key = "static" if year is None else str(year)
         items.setdefault(modality, {})[key] = len(found_items)
-        footprints = [_to_grid(it.geometry, to_grid) for it in found_items if it.geometry is not None]
+        footprints = [footprint_in_grid(it.geometry, to_grid) for it in found_items if it.geometry is not None]
         gaps, parts = _coverage(chunks, footprints, aoi.geometry)
         missing.setdefault(modality, {})[key] = gaps
         partial.setdefault(modality, {})[key] = parts
@@ -192,7 +192,7 @@ def make_plan(
     }
 
 
-def _to_grid(geometry: dict, transformer: pyproj.Transformer) -> shapely.Geometry:
+def footprint_in_grid(geometry: dict, transformer: pyproj.Transformer) -> shapely.Geometry:
     """An item footprint (GeoJSON, WGS84) in the grid CRS, densified so long edges bend right."""
     geom = shapely.segmentize(shapely.geometry.shape(geometry), 0.01)  # degrees
     projected = shapely.transform(geom, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pyproj
 import shapely
 
 from pipeline.aoi import read_aoi
@@ -34,7 +35,7 @@ from pipeline.stac import open_catalog, search_modalities
 from workflows.cluster import local_worker_count, open_cluster
 from workflows.config import RunConfig, config_to_dict, load_run_config
 from workflows.fragments import FragmentStore, run_key
-from workflows.plan import resolve_profile
+from workflows.plan import footprint_in_grid, resolve_profile
 from workflows.tasks import ChunkTask, process_chunk_year
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,12 @@ def make_plan(config: RunConfig) -> RunPlan:
         # machine; give each worker its share.
         share = max(1, (os.cpu_count() or 1) // local_worker_count(config.cluster))
         inference = replace(inference, threads=share)
+    index = {key: _ItemIndex(items, spec.crs) for key, items in found.items()}
     tasks: list[ChunkTask] = []
     skipped = 0
-    item_ids: dict[str, list[str]] = {}
     for chunk in chunks:
         core = chunk_core(chunk, aoi.geometry)
-        footprint = shapely.box(*chunk.bounds)
+        window = shapely.box(*chunk.bounds)
         for year in config.years:
             if store.is_done(year, chunk.id):
                 skipped += 1
@@ -122,8 +123,7 @@ def make_plan(config: RunConfig) -> RunPlan:
             items = {}
             for modality, prof in profiles.items():
                 key = (modality, year if prof.per_year else None)
-                covering = [it for it in found.get(key, []) if _covers(it, footprint, spec.crs)]
-                items[modality] = tuple(it.to_dict() for it in covering)
+                items[modality] = index[key].covering(window) if key in index else ()
             tasks.append(
                 ChunkTask(
                     chunk=chunk,
@@ -138,30 +138,23 @@ def make_plan(config: RunConfig) -> RunPlan:
                     signing=profile.signing,
                 )
             )
-    for (modality, year), items in found.items():
-        item_ids[f"{modality}:{year}"] = sorted(it.id for it in items)
+    item_ids = {f"{modality}:{year}": sorted(it.id for it in items) for (modality, year), items in found.items()}
     return RunPlan(config, spec, chunks, tasks, skipped, store, info, aoi, item_ids)
 
 
-_TRANSFORMERS: dict[str, Any] = {}
+class _ItemIndex:
+    """The items of one modality and year, their footprints projected once into the grid CRS."""
 
+    def __init__(self, items, crs: str) -> None:
+        to_grid = pyproj.Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+        located = [it for it in items if it.geometry is not None]
+        self.dicts = [it.to_dict() for it in located]
+        self.tree = shapely.STRtree([footprint_in_grid(it.geometry, to_grid) for it in located])
 
-def _covers(item, footprint: shapely.Geometry, crs: str) -> bool:
-    """True when the item's footprint (WGS84) intersects the chunk's read window (grid CRS)."""
-    from pyproj import Transformer
-
-    if crs not in _TRANSFORMERS:
-        _TRANSFORMERS[crs] = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
-    geom = shapely.geometry.shape(item.geometry).segmentize(0.05)
-    projected = shapely.transform(geom, lambda xy: _project(_TRANSFORMERS[crs], xy))
-    return bool(shapely.intersects(projected, footprint))
-
-
-def _project(transformer, xy):
-    import numpy as np
-
-    x, y = transformer.transform(xy[:, 0], xy[:, 1])
-    return np.column_stack([x, y])
+    def covering(self, window: shapely.Geometry) -> tuple[dict, ...]:
+        """Items (as dictionaries, in search order) whose footprint meets the chunk's read window."""
+        hits = sorted(self.tree.query(window, predicate="intersects"))
+        return tuple(self.dicts[i] for i in hits)
 
 
 class Progress:
