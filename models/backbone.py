@@ -30,9 +30,9 @@ from models.mvit import STAGE_NAMES, MViTConfig, MViTv2
 FUSIONS = ("none", "data_level", "conv", "attention", "residual_attention")
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 LEVEL_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
-# Spatial reduction of the auxiliary keys/values per level: on a T px tile, P2..P5 then all
-# attend to (T/32)^2 tokens per auxiliary modality, so cost grows with the query count only.
-KV_REDUCTION = {"p2": 8, "p3": 4, "p4": 2, "p5": 1, "p6": 1}
+# Side of the auxiliary neighbourhood each optical token attends to, at every level (at P2 one
+# step is 4 px, at P6 64 px, so the same window covers more ground on coarser levels).
+FUSION_WINDOW = 3
 STACKED = "stacked"
 
 
@@ -142,9 +142,9 @@ class MultimodalBackbone(nn.Module):
         num_aux = len(modalities) - 1
         heads = fusion_heads if fusion_heads is not None else max(1, fpn_channels // 32)
         if fusion == "residual_attention":
-            fusions = {lvl: ResidualCrossModalityAttention(fpn_channels, heads, KV_REDUCTION[lvl], num_aux) for lvl in LEVELS}
+            fusions = {lvl: ResidualCrossModalityAttention(fpn_channels, heads, FUSION_WINDOW, num_aux) for lvl in LEVELS}
         elif fusion == "attention":
-            fusions = {lvl: AttentionFusion(fpn_channels, heads, KV_REDUCTION[lvl], num_aux) for lvl in LEVELS}
+            fusions = {lvl: AttentionFusion(fpn_channels, heads, FUSION_WINDOW, num_aux) for lvl in LEVELS}
         elif fusion == "conv":
             fusions = {lvl: ConvFusion(fpn_channels, num_aux) for lvl in LEVELS}
         else:
@@ -193,12 +193,16 @@ class MultimodalBackbone(nn.Module):
     ) -> LoadResult:
         """Load a unimodal (``fusion="none"``) backbone's weights into this model's branch.
 
-        Lets multimodal fine-tuning start from one pretrained checkpoint per modality.
+        Lets multimodal fine-tuning start from one pretrained checkpoint per modality. For
+        data-level fusion, the one checkpoint fills the whole stacked branch: the patch stem's
+        weights go to that modality's input channels and the other bands' weights are zero, so
+        the stacked model at step 0 equals the unimodal one and learns to use the other bands.
 
         Parameters
         ----------
         modality : str
-            The branch to fill (one of :attr:`modalities`).
+            The branch to fill (one of :attr:`modalities`; for data-level fusion, the modality
+            whose checkpoint initialises the stacked branch).
         state_dict : mapping of str to Tensor
             State dict of a ``MultimodalBackbone(..., fusion="none")`` for that modality, with
             keys ``encoders.<modality>.*`` and ``fpns.<modality>.*`` after ``prefix``.
@@ -215,31 +219,40 @@ class MultimodalBackbone(nn.Module):
         Raises
         ------
         ValueError
-            If this model has no branch for ``modality`` (e.g. data-level fusion), or a tensor's
-            shape differs (other bands, architecture or tile size).
+            If this model has no input for ``modality``, or a tensor's shape differs (other
+            bands, architecture or tile size).
         """
-        if self.fusion == "data_level" or modality not in self.modalities:
+        if modality not in self.modalities:
             raise ValueError(
                 f"MultimodalBackbone: no {modality!r} branch to load into "
-                f"(fusion {self.fusion!r}, branches {list(self.encoders)})"
+                f"(fusion {self.fusion!r}, modalities {list(self.modalities)})"
             )
-        own = {
-            k: v
-            for k, v in self.state_dict().items()
-            if k.startswith((f"encoders.{modality}.", f"fpns.{modality}."))
-        }
+        branch = STACKED if self.fusion == "data_level" else modality
+        own_state = self.state_dict()
+        own = {k: v for k, v in own_state.items() if k.startswith((f"encoders.{branch}.", f"fpns.{branch}."))}
+        stem_key = f"encoders.{branch}.patch_embed.weight"
+        offset = 0
+        for m in self.modalities[: self.modalities.index(modality)]:
+            offset += self.in_channels[m]
         selected: dict[str, torch.Tensor] = {}
         unexpected: list[str] = []
         for key, value in state_dict.items():
             if not key.startswith(prefix):
                 continue
             key = key[len(prefix):]
+            for part in ("encoders.", "fpns."):
+                if key.startswith(f"{part}{modality}."):
+                    key = f"{part}{branch}." + key[len(part) + len(modality) + 1:]
             if key not in own:
                 unexpected.append(key)
                 continue
+            if key == stem_key and branch == STACKED and value.shape[1] == self.in_channels[modality]:
+                stem = torch.zeros_like(own[key])
+                stem[:, offset : offset + value.shape[1]] = value
+                value = stem
             if tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(
-                    f"MultimodalBackbone: cannot load {prefix}{key} into the {modality!r} branch: "
+                    f"MultimodalBackbone: cannot load {prefix}{key} into the {branch!r} branch: "
                     f"shape {list(value.shape)} != {list(own[key].shape)} (different bands, "
                     f"architecture or tile size?)"
                 )

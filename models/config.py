@@ -121,7 +121,12 @@ class ModelConfig:
     """K: detections per tile in the fixed-shape outputs (padded with zero scores)."""
 
     score_threshold: float = 0.5
-    """Detections with a (stage-averaged) score at or below this are dropped."""
+    """Operating point: the pipeline keeps detections (stage-averaged score) above this, and F1 is
+    counted there. Stored in the exported file's metadata; a run may override it."""
+
+    candidate_score_threshold: float = 0.05
+    """Detections at or below this score are dropped inside the model. Low (COCO evaluation's
+    usual 0.05) so that AP sees the whole ranked list and a run can lower ``score_threshold``."""
 
     nms_threshold: float = 0.5
     """IoU threshold of the final per-tile NMS."""
@@ -230,6 +235,7 @@ class ModelConfig:
             "rpn_positive_fraction",
             "roi_positive_fraction",
             "score_threshold",
+            "candidate_score_threshold",
             "nms_threshold",
             "mask_threshold",
         ):

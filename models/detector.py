@@ -154,7 +154,7 @@ class RTSDetector(nn.Module):
         # Score threshold, small boxes and RPN padding are masked, not removed, so
         # shapes stay fixed; masked entries (score 0) can never suppress a real one.
         wh = boxes[..., 2:] - boxes[..., :2]
-        candidate = valid & (wh >= 1e-2).all(-1) & (scores > cfg.score_threshold)
+        candidate = valid & (wh >= 1e-2).all(-1) & (scores > cfg.candidate_score_threshold)
         scores = torch.where(candidate, scores, torch.zeros_like(scores))
         image_idx = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1).expand_as(scores)
         keep = batched_nms(boxes.reshape(-1, 4), scores.reshape(-1), image_idx.reshape(-1), cfg.nms_threshold)

@@ -6,9 +6,10 @@ metadata, invalid pixels 0). Both give the padded outputs of docs/contracts.md; 
 inside each box) are pasted into the tile with torchvision's ``paste_masks_in_image`` and
 thresholded at the model's ``mask_threshold``, then RLE-encoded for COCOeval.
 
-F1 counts one-to-one matches of mask IoU >= 0.5, greedy by IoU, highest first, over the
-detections the model reports (those above its score threshold): the operating point the
-inventory sees, where AP summarises all thresholds.
+AP is computed over every detection the model emits (above its ``candidate_score_threshold``,
+0.05 by default, as COCO evaluations do: AP over a list cut at 0.5 would cap recall). F1 counts
+one-to-one matches of mask IoU >= 0.5, greedy by IoU, highest first, over the detections above
+the model's ``score_threshold``: the operating point the inventory sees.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def f1_at(gt: Mapping[str, Any], results: list[dict[str, Any]], iou_threshold: f
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
 
 
-def coco_metrics(gt: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str, float | int | None]:
+def coco_metrics(gt: Mapping[str, Any], results: list[dict[str, Any]], score_threshold: float = 0.0) -> dict[str, float | int | None]:
     """COCO box and mask AP, AP50, AP75 (pycocotools COCOeval) and F1 at IoU 0.5.
 
     Parameters
@@ -140,6 +141,8 @@ def coco_metrics(gt: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[s
         COCO ground truth dict (``images``, ``annotations``, ``categories``).
     results
         COCO result entries (``image_id, category_id, bbox, score, segmentation``).
+    score_threshold
+        Operating point of F1: only results scoring above it count there (AP takes all).
 
     Returns
     -------
@@ -166,7 +169,7 @@ def coco_metrics(gt: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[s
             stats = [None if s < 0 else float(s) for s in ev.stats[:3]]
         for key, value in zip(("AP", "AP50", "AP75"), stats):
             metrics[f"{iou_type}_{key}"] = value
-    metrics.update(f1_at(gt, results, 0.5))
+    metrics.update(f1_at(gt, [r for r in results if r["score"] > score_threshold], 0.5))
     return metrics
 
 
@@ -187,13 +190,14 @@ def predict_detector(model: torch.nn.Module, dataset: ChipDataset, *, batch_size
     return results
 
 
-def predict_onnx(path: str | os.PathLike, root: str | os.PathLike, split: str, *, batch_size: int = 4) -> tuple[list[dict], ChipDataset]:
+def predict_onnx(path: str | os.PathLike, root: str | os.PathLike, split: str, *, batch_size: int = 4) -> tuple[list[dict], ChipDataset, float]:
     """COCO results of an exported ONNX model (onnxruntime) on a split, fed as the pipeline feeds it.
 
     Returns
     -------
     tuple
-        The results and the dataset (its ``coco`` is the ground truth).
+        The results, the dataset (its ``coco`` is the ground truth) and the operating score
+        threshold from the file's metadata.
 
     Raises
     ------
@@ -215,7 +219,7 @@ def predict_onnx(path: str | os.PathLike, root: str | os.PathLike, split: str, *
         out = dict(zip(names, session.run(None, {m: inputs[m].numpy() for m in meta["modalities"]})))
         results += results_from_outputs([int(t["image_id"]) for t in targets], out,
                                         dataset.tile_size, float(meta["mask_threshold"]))
-    return results, dataset
+    return results, dataset, float(meta["score_threshold"])
 
 
 def evaluate_detector(model: torch.nn.Module, root: str | os.PathLike, split: str, *, device: str = "cpu") -> dict:
@@ -229,11 +233,12 @@ def evaluate_detector(model: torch.nn.Module, root: str | os.PathLike, split: st
     dataset = ChipDataset(root, split, model.config.modalities, model.config.normalization)
     if len(dataset) == 0:
         raise ValueError(f"{root}: the {split!r} split has no chips")
-    metrics = coco_metrics(dataset.coco, predict_detector(model, dataset, device=device))
+    metrics = coco_metrics(dataset.coco, predict_detector(model, dataset, device=device), model.config.score_threshold)
     return {"split": split, "chips": len(dataset), "instances": len(dataset.coco["annotations"]), **metrics}
 
 
-def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split: str = "test", *, device: str = "cpu") -> dict:
+def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split: str = "test", *, device: str = "cpu",
+                   score_threshold: float | None = None) -> dict:
     """Evaluate a checkpoint (``.safetensors`` or stage folder) or an exported ``.onnx`` on a split.
 
     Parameters
@@ -246,11 +251,13 @@ def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split
         ``train``, ``val``, ``test`` or ``all``.
     device
         Torch device for checkpoints.
+    score_threshold
+        Operating point of precision/recall/F1 (default: the model's own); AP does not depend on it.
 
     Returns
     -------
     dict
-        ``split, chips, instances, model`` and :data:`METRIC_KEYS`.
+        ``split, chips, instances, model, score_threshold`` and :data:`METRIC_KEYS`.
 
     Raises
     ------
@@ -259,12 +266,19 @@ def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split
     """
     path = Path(model_path)
     if path.suffix == ".onnx":
-        results, dataset = predict_onnx(path, root, split)
+        results, dataset, own_threshold = predict_onnx(path, root, split)
         if len(dataset) == 0:
             raise ValueError(f"{root}: the {split!r} split has no chips")
-        metrics = coco_metrics(dataset.coco, results)
+        threshold = own_threshold if score_threshold is None else score_threshold
+        metrics = coco_metrics(dataset.coco, results, threshold)
         return {"model": str(path), "split": split, "chips": len(dataset),
-                "instances": len(dataset.coco["annotations"]), **metrics}
+                "instances": len(dataset.coco["annotations"]), "score_threshold": threshold, **metrics}
+    import dataclasses
+
     from models.train import load_detector
 
-    return {"model": str(path), **evaluate_detector(load_detector(path, device), root, split, device=device)}
+    model = load_detector(path, device)
+    if score_threshold is not None:
+        model.config = dataclasses.replace(model.config, score_threshold=score_threshold)
+    return {"model": str(path), "score_threshold": model.config.score_threshold,
+            **evaluate_detector(model, root, split, device=device)}

@@ -120,6 +120,7 @@ def build_metadata(
         "resolution": config.resolution,
         "max_detections": config.max_detections,
         "score_threshold": config.score_threshold,
+        "candidate_score_threshold": config.candidate_score_threshold,
         "mask_threshold": config.mask_threshold,
         "classes": list(config.classes),
         "weights_sha256": weights_sha256(model),

@@ -3,17 +3,19 @@
 Every module takes the optical (query) feature map and a list of auxiliary maps (SAR, DEM) of
 the same shape [B, C, H, W] and returns one map of that shape:
 
-- :class:`ResidualCrossModalityAttention` (the model's fusion, after Li et al. 2025): optical
-  tokens attend to the auxiliary tokens and the result is added back to the optical map
-  through a learned gate that starts at zero, so the fused model starts as the optical model;
+- :class:`ResidualCrossModalityAttention` (the model's fusion, after Li et al. 2025): each optical
+  token attends to the auxiliary tokens around its own position and the result is added back
+  to the optical map through a learned gate that starts at zero, so the fused model starts as
+  the optical model;
 - :class:`AttentionFusion`: the same attention without the residual path (an ablation);
 - :class:`ConvFusion`: concatenation and convolution (the classic feature-level baseline).
 
 Data-level fusion (stacking all bands into one backbone) is not a module: see
 ``models/backbone.py``.
 
-Attention uses ``torch.nn.functional.scaled_dot_product_attention`` (one fused kernel on GPU,
-exports to ONNX as MatMul/Softmax).
+The attention is written with shifted views, products and one softmax (plain ONNX ops at opset
+17): each query has only ``num_aux * window**2`` keys, so a dense attention kernel would spend
+almost all its work on masked-out pairs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,18 @@ from torch import nn
 
 
 class _CrossModalityAttention(nn.Module):
-    """Optical queries, auxiliary keys/values: the attention shared by the two attention fusions.
+    """Local cross-modality attention: the attention shared by the two attention fusions.
+
+    Each optical token (query) attends to the auxiliary tokens (SAR, DEM) in a ``window`` x
+    ``window`` neighbourhood of its own position, all modalities at once (one softmax over
+    ``num_aux * window**2`` keys). Keys carry a modality embedding, and every (modality, offset)
+    pair has a learned per-head bias, so a query can tell "SAR right here" from "DEM one pixel
+    east". Why local: our first version let every query attend to all (spatially reduced)
+    auxiliary tokens with no position information; such attention cannot find the SAR token at
+    its own location, returned a near-global average, and added nothing over the optical model
+    (docs/fusion-study.md). The co-registered grid makes the neighbourhood the natural key set;
+    a 3x3 window absorbs a pixel of misregistration, as :class:`ConvFusion`'s kernel does.
+    Outside the map, keys and values are zero: a "nothing here" option, not a wrapped value.
 
     Parameters
     ----------
@@ -34,41 +47,31 @@ class _CrossModalityAttention(nn.Module):
         Channels C of every map.
     num_heads : int
         Attention heads; must divide ``channels``.
-    kv_reduction : int
-        Stride of the spatial reduction of the auxiliary maps before they become keys/values.
+    window : int
+        Odd side of the neighbourhood each query attends to.
     num_aux : int
         Number of auxiliary modalities.
     """
 
-    def __init__(self, channels: int, num_heads: int, kv_reduction: int, num_aux: int) -> None:
+    def __init__(self, channels: int, num_heads: int, window: int, num_aux: int) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"fusion: {channels} channels are not divisible by {num_heads} heads")
-        if kv_reduction < 1:
-            raise ValueError(f"fusion: kv_reduction must be >= 1, got {kv_reduction}")
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"fusion: window must be odd and >= 1, got {window}")
         if num_aux < 1:
             raise ValueError(f"fusion: needs at least one auxiliary modality, got {num_aux}")
         self.channels = channels
         self.num_heads = num_heads
         self.num_aux = num_aux
-        self.kv_reduction = kv_reduction
+        self.window = window
         self.norm_q = nn.LayerNorm(channels)
-        # One strided depthwise conv per auxiliary modality (kernel = stride = kv_reduction),
-        # as in MViT's pooling: each modality's statistics get their own reduction, and it costs
-        # C * r^2 weights instead of a full conv's C^2 * r^2 (4M weights per modality at P2).
-        # The k/v projections below mix channels anyway.
-        self.reduce = nn.ModuleList(
-            [
-                nn.Conv2d(channels, channels, kv_reduction, kv_reduction, groups=channels)
-                if kv_reduction > 1
-                else nn.Identity()
-                for _ in range(num_aux)
-            ]
-        )
         self.norm_kv = nn.ModuleList([nn.LayerNorm(channels) for _ in range(num_aux)])
-        # Tells keys from different modalities apart after they are concatenated.
+        # Tells keys from different modalities apart: they share the k/v projection.
         self.modality_embed = nn.Parameter(torch.zeros(num_aux, channels))
         nn.init.trunc_normal_(self.modality_embed, std=0.02)
+        # One bias per head and (modality, offset) key, added to the logits.
+        self.position_bias = nn.Parameter(torch.zeros(num_heads, num_aux * window * window))
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(channels, 2 * channels)
         self.proj = nn.Linear(channels, channels)
@@ -85,17 +88,26 @@ class _CrossModalityAttention(nn.Module):
                 )
         height, width = optical.shape[-2], optical.shape[-1]
         heads, head_dim = self.num_heads, self.channels // self.num_heads
-        q = self.q(self.norm_q(optical.flatten(2).transpose(1, 2)))  # [B, HW, C]
-        tokens = []
+        radius = self.window // 2
+        q = self.q(self.norm_q(optical.permute(0, 2, 3, 1)))  # [B, H, W, C]
+        q = q.permute(0, 3, 1, 2).reshape(-1, heads, head_dim, height, width) * head_dim**-0.5
+        keys, values = [], []
         for i, a in enumerate(aux):
-            t = self.reduce[i](a).flatten(2).transpose(1, 2)  # [B, hw, C]
-            tokens.append(self.norm_kv[i](t) + self.modality_embed[i])
-        kv = self.kv(torch.cat(tokens, dim=1))  # [B, M*hw, 2C]
-        q = q.reshape(-1, height * width, heads, head_dim).transpose(1, 2)
-        kv = kv.reshape(-1, kv.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # [B, heads, HW, head_dim]
-        out = self.proj(out.transpose(1, 2).reshape(-1, height * width, self.channels))
-        return out.transpose(1, 2).reshape(-1, self.channels, height, width)
+            kv = self.kv(self.norm_kv[i](a.permute(0, 2, 3, 1)) + self.modality_embed[i])
+            kv = F.pad(kv.permute(0, 3, 1, 2), (radius, radius, radius, radius))  # [B, 2C, H+2r, W+2r]
+            # One shifted view per neighbourhood offset: no unfold, so memory stays O(C*H*W).
+            for dy in range(self.window):
+                for dx in range(self.window):
+                    shifted = kv[:, :, dy : dy + height, dx : dx + width]
+                    keys.append(shifted[:, : self.channels].reshape(-1, heads, head_dim, height, width))
+                    values.append(shifted[:, self.channels :].reshape(-1, heads, head_dim, height, width))
+        logits = torch.stack([(q * k).sum(dim=2) for k in keys], dim=2)  # [B, heads, N, H, W]
+        weights = torch.softmax(logits + self.position_bias[None, :, :, None, None], dim=2)
+        out = weights[:, :, 0, None] * values[0]
+        for n in range(1, len(values)):
+            out = out + weights[:, :, n, None] * values[n]
+        out = self.proj(out.reshape(-1, self.channels, height, width).permute(0, 2, 3, 1))
+        return out.permute(0, 3, 1, 2)
 
 
 class ResidualCrossModalityAttention(_CrossModalityAttention):
@@ -112,9 +124,8 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
         Channels C of every map.
     num_heads : int
         Attention heads; must divide ``channels``.
-    kv_reduction : int
-        Spatial reduction (1, 2, 4, 8) of the auxiliary maps, chosen per FPN level so the
-        key/value count stays bounded on high-resolution levels.
+    window : int
+        Odd side of the neighbourhood of auxiliary tokens each optical token attends to.
     num_aux : int
         Number of auxiliary modalities (2 for SAR + DEM).
 
@@ -124,8 +135,8 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
         On inconsistent sizes.
     """
 
-    def __init__(self, channels: int, num_heads: int, kv_reduction: int, num_aux: int = 2) -> None:
-        super().__init__(channels, num_heads, kv_reduction, num_aux)
+    def __init__(self, channels: int, num_heads: int, window: int = 3, num_aux: int = 2) -> None:
+        super().__init__(channels, num_heads, window, num_aux)
         self.gate = nn.Parameter(torch.zeros(channels))
 
     def forward(self, optical: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
@@ -155,12 +166,12 @@ class AttentionFusion(_CrossModalityAttention):
 
     Parameters
     ----------
-    channels, num_heads, kv_reduction, num_aux
+    channels, num_heads, window, num_aux
         As in :class:`ResidualCrossModalityAttention`.
     """
 
-    def __init__(self, channels: int, num_heads: int, kv_reduction: int, num_aux: int = 2) -> None:
-        super().__init__(channels, num_heads, kv_reduction, num_aux)
+    def __init__(self, channels: int, num_heads: int, window: int = 3, num_aux: int = 2) -> None:
+        super().__init__(channels, num_heads, window, num_aux)
         self.norm_out = nn.LayerNorm(channels)
 
     def forward(self, optical: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:

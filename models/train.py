@@ -5,6 +5,9 @@ Stage 2 builds the fused model from the three unimodal checkpoints: each backbon
 its modality's checkpoint (``MultimodalBackbone.load_unimodal_state``), the RPN and cascade heads
 from the optical model. With the residual attention fusion, whose gates start at zero, the
 fused model at step 0 IS the optical model; fine-tuning lets SAR and DEM in as far as they help.
+Data-level fusion (one backbone on all bands) starts from the optical checkpoint too, its stem
+widened with zero weights for the SAR and DEM bands, so every fused model in the comparison
+starts from the same point and gets the same fine-tuning budget.
 The backbones can be frozen for the first steps so the new fusion layers settle first.
 
 Optimiser: AdamW (no weight decay on norms, biases, gates and embeddings), linear warmup then
@@ -73,6 +76,10 @@ class TrainConfig:
     """Modalities, the fusion query (optical) first; stage 1 trains one model per entry."""
     fusion: str = "residual_attention"
     """Fusion of stage 2."""
+    unimodal_from: str | None = None
+    """Folder of another run whose ``unimodal_<modality>`` checkpoints stage 2 starts from (stage
+    1 is then not run here): how fusion modes are compared from the same pretraining. Relative
+    paths: from the YAML file."""
     normalization: str = "dataset"
     """``dataset``: band statistics of the train chips (dataset.json); ``default``: the model's defaults."""
     seed: int = 0
@@ -176,6 +183,8 @@ def load_train_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         if key not in raw:
             raise ValueError(f"training config {path}: {key!r} is required")
         raw[key] = str((path.parent / str(raw[key])).resolve())
+    if raw.get("unimodal_from") is not None:
+        raw["unimodal_from"] = str((path.parent / str(raw["unimodal_from"])).resolve())
     try:
         return TrainConfig(**raw)
     except TypeError as exc:
@@ -525,9 +534,10 @@ def build_fused_model(config: ModelConfig, unimodal: Mapping[str, str | os.PathL
     Parameters
     ----------
     config
-        The fused model's config (``fusion`` not ``none``/``data_level``).
+        The fused model's config (any ``fusion`` but ``none``).
     unimodal
-        Modality -> checkpoint (file or stage folder) of its ``fusion="none"`` model.
+        Modality -> checkpoint (file or stage folder) of its ``fusion="none"`` model; data-level
+        fusion reads only ``heads_from``'s.
     heads_from
         Modality whose RPN and cascade/mask heads are copied (the fusion query, optical).
 
@@ -541,7 +551,10 @@ def build_fused_model(config: ModelConfig, unimodal: Mapping[str, str | os.PathL
         If a modality's checkpoint is missing or does not fill its branch whole.
     """
     model = RTSDetector(config)
-    for m in config.modalities:
+    # Data-level fusion has one stacked branch: it starts from the query modality's model (its
+    # stem widened with zero weights for the other bands); the other checkpoints are not used.
+    sources = (heads_from,) if config.fusion == "data_level" else config.modalities
+    for m in sources:
         if m not in unimodal:
             raise ValueError(f"no unimodal checkpoint for {m!r}; train stage 'unimodal' first")
         state, _, _ = read_weights(resolve_checkpoint(unimodal[m]))
@@ -593,7 +606,8 @@ def train(tc: TrainConfig, stage: str = "all", resume: bool = True,
             return json.loads(path.read_text())
         return None
 
-    if stage in ("unimodal", "all"):
+    pretrained = Path(tc.unimodal_from) if tc.unimodal_from else out
+    if stage in ("unimodal", "all") and tc.unimodal_from is None:
         for m in tc.modalities:
             name = f"unimodal_{m}"
             records[name] = finished(name)
@@ -607,7 +621,7 @@ def train(tc: TrainConfig, stage: str = "all", resume: bool = True,
         if records["fusion"] is None:
             torch.manual_seed(tc.seed)
             config = stage_model_config(tc, tc.modalities, tc.fusion)
-            model = build_fused_model(config, {m: out / f"unimodal_{m}" for m in tc.modalities}, tc.modalities[0])
+            model = build_fused_model(config, {m: pretrained / f"unimodal_{m}" for m in tc.modalities}, tc.modalities[0])
             records["fusion"] = train_stage(tc, "fusion", model, steps=tc.fusion_steps, lr=tc.fusion_lr,
                                             freeze_steps=tc.freeze_backbone_steps, resume=resume, progress=progress)
     run = {"stage": stage, "seed": tc.seed, "wall_seconds": round(time.time() - started, 2),

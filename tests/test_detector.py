@@ -162,7 +162,7 @@ def test_overfits_one_image():
 
 
 def test_inference_shapes_and_padding():
-    model = _model(score_threshold=0.0).eval()
+    model = _model(candidate_score_threshold=0.0).eval()
     k = model.config.max_detections
     with torch.no_grad():
         out = model(_inputs(model.config, 2))
@@ -179,7 +179,7 @@ def test_inference_shapes_and_padding():
     # A threshold between the scores leaves fewer detections and pads the rest with zeros.
     scores = out["scores"][0, :n0]
     cut = float(scores[n0 // 2])
-    model.config = dataclasses.replace(model.config, score_threshold=cut)
+    model.config = dataclasses.replace(model.config, candidate_score_threshold=cut)
     with torch.no_grad():
         out = model(_inputs(model.config, 2))
     n = out["num_detections"]
@@ -191,7 +191,7 @@ def test_inference_shapes_and_padding():
         assert (out["boxes"][b, nb:] == 0).all() and (out["masks"][b, nb:] == 0).all()
 
     # Nothing above the threshold: every output is padding.
-    model.config = dataclasses.replace(model.config, score_threshold=1.0)
+    model.config = dataclasses.replace(model.config, candidate_score_threshold=1.0)
     with torch.no_grad():
         out = model(_inputs(model.config, 2))
     assert (out["num_detections"] == 0).all() and (out["scores"] == 0).all() and (out["masks"] == 0).all()
@@ -210,7 +210,7 @@ def test_inference_rejects_wrong_inputs():
 def test_scores_are_the_mean_of_the_stages():
     """Final scores = mean over stages of each stage's softmax on its own input boxes."""
     # NMS threshold 1 suppresses nothing, so the outputs are the top K of the mean scores.
-    model = _model(score_threshold=0.0, nms_threshold=1.0, rpn_post_nms_top_n_test=30, max_detections=30)
+    model = _model(candidate_score_threshold=0.0, nms_threshold=1.0, rpn_post_nms_top_n_test=30, max_detections=30)
     model.eval()
     inputs = _inputs(model.config, 1, seed=3)
     with torch.no_grad():

@@ -60,7 +60,7 @@ def _assert_parity(model: RTSDetector, session: ort.InferenceSession, inputs: di
 def demo(tmp_path_factory):
     """The demo model (residual attention, 128 px) with score threshold 0 so it detects."""
     torch.manual_seed(0)
-    cfg = build_config("demo", tile_size=128, fusion="residual_attention", score_threshold=0.0)
+    cfg = build_config("demo", tile_size=128, fusion="residual_attention", candidate_score_threshold=0.0)
     model = RTSDetector(cfg).eval()
     path = tmp_path_factory.mktemp("onnx") / "demo.onnx"
     meta = export_onnx(model, cfg, path, trained_on="random init (test)", metadata_extra={"note": "test"})
@@ -114,7 +114,7 @@ def test_onnxruntime_matches_pytorch(demo, demo_session, batch):
 def test_onnxruntime_matches_pytorch_without_detections(demo, tmp_path):
     """Same weights, threshold 1: nothing passes, every output is padding in both runtimes."""
     model, cfg, _, _ = demo
-    strict = RTSDetector(build_config("demo", tile_size=128, fusion="residual_attention", score_threshold=1.0))
+    strict = RTSDetector(build_config("demo", tile_size=128, fusion="residual_attention", candidate_score_threshold=1.0))
     strict.load_state_dict(model.state_dict())
     strict.eval()
     path = tmp_path / "strict.onnx"
@@ -152,7 +152,7 @@ def _write_plain_onnx(path):
 def test_tiny_exports_at_512_and_matches_pytorch(tmp_path):
     """The production variant (MViTv2-T, 512 px, FPN 256) exports and keeps parity."""
     torch.manual_seed(0)
-    cfg = build_config("tiny", score_threshold=0.0)
+    cfg = build_config("tiny", candidate_score_threshold=0.0)
     model = RTSDetector(cfg).eval()
     start = time.perf_counter()
     export_onnx(model, cfg, tmp_path / "tiny.onnx")

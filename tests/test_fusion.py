@@ -40,19 +40,19 @@ def _open_gates(model, value=0.5):
 # --- fusion modules ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reduction", [1, 2, 4])
-def test_fusion_modules_keep_the_shape(reduction):
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_fusion_modules_keep_the_shape(window):
     opt, sar, dem = (torch.randn(2, 16, 8, 8) for _ in range(3))
     for module in (
-        ResidualCrossModalityAttention(16, 2, reduction),
-        AttentionFusion(16, 2, reduction),
+        ResidualCrossModalityAttention(16, 2, window),
+        AttentionFusion(16, 2, window),
         ConvFusion(16),
     ):
         assert module(opt, [sar, dem]).shape == (2, 16, 8, 8)
 
 
 def test_residual_attention_starts_as_identity_and_gate_learns():
-    module = ResidualCrossModalityAttention(16, 2, 2)
+    module = ResidualCrossModalityAttention(16, 2, 3)
     opt = torch.randn(2, 16, 8, 8)
     aux = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)]
     out = module(opt, aux)
@@ -79,6 +79,30 @@ def test_fusion_refuses_wrong_number_of_maps():
         ResidualCrossModalityAttention(16, 2, 1)(torch.randn(1, 16, 4, 4), [torch.randn(1, 16, 4, 4)])
     with pytest.raises(ValueError, match="not divisible"):
         AttentionFusion(16, 3, 1)
+    with pytest.raises(ValueError, match="window must be odd"):
+        AttentionFusion(16, 2, 2)
+
+
+def test_attention_is_local_and_knows_where_each_key_is():
+    """A query sees only auxiliary tokens within the window, and knows which offset each is at."""
+    module = AttentionFusion(16, 2, 3).eval()
+    opt = torch.randn(1, 16, 9, 9)
+    aux = [torch.randn(1, 16, 9, 9), torch.randn(1, 16, 9, 9)]
+    changed = [a.clone() for a in aux]
+    changed[0][:, :, 8, 8] += 5.0  # far corner
+    with torch.no_grad():
+        a, b = module(opt, aux), module(opt, changed)
+    diff = (a - b).abs().sum(dim=1)[0]
+    assert diff[7:, 7:].min() > 0  # the corner's 3x3 neighbourhood sees it
+    assert diff[:7].max() == 0 and diff[:, :7].max() == 0  # nothing else does
+    # With a strong bias towards the centre key of the SAR modality, the output at a pixel
+    # follows SAR at that pixel only: the attention can pick "SAR right here".
+    with torch.no_grad():
+        module.position_bias.zero_()
+        module.position_bias[:, 4] = 50.0  # modality 0, offset (1, 1) = the query's own pixel
+        c, d = module(opt, aux), module(opt, changed)
+    diff = (c - d).abs().sum(dim=1)[0]
+    assert diff[8, 8] > 0 and diff.sum() == pytest.approx(diff[8, 8].item(), rel=1e-3)
 
 
 # --- backbone ---------------------------------------------------------------------------------
@@ -95,7 +119,10 @@ def test_every_fusion_mode_forward_backward(fusion):
     for level, feat in out.items():
         side = SIZE // model.strides[level]
         assert feat.shape == (2, FPN, side, side), level
-    sum(v.sum() for v in out.values()).backward()
+    # Random weights, not a plain sum: the sum of a LayerNorm's output over channels is a
+    # constant, so a plain sum would give the attention fusion's inputs no gradient at all.
+    gen = torch.Generator().manual_seed(1)
+    sum((v * torch.randn(v.shape, generator=gen)).sum() for v in out.values()).backward()
     for branch, encoder in model.encoders.items():
         assert encoder.patch_embed.weight.grad.abs().sum() > 0, branch
     if fusion == "data_level":
@@ -150,7 +177,24 @@ def test_load_unimodal_state_prefix_mismatch_and_unknown_branch():
     partial = {k: v for k, v in sar_model.state_dict().items() if k.startswith("encoders.")}
     assert fused.load_unimodal_state("sar", partial).missing_keys[0].startswith("fpns.sar.")
     with pytest.raises(ValueError, match="no 'optical' branch"):
-        _backbone("data_level").load_unimodal_state("optical", {})
+        _backbone("conv", {"sar": 2, "dem": 3}).load_unimodal_state("optical", {})
+
+
+def test_data_level_model_from_the_optical_checkpoint_equals_it():
+    """The stacked stem gets the optical weights on the optical bands and zeros elsewhere."""
+    unimodal = _backbone("none", {"optical": 4}).eval()
+    stacked = MultimodalBackbone(MODS, DEMO, SIZE, "data_level", fpn_channels=FPN).eval()
+    result = stacked.load_unimodal_state("optical", unimodal.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    stem = stacked.encoders["stacked"].patch_embed.weight
+    assert torch.equal(stem[:, :4], unimodal.encoders["optical"].patch_embed.weight)
+    assert stem[:, 4:].abs().sum() == 0
+    x = _inputs(MODS, batch=2, seed=4)
+    with torch.no_grad():
+        expected = unimodal({"optical": x["optical"]})
+        got = stacked(x)
+    for level in expected:
+        torch.testing.assert_close(got[level], expected[level], rtol=0, atol=1e-5)
 
 
 def test_bad_configurations_are_refused():

@@ -204,8 +204,8 @@ def test_fused_model_starts_as_the_optical_model(trained):
                               {m: out / f"unimodal_{m}" for m in tc.modalities}).eval()
     optical = load_detector(out / "unimodal_optical")
     # Everything the detector would report (score threshold 0), not only confident detections.
-    fused.config = dataclasses.replace(fused.config, score_threshold=0.0)
-    optical.config = dataclasses.replace(optical.config, score_threshold=0.0)
+    fused.config = dataclasses.replace(fused.config, candidate_score_threshold=0.0)
+    optical.config = dataclasses.replace(optical.config, candidate_score_threshold=0.0)
     data = ChipDataset(tc.data, "all", fused.config.modalities, fused.config.normalization)
     inputs, _ = collate([data[i] for i in range(2)])
     assert inputs["sar"].abs().sum() > 0 and inputs["dem"].abs().sum() > 0
@@ -221,6 +221,31 @@ def test_fused_model_starts_as_the_optical_model(trained):
             fusion.gate.fill_(1.0)
         c = fused(inputs)
     assert not torch.allclose(c["scores"], b["scores"])
+
+
+def test_data_level_study_run_starts_from_the_optical_checkpoint(trained, tmp_path):
+    """unimodal_from: stage 2 of another fusion mode from the same pretraining, stage 1 not rerun."""
+    from models.data import ChipDataset, collate
+    from models.train import build_fused_model, load_detector, stage_model_config, train
+
+    tc, _, _ = trained
+    study = dataclasses.replace(tc, out=str(tmp_path / "study"), fusion="data_level", unimodal_from=tc.out)
+    config = stage_model_config(study, study.modalities, "data_level")
+    fused = build_fused_model(config, {"optical": Path(tc.out) / "unimodal_optical"}).eval()
+    optical = load_detector(Path(tc.out) / "unimodal_optical")
+    fused.config = dataclasses.replace(fused.config, candidate_score_threshold=0.0)
+    optical.config = dataclasses.replace(optical.config, candidate_score_threshold=0.0)
+    data = ChipDataset(tc.data, "all", fused.config.modalities, fused.config.normalization)
+    inputs, _ = collate([data[i] for i in range(2)])
+    with torch.no_grad():
+        a, b = fused(inputs), optical({"optical": inputs["optical"]})
+    for key in ("boxes", "scores", "num_detections"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
+    lines: list[str] = []
+    run = train(study, "all", progress=lines.append)
+    assert set(run["stages"]) == {"fusion"}
+    assert not (tmp_path / "study" / "unimodal_optical").exists()
+    assert load_detector(tmp_path / "study" / "fusion").config.fusion == "data_level"
 
 
 def test_metrics_wiring_with_stand_in_predictions(chips):
@@ -252,6 +277,11 @@ def test_metrics_wiring_with_stand_in_predictions(chips):
     p = coco_metrics(gt, perturbed)
     assert p["segm_AP"] < 0.95 and p["bbox_AP"] < 0.95 and p["fn"] >= 1 and p["recall"] < 1.0
     assert coco_metrics(gt, [])["segm_AP"] == 0.0
+    # The missed instance found with a low score: AP counts it, F1 at the operating point not.
+    low = dict(perfect[0], score=0.1)
+    q = coco_metrics(gt, perturbed + [low], score_threshold=0.5)
+    assert q["segm_AP"] > p["segm_AP"] and q["fn"] == p["fn"] and q["f1"] == p["f1"]
+    assert coco_metrics(gt, perturbed + [low], score_threshold=0.05)["fn"] == p["fn"] - 1
 
 
 def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
@@ -273,6 +303,17 @@ def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
     assert result.exit_code == 0, result.output
     torch_metrics = json.loads(result.output)
     assert abs(torch_metrics["tp"] + torch_metrics["fp"] - onnx_metrics["tp"] - onnx_metrics["fp"]) <= 2
+    # The operating point moves F1 only; AP is over the whole ranked list. Export stores it.
+    result = runner.invoke(evaluate_command, ["--model", str(onnx_path), "--data", str(chips), "--split", "all",
+                                              "--json", "--score-threshold", "1.0"])
+    strict = json.loads(result.output)
+    assert strict["score_threshold"] == 1.0 and strict["tp"] + strict["fp"] == 0
+    assert strict["segm_AP"] == onnx_metrics["segm_AP"]
+    result = runner.invoke(export_command, ["--checkpoint", str(Path(tc.out) / "fusion"), "--out",
+                                            str(tmp_path / "t03.onnx"), "--score-threshold", "0.3"])
+    assert result.exit_code == 0, result.output
+    from models.export import read_model_metadata
+    assert read_model_metadata(tmp_path / "t03.onnx")["score_threshold"] == 0.3
 
 
 def test_train_config_refuses_unknown_keys(tmp_path):

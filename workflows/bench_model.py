@@ -18,7 +18,7 @@ For each model variant (``models.config.MODEL_VARIANTS``) and fusion mode:
    one warm-up call per engine and batch size (``--warmup``), eager and ORT calls alternating so
    both see the same background load, divided by the batch size.
 
-Models have random (untrained) weights and ``score_threshold=0.0``, so every tile yields K
+Models have random (untrained) weights and ``candidate_score_threshold=0.0``, so every tile yields K
 detections and the mask head and final NMS do their full inference work; inputs are random
 normal (the inputs are already normalized in the pipeline). ``fusion="none"`` is the unimodal
 optical model (one branch); the other fusions take optical + SAR + DEM.
@@ -78,7 +78,7 @@ def bench_config(variant: str, fusion: str) -> ModelConfig:
     -------
     ModelConfig
     """
-    overrides: dict = {"fusion": fusion, "score_threshold": 0.0}
+    overrides: dict = {"fusion": fusion, "candidate_score_threshold": 0.0}
     if fusion == "none":
         overrides["modalities"] = {"optical": DEFAULT_MODALITIES["optical"]}
     return build_config(variant, **overrides)
@@ -326,7 +326,7 @@ def format_report(report: dict) -> str:
         f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['threads']} threads, "
         f"{env['cpu_count']} CPUs, median of {env['repeats']} after {env['warmup']} warm-up, opset {env['opset']}; "
         f"load average {env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end "
-        f"(a shared machine: latencies are noisy); random weights, score_threshold=0; "
+        f"(a shared machine: latencies are noisy); random weights, candidate_score_threshold=0; "
         f"total {env['total_s']:.0f} s.",
         "",
     ]

@@ -6,8 +6,10 @@
         --region demo-out/region --out runs/fusion-study/results
 
 For every checkpoint: export to ONNX, COCO AP on the chips' test split (``models.evaluate``),
-and precision/recall/F1 of a whole `rtsmap run` on a demo region that no model saw in training
-(the end-to-end figure users get). Prints a markdown table and writes ``results.json``.
+optionally on every chip of a second region no model saw (``--heldout-chips``: more instances
+than a test split can spare), and precision/recall/F1 of a whole `rtsmap run` on a demo region
+that no model saw in training (the end-to-end figure users get). Prints a markdown table and
+writes ``results.json``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from workflows.config import ClusterConfig, GridConfig, RunConfig
 from workflows.run import run
 
 
-def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers: int = 2) -> dict:
-    """Export, evaluate on the test split, and run end to end, for each named checkpoint."""
+def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers: int = 2,
+          heldout_chips: Path | None = None) -> dict:
+    """Export, evaluate on the test split (and on all held-out chips), and run end to end, per checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     years = json.loads((region / "region.json").read_text())["years"]
     results = {}
@@ -37,6 +40,7 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
         export_onnx(model, config, onnx_path, trained_on=f"fusion study: {checkpoint}")
         exported = time.perf_counter() - started
         test = evaluate_model(onnx_path, chips, "test")
+        heldout = evaluate_model(onnx_path, heldout_chips, "all") if heldout_chips else None
         result = run(
             RunConfig(
                 aoi=str(region / "aoi.geojson"),
@@ -56,7 +60,8 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
             str(y): {"tp": m.tp, "fp": m.fp, "fn": m.fn, "precision": m.precision, "recall": m.recall, "f1": m.f1}
             for y, m in (result.evaluation or {}).items()
         }
-        results[name] = {"checkpoint": str(checkpoint), "export_seconds": exported, "test_split": test, "end_to_end": per_year}
+        results[name] = {"checkpoint": str(checkpoint), "export_seconds": exported, "test_split": test,
+                         "heldout_chips": heldout, "end_to_end": per_year}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
@@ -64,13 +69,17 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
 def format_table(results: dict) -> str:
     """A markdown table: test-split box/mask AP and end-to-end F1 per year."""
     years = sorted({y for r in results.values() for y in r["end_to_end"]})
-    head = "| model | box AP | box AP50 | mask AP | mask AP50 | F1@0.5 (test) | " + " | ".join(f"F1 {y}" for y in years) + " |"
-    lines = [head, "|" + "---|" * (6 + len(years))]
+    heldout = all(r.get("heldout_chips") for r in results.values())
+    extra = "held-out mask AP | held-out mask AP50 | held-out F1 | " if heldout else ""
+    head = "| model | box AP | box AP50 | mask AP | mask AP50 | F1@0.5 (test) | " + extra + " | ".join(f"F1 {y}" for y in years) + " |"
+    lines = [head, "|" + "---|" * (6 + 3 * heldout + len(years))]
     for name, r in results.items():
         t = r["test_split"]
         e2e = " | ".join(f"{r['end_to_end'][y]['f1']:.3f}" for y in years)
+        h = r.get("heldout_chips")
+        held = f"{h['segm_AP']:.3f} | {h['segm_AP50']:.3f} | {h['f1']:.3f} | " if heldout else ""
         lines.append(
-            f"| {name} | {t['bbox_AP']:.3f} | {t['bbox_AP50']:.3f} | {t['segm_AP']:.3f} | {t['segm_AP50']:.3f} | {t['f1']:.3f} | {e2e} |"
+            f"| {name} | {t['bbox_AP']:.3f} | {t['bbox_AP50']:.3f} | {t['segm_AP']:.3f} | {t['segm_AP50']:.3f} | {t['f1']:.3f} | {held}{e2e} |"
         )
     return "\n".join(lines)
 
@@ -80,11 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat)")
     parser.add_argument("--chips", type=Path, required=True, help="chip folder with the test split")
     parser.add_argument("--region", type=Path, required=True, help="held-out demo region (rtsmap demo-data)")
+    parser.add_argument("--heldout-chips", type=Path, help="chips of another unseen region, all evaluated")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in args.model)
-    results = study({k: Path(v) for k, v in models.items()}, args.chips, args.region, args.out, args.workers)
+    results = study({k: Path(v) for k, v in models.items()}, args.chips, args.region, args.out, args.workers,
+                    args.heldout_chips)
     print(format_table(results))
 
 

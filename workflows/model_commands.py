@@ -6,6 +6,7 @@ stays cheap. Bad input (a missing file, a bad config key) ends as one ``error:``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,15 +46,17 @@ def train_command(config_path: Path, resume: bool, stage: str) -> None:
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Chip folder written by `rtsmap training-data`.")
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
+@click.option("--score-threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Operating point of precision/recall/F1 (default: the model's); choose it on the val split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate_command(model_path: Path, data_dir: Path, split: str, as_json: bool) -> None:
+def evaluate_command(model_path: Path, data_dir: Path, split: str, score_threshold: float | None, as_json: bool) -> None:
     """COCO box/mask AP, AP50, AP75 and F1 at IoU 0.5 of a model on a chip split."""
     from models.evaluate import evaluate_model
 
     if not model_path.exists():
         raise ModelError(f"model {model_path} does not exist")
     try:
-        metrics = evaluate_model(model_path, data_dir, split)
+        metrics = evaluate_model(model_path, data_dir, split, score_threshold=score_threshold)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if as_json:
@@ -70,7 +73,11 @@ def evaluate_command(model_path: Path, data_dir: Path, split: str, as_json: bool
 @click.option("--opset", default=17, show_default=True, type=int)
 @click.option("--trained-on", default=None,
               help="What the model was trained on, for its metadata (default: the chip folder and steps).")
-def export_command(checkpoint: Path, out_path: Path, opset: int, trained_on: str | None) -> None:
+@click.option("--score-threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Operating point stored in the file (default: the checkpoint's, 0.5); "
+                   "pick it with `rtsmap evaluate --split val --score-threshold ...`.")
+def export_command(checkpoint: Path, out_path: Path, opset: int, trained_on: str | None,
+                   score_threshold: float | None) -> None:
     """Export a checkpoint to the ONNX model file the pipeline runs."""
     from models.export import export_onnx
     from models.train import load_detector, read_weights, resolve_checkpoint
@@ -81,6 +88,8 @@ def export_command(checkpoint: Path, out_path: Path, opset: int, trained_on: str
         _, _, meta = read_weights(weights)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
+    if score_threshold is not None:
+        model.config = dataclasses.replace(model.config, score_threshold=score_threshold)
     sidecar = weights.parent / "record.json"
     if trained_on is None:
         trained_on = "untrained"
