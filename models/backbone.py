@@ -81,6 +81,9 @@ class MultimodalBackbone(nn.Module):
         Channels of every FPN level.
     fusion_heads : int, optional
         Heads of the attention fusions; default ``fpn_channels // 32`` (head width 32).
+    fusion_gate : str
+        Gate of the residual attention fusion, ``channel`` or ``query``
+        (:class:`models.fusion.ResidualCrossModalityAttention`).
 
     Attributes
     ----------
@@ -105,6 +108,7 @@ class MultimodalBackbone(nn.Module):
         fusion: str,
         fpn_channels: int = 256,
         fusion_heads: int | None = None,
+        fusion_gate: str = "channel",
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -142,7 +146,7 @@ class MultimodalBackbone(nn.Module):
         num_aux = len(modalities) - 1
         heads = fusion_heads if fusion_heads is not None else max(1, fpn_channels // 32)
         if fusion == "residual_attention":
-            fusions = {lvl: ResidualCrossModalityAttention(fpn_channels, heads, FUSION_WINDOW, num_aux) for lvl in LEVELS}
+            fusions = {lvl: ResidualCrossModalityAttention(fpn_channels, heads, FUSION_WINDOW, num_aux, fusion_gate) for lvl in LEVELS}
         elif fusion == "attention":
             fusions = {lvl: AttentionFusion(fpn_channels, heads, FUSION_WINDOW, num_aux) for lvl in LEVELS}
         elif fusion == "conv":

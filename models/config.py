@@ -47,6 +47,11 @@ class ModelConfig:
     fusion: str = "residual_attention"
     """Cross-modality fusion mode, one of :data:`FUSION_MODES`."""
 
+    fusion_gate: str = "channel"
+    """Gate of the residual attention fusion: ``channel`` (one learned scale per channel) or
+    ``query`` (also a linear function of each optical token, so it can open where optical sees
+    nothing, e.g. under cloud). Both start at zero."""
+
     modalities: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_MODALITIES))
     """Ordered mapping modality -> band names; the order is the model's input order."""
 
@@ -191,6 +196,8 @@ class ModelConfig:
             raise bad("name", "must be a non-empty string")
         if self.fusion not in FUSION_MODES:
             raise bad("fusion", f"must be one of {FUSION_MODES}")
+        if self.fusion_gate not in ("channel", "query"):
+            raise bad("fusion_gate", "must be 'channel' or 'query'")
         if not self.modalities or any(len(b) == 0 for b in self.modalities.values()):
             raise bad("modalities", "needs at least one modality, each with at least one band")
         if self.fusion == "none" and len(self.modalities) != 1:

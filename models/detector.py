@@ -52,6 +52,7 @@ def build_backbone(config: ModelConfig) -> nn.Module:
         img_size=config.tile_size,
         fusion=config.fusion,
         fpn_channels=config.fpn_channels,
+        fusion_gate=config.fusion_gate,
     )
 
 

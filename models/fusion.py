@@ -113,10 +113,12 @@ class _CrossModalityAttention(nn.Module):
 class ResidualCrossModalityAttention(_CrossModalityAttention):
     """Cross-modality attention added to the optical map through a zero-initialised gate.
 
-    ``out = optical + gate * attention(optical -> [sar, dem])`` with ``gate`` a per-channel
-    scale starting at 0: at initialisation the fused model equals the optical-only model, so
-    fine-tuning from unimodal checkpoints starts from the optical model's accuracy and the
-    auxiliary modalities are let in as far as they help.
+    ``out = optical + gate * attention(optical -> [sar, dem])`` with ``gate`` starting at 0: at
+    initialisation the fused model equals the optical-only model, so fine-tuning from unimodal
+    checkpoints starts from the optical model's accuracy and the auxiliary modalities are let in
+    as far as they help. The ``channel`` gate is one scale per channel, the same everywhere; the
+    ``query`` gate adds a linear function of each (normalised) optical token, so it can open
+    where the optical map carries nothing, e.g. under cloud, and stay shut elsewhere.
 
     Parameters
     ----------
@@ -128,6 +130,8 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
         Odd side of the neighbourhood of auxiliary tokens each optical token attends to.
     num_aux : int
         Number of auxiliary modalities (2 for SAR + DEM).
+    gate : str
+        ``channel`` or ``query``.
 
     Raises
     ------
@@ -135,9 +139,15 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
         On inconsistent sizes.
     """
 
-    def __init__(self, channels: int, num_heads: int, window: int = 3, num_aux: int = 2) -> None:
+    def __init__(self, channels: int, num_heads: int, window: int = 3, num_aux: int = 2, gate: str = "channel") -> None:
         super().__init__(channels, num_heads, window, num_aux)
+        if gate not in ("channel", "query"):
+            raise ValueError(f"fusion: gate must be 'channel' or 'query', got {gate!r}")
         self.gate = nn.Parameter(torch.zeros(channels))
+        self.gate_from_query = None
+        if gate == "query":
+            self.gate_from_query = nn.Linear(channels, channels, bias=False)
+            nn.init.zeros_(self.gate_from_query.weight)
 
     def forward(self, optical: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
         """Fuse one FPN level.
@@ -154,7 +164,11 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
         Tensor
             [B, C, H, W].
         """
-        return optical + self.gate[None, :, None, None] * self.attend(optical, aux)
+        gate = self.gate[None, :, None, None]
+        if self.gate_from_query is not None:
+            tokens = self.norm_q(optical.permute(0, 2, 3, 1))
+            gate = gate + self.gate_from_query(tokens).permute(0, 3, 1, 2)
+        return optical + gate * self.attend(optical, aux)
 
 
 class AttentionFusion(_CrossModalityAttention):

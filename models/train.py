@@ -343,7 +343,7 @@ def make_optimizer(model: nn.Module, weight_decay: float, gate_lr_scale: float =
     """
     decay, no_decay, gates = [], [], []
     for name, p in model.named_parameters():
-        if name.endswith(".gate"):
+        if name.endswith(".gate") or ".gate_from_query." in name:
             gates.append(p)
         elif p.ndim >= 2 and "embed" not in name and "rel_pos" not in name:
             decay.append(p)

@@ -66,6 +66,27 @@ def test_residual_attention_starts_as_identity_and_gate_learns():
     assert not torch.allclose(module(opt, aux), opt)
 
 
+def test_query_gate_starts_shut_and_can_open_per_position():
+    module = ResidualCrossModalityAttention(16, 2, 3, gate="query")
+    opt = torch.randn(2, 16, 8, 8)
+    aux = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)]
+    out = module(opt, aux)
+    assert torch.equal(out, opt)
+    out.square().sum().backward()
+    assert module.gate_from_query.weight.grad.abs().sum() > 0
+    # A gate that depends on the optical token lets the same weights add SAR at one pixel
+    # (here: where the optical map is zero, as under cloud) and not at another.
+    with torch.no_grad():
+        module.gate_from_query.weight.copy_(-torch.eye(16))
+        module.norm_q.bias.fill_(1.0)  # normalised all-zero token = the bias = 1 -> gate -1
+    opt[:, :, :4] = 0.0
+    with torch.no_grad():
+        fused = module(opt, aux)
+    assert not torch.allclose(fused[:, :, :4], opt[:, :, :4])
+    with pytest.raises(ValueError, match="gate must be"):
+        ResidualCrossModalityAttention(16, 2, 3, gate="pixel")
+
+
 def test_attention_fusion_output_depends_on_the_auxiliary_maps():
     module = AttentionFusion(16, 2, 1).eval()
     opt = torch.randn(1, 16, 4, 4)

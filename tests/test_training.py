@@ -343,3 +343,7 @@ def test_fusion_gates_get_their_own_learning_rate():
     # A unimodal model has no gates and no gate group.
     unimodal = RTSDetector(build_config("demo", tile_size=64, fusion="none", modalities={"optical": ("blue", "green", "red", "nir")}))
     assert all("lr_scale" not in g for g in make_optimizer(unimodal, 0.05, 30.0).param_groups)
+    # The query gate's weights are gate parameters too.
+    query = RTSDetector(build_config("demo", tile_size=64, fusion="residual_attention", fusion_gate="query"))
+    (gates,) = [g for g in make_optimizer(query, 0.05, 30.0).param_groups if "lr_scale" in g]
+    assert len(gates["params"]) == 10

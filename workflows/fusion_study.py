@@ -19,11 +19,55 @@ import json
 import time
 from pathlib import Path
 
-from models.evaluate import evaluate_model
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from models.evaluate import evaluate_model, f1_at, predict_onnx
 from models.export import export_onnx
-from models.train import load_detector
+from models.train import load_detector, resolve_checkpoint
 from workflows.config import ClusterConfig, GridConfig, RunConfig
 from workflows.run import run
+
+
+def training_record(checkpoint: Path) -> dict | None:
+    """What trained a checkpoint: seed, steps, time and config, from its stage's ``record.json``."""
+    path = resolve_checkpoint(checkpoint).parent / "record.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    keys = ("stage", "seed", "steps", "train_seconds", "seconds_per_step", "device", "train_chips", "train_config")
+    return {k: record.get(k) for k in keys}
+
+
+def recall_by_optical_view(onnx_path: Path, chips: Path, split: str = "all", hidden: float = 0.5) -> dict:
+    """Recall at the model's operating point, for slumps optical sees and for those it does not.
+
+    A true slump counts as hidden when at least ``hidden`` of its pixels are invalid in the
+    chip's optical mosaic (cloud, shadow or nodata in every scene of the season): only SAR and
+    the DEM can find those, so this shows what a fusion takes from them.
+
+    Returns
+    -------
+    dict
+        ``{"visible": {...}, "hidden": {...}}``, each ``instances, tp, recall``.
+    """
+    results, dataset, threshold = predict_onnx(onnx_path, chips, split)
+    kept = [r for r in results if r["score"] > threshold]
+    gt = dataset.coco
+    files = {image["id"]: image["file_name"] for image in gt["images"]}
+    groups: dict[str, list] = {"visible": [], "hidden": []}
+    for ann in gt["annotations"]:
+        with np.load(chips / files[ann["image_id"]]) as z:
+            valid = z["optical_valid"]
+        seg = ann["segmentation"]
+        mask = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+        covered = 1.0 - float(valid[mask].mean()) if mask.any() else 0.0
+        groups["hidden" if covered >= hidden else "visible"].append(ann)
+    out = {}
+    for name, anns in groups.items():
+        m = f1_at({"images": gt["images"], "annotations": anns}, kept, 0.5)
+        out[name] = {"instances": len(anns), "tp": m["tp"], "recall": m["recall"]}
+    return out
 
 
 def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers: int = 2,
@@ -41,6 +85,7 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
         exported = time.perf_counter() - started
         test = evaluate_model(onnx_path, chips, "test")
         heldout = evaluate_model(onnx_path, heldout_chips, "all") if heldout_chips else None
+        by_view = recall_by_optical_view(onnx_path, heldout_chips) if heldout_chips else None
         result = run(
             RunConfig(
                 aoi=str(region / "aoi.geojson"),
@@ -60,8 +105,9 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
             str(y): {"tp": m.tp, "fp": m.fp, "fn": m.fn, "precision": m.precision, "recall": m.recall, "f1": m.f1}
             for y, m in (result.evaluation or {}).items()
         }
-        results[name] = {"checkpoint": str(checkpoint), "export_seconds": exported, "test_split": test,
-                         "heldout_chips": heldout, "end_to_end": per_year}
+        results[name] = {"checkpoint": str(checkpoint), "training": training_record(checkpoint),
+                         "export_seconds": exported, "test_split": test,
+                         "heldout_chips": heldout, "recall_by_optical_view": by_view, "end_to_end": per_year}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
