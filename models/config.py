@@ -50,7 +50,8 @@ class ModelConfig:
     fusion_gate: str = "channel"
     """Gate of the residual attention fusion: ``channel`` (one learned scale per channel) or
     ``query`` (also a linear function of each optical token, so it can open where optical sees
-    nothing, e.g. under cloud). Both start at zero."""
+    nothing, e.g. under cloud). Both start at zero. The named variants use ``query``
+    (docs/fusion-study.md); ``channel`` is what checkpoints without this field were trained with."""
 
     modalities: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_MODALITIES))
     """Ordered mapping modality -> band names; the order is the model's input order."""
@@ -294,13 +295,14 @@ class ModelConfig:
 
 MODEL_VARIANTS: dict[str, ModelConfig] = {
     # MViTv2-T at 512 px: the production model.
-    "tiny": ModelConfig(name="tiny", backbone="tiny", tile_size=512, fpn_channels=256),
+    "tiny": ModelConfig(name="tiny", backbone="tiny", tile_size=512, fpn_channels=256, fusion_gate="query"),
     # The demo backbone at 256 px with slim heads: trains and runs on a laptop CPU.
     "demo": ModelConfig(
         name="demo",
         backbone="demo",
         tile_size=256,
         fpn_channels=64,
+        fusion_gate="query",
         rpn_pre_nms_top_n_train=1000,
         rpn_pre_nms_top_n_test=500,
         rpn_post_nms_top_n_train=500,

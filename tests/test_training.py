@@ -331,7 +331,7 @@ def test_fusion_gates_get_their_own_learning_rate():
     from models.train import make_optimizer
 
     torch.manual_seed(0)
-    model = RTSDetector(build_config("demo", tile_size=64, fusion="residual_attention"))
+    model = RTSDetector(build_config("demo", tile_size=64, fusion="residual_attention", fusion_gate="channel"))
     optimizer = make_optimizer(model, weight_decay=0.05, gate_lr_scale=30.0)
     gate_ids = {id(p) for n, p in model.named_parameters() if n.endswith(".gate")}
     assert len(gate_ids) == 5  # one per FPN level, P2..P6
