@@ -232,12 +232,10 @@ class MultimodalBackbone(nn.Module):
                 f"(fusion {self.fusion!r}, modalities {list(self.modalities)})"
             )
         branch = STACKED if self.fusion == "data_level" else modality
-        own_state = self.state_dict()
-        own = {k: v for k, v in own_state.items() if k.startswith((f"encoders.{branch}.", f"fpns.{branch}."))}
+        own = {k: v for k, v in self.state_dict().items() if k.startswith((f"encoders.{branch}.", f"fpns.{branch}."))}
         stem_key = f"encoders.{branch}.patch_embed.weight"
-        offset = 0
-        for m in self.modalities[: self.modalities.index(modality)]:
-            offset += self.in_channels[m]
+        # Where this modality's bands start in the stacked input (data-level fusion).
+        offset = sum(self.in_channels[m] for m in self.modalities[: self.modalities.index(modality)])
         selected: dict[str, torch.Tensor] = {}
         unexpected: list[str] = []
         for key, value in state_dict.items():

@@ -76,20 +76,28 @@ class _CrossModalityAttention(nn.Module):
         self.kv = nn.Linear(channels, 2 * channels)
         self.proj = nn.Linear(channels, channels)
 
-    def attend(self, optical: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
-        """Attention output as a map [B, C, H, W] (not yet added to anything)."""
+    def query_tokens(self, optical: torch.Tensor) -> torch.Tensor:
+        """The normalised optical tokens [B, H, W, C] of a map [B, C, H, W] (queries and gate input)."""
+        return self.norm_q(optical.permute(0, 2, 3, 1))
+
+    def attend(self, tokens: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
+        """Attention output as a map [B, C, H, W] (not yet added to anything).
+
+        ``tokens`` are :meth:`query_tokens` of the optical map, so a caller that also needs them
+        (the query gate) normalises once.
+        """
         if len(aux) != self.num_aux:
             raise ValueError(f"fusion: expected {self.num_aux} auxiliary maps, got {len(aux)}")
+        batch, height, width, channels = tokens.shape
         for a in aux:
             # Skipped while tracing for ONNX: the traced shapes are symbolic, the check is not.
-            if not torch.jit.is_tracing() and a.shape[1:] != optical.shape[1:]:
+            if not torch.jit.is_tracing() and tuple(a.shape[1:]) != (channels, height, width):
                 raise ValueError(
-                    f"fusion: auxiliary map shape {list(a.shape)} differs from optical {list(optical.shape)}"
+                    f"fusion: auxiliary map shape {list(a.shape)} differs from optical {[batch, channels, height, width]}"
                 )
-        height, width = optical.shape[-2], optical.shape[-1]
         heads, head_dim = self.num_heads, self.channels // self.num_heads
         radius = self.window // 2
-        q = self.q(self.norm_q(optical.permute(0, 2, 3, 1)))  # [B, H, W, C]
+        q = self.q(tokens)  # [B, H, W, C]
         q = q.permute(0, 3, 1, 2).reshape(-1, heads, head_dim, height, width) * head_dim**-0.5
         keys, values = [], []
         for i, a in enumerate(aux):
@@ -164,11 +172,11 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
         Tensor
             [B, C, H, W].
         """
+        tokens = self.query_tokens(optical)
         gate = self.gate[None, :, None, None]
         if self.gate_from_query is not None:
-            tokens = self.norm_q(optical.permute(0, 2, 3, 1))
             gate = gate + self.gate_from_query(tokens).permute(0, 3, 1, 2)
-        return optical + gate * self.attend(optical, aux)
+        return optical + gate * self.attend(tokens, aux)
 
 
 class AttentionFusion(_CrossModalityAttention):
@@ -190,7 +198,7 @@ class AttentionFusion(_CrossModalityAttention):
 
     def forward(self, optical: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
         """Fuse one FPN level: [B, C, H, W] optical and auxiliary maps -> [B, C, H, W]."""
-        out = self.attend(optical, aux)
+        out = self.attend(self.query_tokens(optical), aux)
         return self.norm_out(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 

@@ -180,11 +180,11 @@ def load_train_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     if unknown:
         raise ValueError(f"training config {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
     for key in ("data", "out"):
-        if key not in raw:
+        if raw.get(key) is None:
             raise ValueError(f"training config {path}: {key!r} is required")
-        raw[key] = str((path.parent / str(raw[key])).resolve())
-    if raw.get("unimodal_from") is not None:
-        raw["unimodal_from"] = str((path.parent / str(raw["unimodal_from"])).resolve())
+    for key in ("data", "out", "unimodal_from"):  # paths, taken relative to the file
+        if raw.get(key) is not None:
+            raw[key] = str((path.parent / str(raw[key])).resolve())
     try:
         return TrainConfig(**raw)
     except TypeError as exc:

@@ -322,6 +322,9 @@ def test_train_config_refuses_unknown_keys(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: x\nout: y\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
         load_train_config(tmp_path / "bad.yaml")
+    (tmp_path / "null.yaml").write_text("data: null\nout: y\n")
+    with pytest.raises(ValueError, match="'data' is required"):
+        load_train_config(tmp_path / "null.yaml")
 
 
 def test_fusion_gates_get_their_own_learning_rate():

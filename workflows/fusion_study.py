@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from models.evaluate import evaluate_model, f1_at, predict_onnx
+from models.data import ChipDataset
+from models.evaluate import coco_metrics, evaluate_model, f1_at, predict_onnx
 from models.export import export_onnx
 from models.train import load_detector, resolve_checkpoint
 from workflows.config import ClusterConfig, GridConfig, RunConfig
@@ -39,25 +40,31 @@ def training_record(checkpoint: Path) -> dict | None:
     return {k: record.get(k) for k in keys}
 
 
-def recall_by_optical_view(onnx_path: Path, chips: Path, split: str = "all", hidden: float = 0.5) -> dict:
-    """Recall at the model's operating point, for slumps optical sees and for those it does not.
+def recall_by_optical_view(results: list[dict], dataset: ChipDataset, score_threshold: float, hidden: float = 0.5) -> dict:
+    """Recall at the operating point, for slumps optical sees and for those it does not.
 
     A true slump counts as hidden when at least ``hidden`` of its pixels are invalid in the
     chip's optical mosaic (cloud, shadow or nodata in every scene of the season): only SAR and
     the DEM can find those, so this shows what a fusion takes from them.
+
+    Parameters
+    ----------
+    results, dataset, score_threshold
+        What :func:`models.evaluate.predict_onnx` returns for the chips.
+    hidden
+        Smallest invalid fraction of a hidden slump.
 
     Returns
     -------
     dict
         ``{"visible": {...}, "hidden": {...}}``, each ``instances, tp, recall``.
     """
-    results, dataset, threshold = predict_onnx(onnx_path, chips, split)
-    kept = [r for r in results if r["score"] > threshold]
+    kept = [r for r in results if r["score"] > score_threshold]
     gt = dataset.coco
     files = {image["id"]: image["file_name"] for image in gt["images"]}
     groups: dict[str, list] = {"visible": [], "hidden": []}
     for ann in gt["annotations"]:
-        with np.load(chips / files[ann["image_id"]]) as z:
+        with np.load(dataset.root / files[ann["image_id"]]) as z:
             valid = z["optical_valid"]
         seg = ann["segmentation"]
         mask = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
@@ -68,6 +75,15 @@ def recall_by_optical_view(onnx_path: Path, chips: Path, split: str = "all", hid
         m = f1_at({"images": gt["images"], "annotations": anns}, kept, 0.5)
         out[name] = {"instances": len(anns), "tp": m["tp"], "recall": m["recall"]}
     return out
+
+
+def evaluate_heldout(onnx_path: Path, chips: Path) -> tuple[dict, dict]:
+    """COCO metrics on every chip of an unseen region and recall by optical view, from one ORT pass."""
+    results, dataset, threshold = predict_onnx(onnx_path, chips, "all")
+    metrics = {"model": str(onnx_path), "split": "all", "chips": len(dataset),
+               "instances": len(dataset.coco["annotations"]), "score_threshold": threshold,
+               **coco_metrics(dataset.coco, results, threshold)}
+    return metrics, recall_by_optical_view(results, dataset, threshold)
 
 
 def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers: int = 2,
@@ -84,8 +100,7 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
         export_onnx(model, config, onnx_path, trained_on=f"fusion study: {checkpoint}")
         exported = time.perf_counter() - started
         test = evaluate_model(onnx_path, chips, "test")
-        heldout = evaluate_model(onnx_path, heldout_chips, "all") if heldout_chips else None
-        by_view = recall_by_optical_view(onnx_path, heldout_chips) if heldout_chips else None
+        heldout, by_view = evaluate_heldout(onnx_path, heldout_chips) if heldout_chips else (None, None)
         result = run(
             RunConfig(
                 aoi=str(region / "aoi.geojson"),
