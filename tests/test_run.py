@@ -250,6 +250,9 @@ def test_worker_killed_mid_run(demo_region, model_path, reference, tmp_path):
         assert "pid" in killed, "no worker was killed: the tasks ran too fast"
         assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == "zombie"
         assert killed["pid"] not in client.run(os.getpid).values()
+    # The worker may have died mid-write (leaving its temporary file) or not; plant one so the
+    # clean-up is always checked: a run whose chunk-years are all done removes such leftovers.
+    (plan.store.root / str(YEARS[0]) / ".dead-writer.parquet.x1y2z3.tmp").write_bytes(b"half a parquet")
     result = finish(plan, started=time.monotonic(), started_iso="")
 
     # Every chunk-year came back once, processed, and its fragment exists exactly once.

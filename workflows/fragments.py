@@ -9,7 +9,9 @@ Layout::
 The run key joins the model's hash and the hash of the configuration that changes results, so a
 new model or new settings never reuse old fragments. The parquet file is renamed into place
 first and the marker last: a marker means the fragment beside it is complete; a crash between
-the two leaves a parquet without marker, which the next run simply rewrites.
+the two leaves a parquet without marker, which the next run simply rewrites. A writer killed
+mid-write leaves a hidden ``.<name>.<random>.tmp`` file; a run whose every chunk-year is done
+removes such leftovers (no writer of its own can still be running then).
 """
 
 from __future__ import annotations
@@ -109,6 +111,16 @@ class FragmentStore:
                 with np.load(path) as npz:
                     out.append((npz["image"].astype(np.float32), Affine(*npz["transform"])))
         return out
+
+    def remove_temporaries(self) -> int:
+        """Remove the temporary files of writers that died mid-write; returns how many.
+
+        Call only when no writer of this run key can still be running (every chunk-year done).
+        """
+        leftovers = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
 
     def failures(self, year: int) -> dict[str, dict[str, Any]]:
         """Failure records of a year by chunk id."""

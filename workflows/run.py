@@ -351,6 +351,9 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
                 failed=int(counts.get("failed", 0)),
             )
         )
+    if not failures:
+        # Every chunk-year is done, so any temporary file left is a dead writer's.
+        store.remove_temporaries()
     info = plan.model_info
     metadata = {
         "configuration": config_to_dict(config),
