@@ -248,6 +248,24 @@ def test_data_level_study_run_starts_from_the_optical_checkpoint(trained, tmp_pa
     assert load_detector(tmp_path / "study" / "fusion").config.fusion == "data_level"
 
 
+def test_train_command_repeats_a_config_with_another_seed_and_output(trained, tmp_path):
+    """`rtsmap train --seed N --out DIR`: the same config, another seed, its own folder."""
+    from click.testing import CliRunner
+
+    from workflows.cli import cli
+
+    tc, _, _ = trained
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"data": tc.data, "out": str(tmp_path / "unused"), "unimodal_from": tc.out,
+                                      "fusion_steps": 2, "warmup_steps": 1, "freeze_backbone_steps": 0,
+                                      "batch_size": 2, "evaluate": False, "checkpoint_every": 2}))
+    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--seed", "7", "--out", str(tmp_path / "seed7")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "seed7" / "fusion" / "record.json").read_text())
+    assert record["seed"] == 7 and record["steps"] == 2
+    assert not (tmp_path / "unused").exists()
+
+
 def test_metrics_wiring_with_stand_in_predictions(chips):
     # A stand-in prediction set built from the ground truth itself, at the metric boundary:
     # it tests the pycocotools wiring (AP = 1 for perfect predictions, lower when perturbed),

@@ -25,12 +25,16 @@ from workflows.training_data import training_data_command  # noqa: F401
               help="Continue from the newest checkpoints and skip finished stages; --no-resume starts over.")
 @click.option("--stage", type=click.Choice(["unimodal", "fusion", "all"]), default="all", show_default=True,
               help="unimodal: one model per modality; fusion: the fused model from their checkpoints.")
-def train_command(config_path: Path, resume: bool, stage: str) -> None:
+@click.option("--seed", type=int, default=None, help="Replaces the config's seed (repeat runs of one config).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Replaces the config's output folder (relative to the current directory).")
+def train_command(config_path: Path, resume: bool, stage: str, seed: int | None, out_dir: Path | None) -> None:
     """Train the detector: unimodal pretraining, then multimodal fine-tuning (resumable)."""
     from models.train import load_train_config, train
 
+    overrides = {"seed": seed, "out": out_dir and str(out_dir.resolve())}
     try:
-        tc = load_train_config(config_path)
+        tc = load_train_config(config_path, **{k: v for k, v in overrides.items() if v is not None})
         run = train(tc, stage=stage, resume=resume)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
