@@ -334,6 +334,46 @@ def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
     assert read_model_metadata(tmp_path / "t03.onnx")["score_threshold"] == 0.3
 
 
+def test_recall_by_optical_view_splits_slumps_by_what_optical_sees(chips):
+    # Stand-in predictions (the ground truth itself) at the metric boundary: this checks the
+    # grouping by optical validity and the recall wiring, not a model.
+    from models.data import ChipDataset
+    from workflows.fusion_study import recall_by_optical_view
+
+    data = ChipDataset(chips, "all", {"optical": ("blue",)}, {"optical": {"mean": [0.0], "std": [1.0]}})
+    total = len(data.coco["annotations"])
+    perfect = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0,
+                "segmentation": a["segmentation"]} for a in data.coco["annotations"]]
+    found = recall_by_optical_view(perfect, data, score_threshold=0.5)
+    assert found["visible"]["instances"] + found["hidden"]["instances"] == total
+    assert found["hidden"]["instances"] > 0, "the demo region hides some slumps under cloud"
+    assert found["visible"]["recall"] == found["hidden"]["recall"] == 1.0
+    # Below the operating point nothing counts; the threshold of "hidden" moves slumps between groups.
+    assert recall_by_optical_view(perfect, data, score_threshold=1.0)["visible"]["tp"] == 0
+    assert recall_by_optical_view(perfect, data, 0.5, hidden=0.0)["hidden"]["instances"] == total
+    assert recall_by_optical_view(perfect, data, 0.5, hidden=1.01)["visible"]["instances"] == total
+
+
+def test_fusion_study_exports_evaluates_and_runs_each_model(trained, chips, demo_region, tmp_path):
+    """The study script over one tiny checkpoint: ONNX, test and held-out metrics, a whole run, a table."""
+    from workflows.fusion_study import format_table, study
+
+    tc, _, _ = trained
+    results = study({"fused": Path(tc.out) / "fusion"}, chips, demo_region.root, tmp_path / "study",
+                    heldout_chips=chips)
+    assert json.loads((tmp_path / "study" / "results.json").read_text()) == json.loads(json.dumps(results, default=str))
+    r = results["fused"]
+    assert (tmp_path / "study" / "fused.onnx").is_file() and (tmp_path / "study" / "fused.gpkg").is_file()
+    assert r["training"]["stage"] == "fusion" and r["training"]["steps"] == 3 and r["training"]["seed"] == 0
+    assert r["heldout_chips"]["instances"] == len(_coco(chips)["annotations"])
+    assert r["test_split"]["split"] == "test" and r["test_split"]["instances"] < r["heldout_chips"]["instances"]
+    views = r["recall_by_optical_view"]
+    assert views["visible"]["instances"] + views["hidden"]["instances"] == r["heldout_chips"]["instances"]
+    assert sorted(r["end_to_end"]) == ["2021", "2022", "2023"]
+    table = format_table(results).splitlines()
+    assert len(table) == 3 and table[2].startswith("| fused |") and table[0].count("|") == table[2].count("|")
+
+
 def test_train_config_refuses_unknown_keys(tmp_path):
     from models.train import load_train_config
 

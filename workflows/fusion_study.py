@@ -127,6 +127,10 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
     return results
 
 
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"  # AP is None on a split without true instances
+
+
 def format_table(results: dict) -> str:
     """A markdown table: test-split box/mask AP and end-to-end F1 per year."""
     years = sorted({y for r in results.values() for y in r["end_to_end"]})
@@ -135,13 +139,11 @@ def format_table(results: dict) -> str:
     head = "| model | box AP | box AP50 | mask AP | mask AP50 | F1@0.5 (test) | " + extra + " | ".join(f"F1 {y}" for y in years) + " |"
     lines = [head, "|" + "---|" * (6 + 3 * heldout + len(years))]
     for name, r in results.items():
-        t = r["test_split"]
-        e2e = " | ".join(f"{r['end_to_end'][y]['f1']:.3f}" for y in years)
-        h = r.get("heldout_chips")
-        held = f"{h['segm_AP']:.3f} | {h['segm_AP50']:.3f} | {h['f1']:.3f} | " if heldout else ""
-        lines.append(
-            f"| {name} | {t['bbox_AP']:.3f} | {t['bbox_AP50']:.3f} | {t['segm_AP']:.3f} | {t['segm_AP50']:.3f} | {t['f1']:.3f} | {held}{e2e} |"
-        )
+        t, h = r["test_split"], r.get("heldout_chips")
+        cells = [t["bbox_AP"], t["bbox_AP50"], t["segm_AP"], t["segm_AP50"], t["f1"]]
+        cells += [h["segm_AP"], h["segm_AP50"], h["f1"]] if heldout else []
+        cells += [r["end_to_end"][y]["f1"] for y in years]
+        lines.append(f"| {name} | " + " | ".join(map(_cell, cells)) + " |")
     return "\n".join(lines)
 
 
