@@ -17,6 +17,9 @@ from typing import Any
 #: Fusion modes understood by ``models.backbone.MultimodalBackbone``.
 FUSION_MODES = ("none", "data_level", "conv", "attention", "residual_attention")
 
+#: Gates of ``models.fusion.ResidualCrossModalityAttention``.
+FUSION_GATES = ("channel", "query")
+
 DEFAULT_MODALITIES: dict[str, tuple[str, ...]] = {
     "optical": ("blue", "green", "red", "nir"),
     "sar": ("vv", "vh"),
@@ -197,8 +200,8 @@ class ModelConfig:
             raise bad("name", "must be a non-empty string")
         if self.fusion not in FUSION_MODES:
             raise bad("fusion", f"must be one of {FUSION_MODES}")
-        if self.fusion_gate not in ("channel", "query"):
-            raise bad("fusion_gate", "must be 'channel' or 'query'")
+        if self.fusion_gate not in FUSION_GATES:
+            raise bad("fusion_gate", f"must be one of {FUSION_GATES}")
         if not self.modalities or any(len(b) == 0 for b in self.modalities.values()):
             raise bad("modalities", "needs at least one modality, each with at least one band")
         if self.fusion == "none" and len(self.modalities) != 1:

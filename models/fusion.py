@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import FUSION_GATES
+
 
 class _CrossModalityAttention(nn.Module):
     """Local cross-modality attention: the attention shared by the two attention fusions.
@@ -149,8 +151,8 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
 
     def __init__(self, channels: int, num_heads: int, window: int = 3, num_aux: int = 2, gate: str = "channel") -> None:
         super().__init__(channels, num_heads, window, num_aux)
-        if gate not in ("channel", "query"):
-            raise ValueError(f"fusion: gate must be 'channel' or 'query', got {gate!r}")
+        if gate not in FUSION_GATES:
+            raise ValueError(f"fusion: gate must be one of {FUSION_GATES}, got {gate!r}")
         self.gate = nn.Parameter(torch.zeros(channels))
         self.gate_from_query = None
         if gate == "query":

@@ -137,7 +137,7 @@ class TrainConfig:
         for name in ("batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}: must be >= 1, got {getattr(self, name)!r}")
-        for name in ("unimodal_steps", "fusion_steps", "warmup_steps", "freeze_backbone_steps", "num_workers", "threads"):
+        for name in ("seed", "unimodal_steps", "fusion_steps", "warmup_steps", "freeze_backbone_steps", "num_workers", "threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"TrainConfig.{name}: must be >= 0, got {getattr(self, name)!r}")
         if not (self.lr > 0 and self.fusion_lr > 0):

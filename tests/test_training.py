@@ -383,6 +383,8 @@ def test_train_config_refuses_unknown_keys(tmp_path):
     (tmp_path / "null.yaml").write_text("data: null\nout: y\n")
     with pytest.raises(ValueError, match="'data' is required"):
         load_train_config(tmp_path / "null.yaml")
+    with pytest.raises(ValueError, match="seed: must be >= 0"):  # numpy's seeding would say only "expected non-negative integer"
+        load_train_config(tmp_path / "null.yaml", data="x", seed=-1)
 
 
 def test_fusion_gates_get_their_own_learning_rate():

@@ -62,10 +62,13 @@ def recall_by_optical_view(results: list[dict], dataset: ChipDataset, score_thre
     kept = [r for r in results if r["score"] > score_threshold]
     gt = dataset.coco
     files = {image["id"]: image["file_name"] for image in gt["images"]}
+    valid_by_image: dict[int, np.ndarray] = {}  # a chip holds several slumps: read its mask once
     groups: dict[str, list] = {"visible": [], "hidden": []}
     for ann in gt["annotations"]:
-        with np.load(dataset.root / files[ann["image_id"]]) as z:
-            valid = z["optical_valid"]
+        if ann["image_id"] not in valid_by_image:
+            with np.load(dataset.root / files[ann["image_id"]]) as z:
+                valid_by_image[ann["image_id"]] = z["optical_valid"]
+        valid = valid_by_image[ann["image_id"]]
         seg = ann["segmentation"]
         mask = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
         covered = 1.0 - float(valid[mask].mean()) if mask.any() else 0.0
