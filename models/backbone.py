@@ -24,8 +24,8 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from models.fusion import AttentionFusion, ConvFusion, ResidualCrossModalityAttention
-from models.mvit import STAGE_NAMES, MViTConfig, MViTv2
+from rtsmap.models.fusion import AttentionFusion, ConvFusion, ResidualCrossModalityAttention
+from rtsmap.models.mvit import STAGE_NAMES, MViTConfig, MViTv2
 
 FUSIONS = ("none", "data_level", "conv", "attention", "residual_attention")
 LEVELS = ("p2", "p3", "p4", "p5", "p6")

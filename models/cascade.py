@@ -29,7 +29,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.ops import box_iou, clip_boxes_to_image, roi_align
 from torchvision.ops.poolers import LevelMapper
 
-from models.config import ModelConfig
+from rtsmap.models.config import ModelConfig
 
 
 def rois_from_list(boxes: list[Tensor]) -> Tensor:

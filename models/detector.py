@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
-from models.cascade import CascadeRoIHeads, build_roi_heads
-from models.config import ModelConfig
-from models.rpn import BatchedRPN, build_rpn
+from rtsmap.models.cascade import CascadeRoIHeads, build_roi_heads
+from rtsmap.models.config import ModelConfig
+from rtsmap.models.rpn import BatchedRPN, build_rpn
 
 #: FPN levels the backbone returns; RoIs are pooled from all but the last (P6).
 FEATURE_NAMES = ("p2", "p3", "p4", "p5", "p6")
@@ -41,8 +41,8 @@ def build_backbone(config: ModelConfig) -> nn.Module:
         ``models.backbone.MultimodalBackbone``.
     """
     # Imported here so the heads can be built and tested with another backbone.
-    from models.backbone import MultimodalBackbone
-    from models.mvit import MVIT_VARIANTS
+    from rtsmap.models.backbone import MultimodalBackbone
+    from rtsmap.models.mvit import MVIT_VARIANTS
 
     if config.backbone not in MVIT_VARIANTS:
         raise ValueError(f"ModelConfig.backbone: unknown MViT variant {config.backbone!r}")

@@ -28,7 +28,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from models.data import ChipDataset, collate
+from rtsmap.models.data import ChipDataset, collate
 
 #: Keys of the metrics dict, in order.
 METRIC_KEYS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75",
@@ -206,7 +206,7 @@ def predict_onnx(path: str | os.PathLike, root: str | os.PathLike, split: str, *
     """
     import onnxruntime as ort
 
-    from models.export import read_model_metadata
+    from rtsmap.models.export import read_model_metadata
 
     meta = read_model_metadata(path)
     dataset = ChipDataset(root, split, meta["bands"], meta["normalization"])
@@ -275,7 +275,7 @@ def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split
                 "instances": len(dataset.coco["annotations"]), "score_threshold": threshold, **metrics}
     import dataclasses
 
-    from models.train import load_detector
+    from rtsmap.models.train import load_detector
 
     model = load_detector(path, device)
     if score_threshold is not None:

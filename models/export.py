@@ -21,8 +21,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.detector import MASK_SIZE, RTSDetector
+from rtsmap.models.config import ModelConfig
+from rtsmap.models.detector import MASK_SIZE, RTSDetector
 
 #: Value of the metadata's "format" key.
 METADATA_FORMAT = "rtsmap-model/1"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import FUSION_GATES
+from rtsmap.models.config import FUSION_GATES
 
 
 class _CrossModalityAttention(nn.Module):

@@ -17,7 +17,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from models.config import ModelConfig
+from rtsmap.models.config import ModelConfig
 
 
 class BatchedRPN(RegionProposalNetwork):

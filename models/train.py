@@ -48,9 +48,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.config import DEFAULT_NORMALIZATION, ModelConfig, build_config
-from models.data import Augment, ChipDataset, collate, read_manifest
-from models.detector import RTSDetector
+from rtsmap.models.config import DEFAULT_NORMALIZATION, ModelConfig, build_config
+from rtsmap.models.data import Augment, ChipDataset, collate, read_manifest
+from rtsmap.models.detector import RTSDetector
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +518,7 @@ def train_stage(
         "weights": str(stage_dir / "model.safetensors"),
     }
     if tc.evaluate:
-        from models.evaluate import evaluate_detector
+        from rtsmap.models.evaluate import evaluate_detector
 
         try:
             record["metrics"] = {"val": evaluate_detector(model, tc.data, "val", device=str(device))}

@@ -32,7 +32,7 @@ from pyproj.exceptions import CRSError
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
-from pipeline.errors import AOIError, ConfigError
+from rtsmap.pipeline.errors import AOIError, ConfigError
 
 WGS84 = "EPSG:4326"
 DENSIFY_DEGREES = 0.1

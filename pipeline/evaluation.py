@@ -23,8 +23,8 @@ import numpy as np
 import pyogrio
 import shapely
 
-from pipeline.errors import ConfigError
-from pipeline.inventory import read_inventory
+from rtsmap.pipeline.errors import ConfigError
+from rtsmap.pipeline.inventory import read_inventory
 
 _RTS_LAYER = re.compile(r"^rts_(\d{4})$")
 

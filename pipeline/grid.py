@@ -25,7 +25,7 @@ from pyproj import CRS
 from pyproj.exceptions import CRSError
 from shapely.geometry.base import BaseGeometry
 
-from pipeline.errors import ConfigError
+from rtsmap.pipeline.errors import ConfigError
 
 Bounds = tuple[float, float, float, float]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ModelError
-from pipeline.model_file import (
+from rtsmap.pipeline.errors import ModelError
+from rtsmap.pipeline.model_file import (
     ModelInfo,
     check_compatible,
     file_sha256,

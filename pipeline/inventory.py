@@ -36,7 +36,7 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from pipeline.errors import OutputError
+from rtsmap.pipeline.errors import OutputError
 
 #: Namespace of the inventory UIDs: uuid5(RTSMAP_NAMESPACE, rts_id) is the same on every run.
 RTSMAP_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/rtsmap/rtsmap/rts_id")

@@ -37,10 +37,10 @@ import rasterio.errors
 from affine import Affine
 from odc.geo.geobox import GeoBox
 
-from pipeline import terrain
-from pipeline.errors import AssetError, ConfigError
-from pipeline.profiles import BandSpec, ModalityProfile, band_scale_offset
-from pipeline.stac import _RedactFilter, redact, redact_text
+from rtsmap.pipeline import terrain
+from rtsmap.pipeline.errors import AssetError, ConfigError
+from rtsmap.pipeline.profiles import BandSpec, ModalityProfile, band_scale_offset
+from rtsmap.pipeline.stac import _RedactFilter, redact, redact_text
 
 log = logging.getLogger(__name__)
 # odc-loader logs the full asset URL (signed query string included) when a read fails.

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from pipeline.errors import RtsmapError
+from rtsmap.pipeline.errors import RtsmapError
 
 log = logging.getLogger(__name__)
 

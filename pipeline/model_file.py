@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ModelError
+from rtsmap.pipeline.errors import ModelError
 
 MODEL_FORMAT = "rtsmap-model/1"
 """The value of ``format`` in the metadata that this version of the pipeline reads."""

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError
+from rtsmap.pipeline.errors import ConfigError
 
 RESAMPLING = ("nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med")
 KINDS = ("continuous", "class")

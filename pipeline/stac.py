@@ -30,8 +30,8 @@ import shapely
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from pipeline.errors import CatalogError, ConfigError
-from pipeline.profiles import CatalogProfile, ModalityProfile
+from rtsmap.pipeline.errors import CatalogError, ConfigError
+from rtsmap.pipeline.profiles import CatalogProfile, ModalityProfile
 
 log = logging.getLogger(__name__)
 

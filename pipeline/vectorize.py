@@ -17,7 +17,7 @@ import shapely
 from affine import Affine
 from rasterio.features import shapes
 
-from pipeline.infer import TileDetections
+from rtsmap.pipeline.infer import TileDetections
 
 COLUMNS = (
     "geometry",

@@ -12,7 +12,7 @@ ARTS_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/arts/ARTS_main_
 @pytest.fixture(scope="session")
 def demo_region(tmp_path_factory):
     """A 2.5 km x 2.5 km demo region, 2021-2023, seed 0 (generated once per session, a few seconds)."""
-    from workflows.demo_region import generate_region
+    from rtsmap.workflows.demo_region import generate_region
 
     return generate_region(tmp_path_factory.mktemp("demo_region"), seed=0, years=(2021, 2022, 2023), size_m=(2500.0, 2500.0))
 

@@ -9,8 +9,8 @@ import shapely
 from pyproj import Transformer
 from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box, mapping
 
-from pipeline.aoi import AOI, read_aoi
-from pipeline.errors import AOIError, ConfigError
+from rtsmap.pipeline.aoi import AOI, read_aoi
+from rtsmap.pipeline.errors import AOIError, ConfigError
 
 TO_3413 = Transformer.from_crs("EPSG:4326", "EPSG:3413", always_xy=True)
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
-from workflows.config import load_run_config, parse_years
+from rtsmap.pipeline.errors import ConfigError
+from rtsmap.workflows.config import load_run_config, parse_years
 
-RTSMAP = [sys.executable, "-m", "workflows.cli"]
+RTSMAP = [sys.executable, "-m", "rtsmap.workflows.cli"]
 
 
 def test_file_then_flags(tmp_path):
@@ -82,8 +82,8 @@ def test_cli_unreachable_scheduler(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from workflows.cluster import open_cluster
-    from workflows.config import ClusterConfig
+    from rtsmap.workflows.cluster import open_cluster
+    from rtsmap.workflows.config import ClusterConfig
 
     with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
         with open_cluster(ClusterConfig(kind="address", address=f"tcp://127.0.0.1:{port}", timeout_s=2)):

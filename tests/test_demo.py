@@ -7,13 +7,13 @@ import sys
 
 import pyogrio
 
-from workflows.config import DEMO_MODEL
+from rtsmap.workflows.config import DEMO_MODEL
 
 
 def rtsmap_demo(out):
     """`rtsmap demo` on a small region (2.5 km, two years) in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "workflows.cli", "demo", "--out", str(out), "--size-km", "2.5", "--years", "2021-2022"],
+        [sys.executable, "-m", "rtsmap.workflows.cli", "demo", "--out", str(out), "--size-km", "2.5", "--years", "2021-2022"],
         capture_output=True,
         text=True,
         timeout=600,

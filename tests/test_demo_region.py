@@ -19,9 +19,9 @@ from pyproj import Transformer
 from shapely import affinity
 from shapely.ops import polylabel
 
-from pipeline.errors import ConfigError, OutputError
-from workflows import demo_region as dr
-from workflows import shapes as shp
+from rtsmap.pipeline.errors import ConfigError, OutputError
+from rtsmap.workflows import demo_region as dr
+from rtsmap.workflows import shapes as shp
 
 EXPECTED = {
     dr.OPTICAL_COLLECTION: {"crs": 32608, "res": 10.0, "assets": {"blue": ("uint16", 0), "green": ("uint16", 0), "red": ("uint16", 0), "nir": ("uint16", 0), "scl": ("uint8", 0)}},

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.cascade import rois_from_batch
-from models.config import FUSION_MODES, MODEL_VARIANTS, ModelConfig, build_config
-from models.detector import RTSDetector
+from rtsmap.models.cascade import rois_from_batch
+from rtsmap.models.config import FUSION_MODES, MODEL_VARIANTS, ModelConfig, build_config
+from rtsmap.models.detector import RTSDetector
 
 torch.set_num_threads(1)
 
@@ -58,8 +58,8 @@ def test_config_round_trips_through_json():
 
 
 def test_config_knows_the_backbone_fusions_and_variants():
-    from models.backbone import FUSIONS
-    from models.mvit import MVIT_VARIANTS
+    from rtsmap.models.backbone import FUSIONS
+    from rtsmap.models.mvit import MVIT_VARIANTS
 
     assert FUSION_MODES == FUSIONS
     assert all(cfg.backbone in MVIT_VARIANTS for cfg in MODEL_VARIANTS.values())

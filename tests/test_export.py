@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.config import ModelConfig, build_config
-from models.detector import RTSDetector
-from models.export import METADATA_FORMAT, OUTPUT_NAMES, export_onnx, read_model_metadata, weights_sha256
+from rtsmap.models.config import ModelConfig, build_config
+from rtsmap.models.detector import RTSDetector
+from rtsmap.models.export import METADATA_FORMAT, OUTPUT_NAMES, export_onnx, read_model_metadata, weights_sha256
 
 torch.set_num_threads(1)
 

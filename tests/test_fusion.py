@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from models.backbone import FUSIONS, MultimodalBackbone, count_parameters  # noqa: E402
-from models.fusion import AttentionFusion, ConvFusion, ResidualCrossModalityAttention  # noqa: E402
-from models.mvit import MVIT_VARIANTS  # noqa: E402
+from rtsmap.models.backbone import FUSIONS, MultimodalBackbone, count_parameters  # noqa: E402
+from rtsmap.models.fusion import AttentionFusion, ConvFusion, ResidualCrossModalityAttention  # noqa: E402
+from rtsmap.models.mvit import MVIT_VARIANTS  # noqa: E402
 
 torch.set_num_threads(1)
 DEMO = MVIT_VARIANTS["demo"]

@@ -10,9 +10,9 @@ import shapely
 from pyproj import Transformer
 from shapely.geometry import LineString, Point, Polygon, box, mapping
 
-from pipeline.aoi import read_aoi
-from pipeline.errors import ConfigError
-from pipeline.grid import Chunk, GridSpec, Tile, chunk_by_id, parse_chunk_id, plan_grid
+from rtsmap.pipeline.aoi import read_aoi
+from rtsmap.pipeline.errors import ConfigError
+from rtsmap.pipeline.grid import Chunk, GridSpec, Tile, chunk_by_id, parse_chunk_id, plan_grid
 
 # A small grid so tests see many chunks, seams and boundary tiles with little work.
 SMALL = GridSpec(crs="EPSG:3413", resolution=10.0, tile_px=16, overlap_px=4, tiles_per_chunk=3)

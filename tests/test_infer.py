@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import ModelError
-from pipeline.grid import GridSpec, chunk_by_id
-from pipeline.infer import Detector, check_providers, infer_chunk, load_model, paste_mask
-from pipeline.load import ChunkStack
-from pipeline.model_file import check_compatible, read_model_info
+from rtsmap.pipeline.errors import ModelError
+from rtsmap.pipeline.grid import GridSpec, chunk_by_id
+from rtsmap.pipeline.infer import Detector, check_providers, infer_chunk, load_model, paste_mask
+from rtsmap.pipeline.load import ChunkStack
+from rtsmap.pipeline.model_file import check_compatible, read_model_info
 from onnx_models import (
     BANDS,
     MASK_SIZE,
@@ -145,7 +145,7 @@ def test_asking_for_cuda_without_it(tmp_path, meta, caplog):
     path = make_constant_detector(tmp_path / "m.onnx", [], meta)
     with pytest.raises(ModelError, match="CUDAExecutionProvider"):
         load_model(path, providers=("cuda", "cpu"))
-    with caplog.at_level(logging.WARNING, logger="pipeline.infer"):
+    with caplog.at_level(logging.WARNING, logger="rtsmap.pipeline.infer"):
         det = load_model(path, providers=("cuda", "cpu"), require_gpu=False)
     assert det.providers == ("CPUExecutionProvider",)
     assert "CUDAExecutionProvider" in caplog.text
@@ -159,7 +159,7 @@ def test_silent_cpu_fallback_is_caught(caplog):
     in_use = ["CPUExecutionProvider"]  # what get_providers() says after a silent fallback
     with pytest.raises(ModelError, match="fell back silently"):
         check_providers(asked, available, in_use, require_gpu=True)
-    with caplog.at_level(logging.WARNING, logger="pipeline.infer"):
+    with caplog.at_level(logging.WARNING, logger="rtsmap.pipeline.infer"):
         kept = check_providers(asked, available, in_use, require_gpu=False)
     assert kept == ["CPUExecutionProvider"] and "TensorrtExecutionProvider" in caplog.text
     assert check_providers(asked, available, available, require_gpu=True) == asked

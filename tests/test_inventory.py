@@ -15,9 +15,9 @@ import pytest
 import shapely
 from click.testing import CliRunner
 
-from pipeline.errors import OutputError, RtsmapError
-from pipeline.evaluation import evaluate_inventory, match_polygons, read_truth
-from pipeline.inventory import (
+from rtsmap.pipeline.errors import OutputError, RtsmapError
+from rtsmap.pipeline.evaluation import evaluate_inventory, match_polygons, read_truth
+from rtsmap.pipeline.inventory import (
     RTS_FIELDS, check_geopackage, read_coverage, read_inventory, read_run_metadata, rts_uid, write_inventory,
 )
 
@@ -153,7 +153,7 @@ def test_evaluate_inventory_against_gpkg_and_arts_truth(tmp_path, inventory):
 
 
 def test_evaluate_inventory_cli(tmp_path, inventory):
-    from workflows.inventory_commands import evaluate_inventory_command
+    from rtsmap.workflows.inventory_commands import evaluate_inventory_command
     truth = tmp_path / "truth.gpkg"
     pyogrio.write_dataframe(slumps(3, 2021)[["geometry"]], truth, layer="rts_2021")
     out = CliRunner().invoke(evaluate_inventory_command, ["--inventory", str(inventory), "--truth", str(truth), "--json"])

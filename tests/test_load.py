@@ -21,10 +21,10 @@ from pyproj import Transformer
 from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 
-from pipeline.errors import AssetError
-from pipeline.grid import Chunk, GridSpec, chunk_by_id
-from pipeline.load import DEM_BUFFER_PX, ChunkStack, load_chunk, order_items, season_peak
-from pipeline.profiles import BandSpec, MaskSpec, ModalityProfile
+from rtsmap.pipeline.errors import AssetError
+from rtsmap.pipeline.grid import Chunk, GridSpec, chunk_by_id
+from rtsmap.pipeline.load import DEM_BUFFER_PX, ChunkStack, load_chunk, order_items, season_peak
+from rtsmap.pipeline.profiles import BandSpec, MaskSpec, ModalityProfile
 
 GRID_CRS = "EPSG:3413"
 # The demo region: Peel Plateau, NW Canada.
@@ -396,7 +396,7 @@ def demo(request, tmp_path_factory):
     try:
         return request.getfixturevalue("demo_region")
     except pytest.FixtureLookupError:
-        from workflows.demo_region import generate_region  # tests may import workflows
+        from rtsmap.workflows.demo_region import generate_region  # tests may import workflows
 
         return generate_region(tmp_path_factory.mktemp("demo"), size_m=(1500.0, 1500.0), years=(2022,))
 
@@ -404,9 +404,9 @@ def demo(request, tmp_path_factory):
 def test_load_a_demo_chunk_end_to_end(demo):
     from rasterio.features import geometry_mask
 
-    from pipeline.aoi import read_aoi
-    from pipeline.grid import plan_grid
-    from pipeline.profiles import load_profile
+    from rtsmap.pipeline.aoi import read_aoi
+    from rtsmap.pipeline.grid import plan_grid
+    from rtsmap.pipeline.profiles import load_profile
 
     profiles = load_profile(Path(__file__).parents[1] / "workflows" / "profiles" / "demo.yaml").modalities
     items = list(pystac.ItemCollection.from_file(str(demo.items)))

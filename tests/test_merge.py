@@ -12,9 +12,9 @@ import pytest
 import shapely
 import geopandas as gpd
 
-from pipeline.errors import RtsmapError
-from pipeline.grid import GridSpec
-from pipeline.merge import merge_block, merge_by_blocks, merge_detections, tile_indices
+from rtsmap.pipeline.errors import RtsmapError
+from rtsmap.pipeline.grid import GridSpec
+from rtsmap.pipeline.merge import merge_block, merge_by_blocks, merge_detections, tile_indices
 
 # 64 px tiles at 10 m overlapping by 16 px: stride 480 m, tile 640 m, overlap strip 160 m.
 SPEC = GridSpec(resolution=10.0, tile_px=64, overlap_px=16, tiles_per_chunk=2)

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from models.mvit import MVIT_VARIANTS, MViTv2, _rel_pos_index  # noqa: E402
+from rtsmap.models.mvit import MVIT_VARIANTS, MViTv2, _rel_pos_index  # noqa: E402
 
 torch.set_num_threads(1)
 DEMO = MVIT_VARIANTS["demo"]

@@ -16,10 +16,10 @@ import shapely
 from click.testing import CliRunner
 from shapely.geometry import box, mapping
 
-from pipeline.errors import ConfigError
-from pipeline.grid import GridSpec
-from workflows.cli import cli
-from workflows.plan import make_plan, resolve_profile
+from rtsmap.pipeline.errors import ConfigError
+from rtsmap.pipeline.grid import GridSpec
+from rtsmap.workflows.cli import cli
+from rtsmap.workflows.plan import make_plan, resolve_profile
 
 try:  # tests/ is a plain folder on sys.path under pytest's default import mode
     from stac_server import rustac_server
@@ -170,7 +170,7 @@ def test_cli_missing_aoi_is_one_line_exit_2(region, tmp_path):
 
 
 def test_plan_on_generated_demo_region(tmp_path):
-    demo_region = pytest.importorskip("workflows.demo_region")
+    demo_region = pytest.importorskip("rtsmap.workflows.demo_region")
     region = demo_region.generate_region(tmp_path / "demo", years=(2021, 2022), size_m=(1500.0, 1500.0))
     plan = _plan_json(["--aoi", str(region.aoi), "--years", "2021-2022", "--catalog", str(region.catalog), *GRID_ARGS])
     assert plan["profile"] == "demo"

@@ -26,9 +26,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnx_models import ConstantDetection, make_constant_detector, model_metadata
-from workflows.config import ClusterConfig, GridConfig, InferenceConfig, RunConfig
+from rtsmap.workflows.config import ClusterConfig, GridConfig, InferenceConfig, RunConfig
 
-RTSMAP = [sys.executable, "-m", "workflows.cli"]
+RTSMAP = [sys.executable, "-m", "rtsmap.workflows.cli"]
 YEARS = (2021, 2022)
 TILE = 256
 # 3x3 convolutions of 64 channels over each 256x256 tile: about 0.4 s per tile on one core, so a
@@ -219,8 +219,8 @@ def test_worker_killed_mid_run(demo_region, model_path, reference, tmp_path):
     """SIGKILL a worker process while it runs a task: the task runs again, nothing is lost or doubled."""
     import psutil
 
-    from workflows.cluster import open_cluster
-    from workflows.run import execute, finish, make_plan
+    from rtsmap.workflows.cluster import open_cluster
+    from rtsmap.workflows.run import execute, finish, make_plan
 
     config = run_config(demo_region, model_path, tmp_path / "inv.gpkg")
     plan = make_plan(config)

@@ -21,11 +21,11 @@ import rasterio.features
 import shapely
 from affine import Affine
 
-from pipeline.grid import GridSpec, plan_grid
-from pipeline.infer import TileDetections
-from pipeline.inventory import write_inventory
-from pipeline.merge import merge_detections
-from pipeline.vectorize import mask_to_geometry, vectorize_detections
+from rtsmap.pipeline.grid import GridSpec, plan_grid
+from rtsmap.pipeline.infer import TileDetections
+from rtsmap.pipeline.inventory import write_inventory
+from rtsmap.pipeline.merge import merge_detections
+from rtsmap.pipeline.vectorize import mask_to_geometry, vectorize_detections
 
 ARTS = Path("/work/shared/data/arts/ARTS_main_dataset_v.0.0.7-alpha.geojson")
 # 3 m pixels (the ARTS imagery's resolution), 64 px tiles overlapping by 16 px, 2x2 tiles a

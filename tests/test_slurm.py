@@ -17,8 +17,8 @@ import dask
 import pytest
 
 from test_run import assert_one_fragment_each, assert_same_inventory, model_path, reference, run_config  # noqa: F401
-from workflows.cluster import jobqueue_cluster, worker_extra_args
-from workflows.config import ClusterConfig
+from rtsmap.workflows.cluster import jobqueue_cluster, worker_extra_args
+from rtsmap.workflows.config import ClusterConfig
 
 # Imported before any dask.config.set: the import adds jobqueue's defaults to Dask's config, and a
 # set() block that was opened before them would remove them again on exit.
@@ -65,7 +65,7 @@ NO_SLURM = slurm_answers()
 )
 def test_demo_region_on_slurm(demo_region, model_path, reference, tmp_path):  # noqa: F811
     """Two SLURM jobs run the workers; the inventory equals the local run's."""
-    from workflows.run import execute, finish, make_plan
+    from rtsmap.workflows.run import execute, finish, make_plan
 
     partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()[0]
     settings = jobqueue_settings("slurm", tmp_path)
@@ -73,7 +73,7 @@ def test_demo_region_on_slurm(demo_region, model_path, reference, tmp_path):  # 
     cluster_config = ClusterConfig(kind="slurm", jobs=2, timeout_s=120)
     config = run_config(demo_region, model_path, tmp_path / "inv.gpkg", cluster=cluster_config)
     with dask.config.set(settings):
-        from workflows.cluster import open_cluster
+        from rtsmap.workflows.cluster import open_cluster
 
         plan = make_plan(config)
         with open_cluster(config.cluster) as client:
@@ -128,7 +128,7 @@ def test_pbs_job_script(tmp_path):
 
 def test_jobqueue_not_configured_is_one_clear_error(tmp_path):
     """No cores/memory configured for SLURM: a ConfigError that says where to set them."""
-    from pipeline.errors import ConfigError
+    from rtsmap.pipeline.errors import ConfigError
 
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
         with pytest.raises(ConfigError, match="cannot configure the slurm cluster: .*cores.*jobqueue.yaml") as info:

@@ -21,9 +21,9 @@ import pytest
 import rustac
 from shapely.geometry import Point, box, mapping
 
-from pipeline.errors import CatalogError, ConfigError
-from pipeline.profiles import CatalogProfile, load_profile
-from pipeline.stac import (
+from rtsmap.pipeline.errors import CatalogError, ConfigError
+from rtsmap.pipeline.profiles import CatalogProfile, load_profile
+from rtsmap.pipeline.stac import (
     PlanetaryComputerSigner,
     make_signer,
     open_catalog,
@@ -469,7 +469,7 @@ def test_profile_validation_names_key_and_file(tmp_path, body, key):
 
 
 def test_band_scale_offset_rules():
-    from pipeline.profiles import band_scale_offset
+    from rtsmap.pipeline.profiles import band_scale_offset
 
     pc = load_profile(Path(__file__).resolve().parents[1] / "workflows" / "profiles" / "planetary-computer.yaml")
     optical = pc.modalities["optical"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import terrain
+from rtsmap.pipeline import terrain
 
 RES = 10.0
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from workflows.training_data import ChipOptions, chips_from_region
+from rtsmap.workflows.training_data import ChipOptions, chips_from_region
 
 torch.set_num_threads(1)
 
@@ -108,7 +108,7 @@ def _tiles_of(coco: dict, truth_id: str) -> set:
 
 
 def test_dataset_normalises_augments_and_collates(chips):
-    from models.data import Augment, ChipDataset, collate
+    from rtsmap.models.data import Augment, ChipDataset, collate
 
     norm = json.loads((chips / "dataset.json").read_text())["normalization"]
     mods = {"optical": ("blue", "green", "red", "nir"), "dem": ("slope", "hillshade", "relative_elevation")}
@@ -137,7 +137,7 @@ def test_dataset_normalises_augments_and_collates(chips):
 
 @pytest.fixture(scope="module")
 def trained(chips, tmp_path_factory):
-    from models.train import load_train_config, train
+    from rtsmap.models.train import load_train_config, train
 
     root = tmp_path_factory.mktemp("train")
     cfg = {"data": str(chips), "out": str(root / "out"), "unimodal_steps": 3, "fusion_steps": 3, "warmup_steps": 1,
@@ -171,7 +171,7 @@ def test_training_writes_safetensors_checkpoints_and_records(trained):
 
 
 def test_resume_continues_the_step_counter_and_matches_an_uninterrupted_run(trained):
-    from models.train import read_weights, train
+    from rtsmap.models.train import read_weights, train
 
     tc, _, _ = trained
     stage = Path(tc.out) / "unimodal_optical"
@@ -195,8 +195,8 @@ def test_resume_continues_the_step_counter_and_matches_an_uninterrupted_run(trai
 
 
 def test_fused_model_starts_as_the_optical_model(trained):
-    from models.data import ChipDataset, collate
-    from models.train import build_fused_model, load_detector, stage_model_config
+    from rtsmap.models.data import ChipDataset, collate
+    from rtsmap.models.train import build_fused_model, load_detector, stage_model_config
 
     tc, _, _ = trained
     out = Path(tc.out)
@@ -225,8 +225,8 @@ def test_fused_model_starts_as_the_optical_model(trained):
 
 def test_data_level_study_run_starts_from_the_optical_checkpoint(trained, tmp_path):
     """unimodal_from: stage 2 of another fusion mode from the same pretraining, stage 1 not rerun."""
-    from models.data import ChipDataset, collate
-    from models.train import build_fused_model, load_detector, stage_model_config, train
+    from rtsmap.models.data import ChipDataset, collate
+    from rtsmap.models.train import build_fused_model, load_detector, stage_model_config, train
 
     tc, _, _ = trained
     study = dataclasses.replace(tc, out=str(tmp_path / "study"), fusion="data_level", unimodal_from=tc.out)
@@ -252,7 +252,7 @@ def test_train_command_repeats_a_config_with_another_seed_and_output(trained, tm
     """`rtsmap train --seed N --out DIR`: the same config, another seed, its own folder."""
     from click.testing import CliRunner
 
-    from workflows.cli import cli
+    from rtsmap.workflows.cli import cli
 
     tc, _, _ = trained
     config = tmp_path / "study.yaml"
@@ -272,8 +272,8 @@ def test_metrics_wiring_with_stand_in_predictions(chips):
     # not a model.
     from pycocotools import mask as mask_utils
 
-    from models.data import ChipDataset
-    from models.evaluate import coco_metrics
+    from rtsmap.models.data import ChipDataset
+    from rtsmap.models.evaluate import coco_metrics
 
     data = ChipDataset(chips, "all", {"optical": ("blue",)}, {"optical": {"mean": [0.0], "std": [1.0]}})
     gt = data.coco
@@ -303,7 +303,7 @@ def test_metrics_wiring_with_stand_in_predictions(chips):
 
 
 def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
-    from workflows.model_commands import evaluate_command, export_command
+    from rtsmap.workflows.model_commands import evaluate_command, export_command
 
     tc, _, _ = trained
     onnx_path = tmp_path / "fused.onnx"
@@ -330,15 +330,15 @@ def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
     result = runner.invoke(export_command, ["--checkpoint", str(Path(tc.out) / "fusion"), "--out",
                                             str(tmp_path / "t03.onnx"), "--score-threshold", "0.3"])
     assert result.exit_code == 0, result.output
-    from models.export import read_model_metadata
+    from rtsmap.models.export import read_model_metadata
     assert read_model_metadata(tmp_path / "t03.onnx")["score_threshold"] == 0.3
 
 
 def test_recall_by_optical_view_splits_slumps_by_what_optical_sees(chips):
     # Stand-in predictions (the ground truth itself) at the metric boundary: this checks the
     # grouping by optical validity and the recall wiring, not a model.
-    from models.data import ChipDataset
-    from workflows.fusion_study import recall_by_optical_view
+    from rtsmap.models.data import ChipDataset
+    from benchmarks.fusion_study import recall_by_optical_view
 
     data = ChipDataset(chips, "all", {"optical": ("blue",)}, {"optical": {"mean": [0.0], "std": [1.0]}})
     total = len(data.coco["annotations"])
@@ -356,7 +356,7 @@ def test_recall_by_optical_view_splits_slumps_by_what_optical_sees(chips):
 
 def test_fusion_study_exports_evaluates_and_runs_each_model(trained, chips, demo_region, tmp_path):
     """The study script over one tiny checkpoint: ONNX, test and held-out metrics, a whole run, a table."""
-    from workflows.fusion_study import format_table, study
+    from benchmarks.fusion_study import format_table, study
 
     tc, _, _ = trained
     results = study({"fused": Path(tc.out) / "fusion"}, chips, demo_region.root, tmp_path / "study",
@@ -375,7 +375,7 @@ def test_fusion_study_exports_evaluates_and_runs_each_model(trained, chips, demo
 
 
 def test_train_config_refuses_unknown_keys(tmp_path):
-    from models.train import load_train_config
+    from rtsmap.models.train import load_train_config
 
     (tmp_path / "bad.yaml").write_text("data: x\nout: y\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
@@ -389,9 +389,9 @@ def test_train_config_refuses_unknown_keys(tmp_path):
 
 def test_fusion_gates_get_their_own_learning_rate():
     """The zero-initialised residual gates learn at gate_lr_scale x the scheduled rate, without decay."""
-    from models.config import build_config
-    from models.detector import RTSDetector
-    from models.train import make_optimizer
+    from rtsmap.models.config import build_config
+    from rtsmap.models.detector import RTSDetector
+    from rtsmap.models.train import make_optimizer
 
     torch.manual_seed(0)
     model = RTSDetector(build_config("demo", tile_size=64, fusion="residual_attention", fusion_gate="channel"))

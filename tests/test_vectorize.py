@@ -7,10 +7,10 @@ import pytest
 import shapely
 from affine import Affine
 
-from pipeline.grid import GridSpec, chunk_by_id
-from pipeline.infer import TileDetections, infer_chunk, load_model
-from pipeline.load import ChunkStack
-from pipeline.vectorize import COLUMNS, mask_to_geometry, vectorize_detections
+from rtsmap.pipeline.grid import GridSpec, chunk_by_id
+from rtsmap.pipeline.infer import TileDetections, infer_chunk, load_model
+from rtsmap.pipeline.load import ChunkStack
+from rtsmap.pipeline.vectorize import COLUMNS, mask_to_geometry, vectorize_detections
 from onnx_models import BANDS, make_label_detector, model_metadata
 
 CRS = "EPSG:3413"

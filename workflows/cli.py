@@ -13,19 +13,19 @@ import sys
 
 import click
 
-from pipeline.errors import RtsmapError
+from rtsmap.pipeline.errors import RtsmapError
 
 # command name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
-    "demo": "workflows.demo:demo_command",
-    "demo-data": "workflows.demo_region:demo_data_command",
-    "plan": "workflows.plan:plan_command",
-    "run": "workflows.run:run_command",
-    "evaluate-inventory": "workflows.inventory_commands:evaluate_inventory_command",
-    "training-data": "workflows.training_data:training_data_command",
-    "export": "workflows.model_commands:export_command",
-    "train": "workflows.model_commands:train_command",
-    "evaluate": "workflows.model_commands:evaluate_command",
+    "demo": "rtsmap.workflows.demo:demo_command",
+    "demo-data": "rtsmap.workflows.demo_region:demo_data_command",
+    "plan": "rtsmap.workflows.plan:plan_command",
+    "run": "rtsmap.workflows.run:run_command",
+    "evaluate-inventory": "rtsmap.workflows.inventory_commands:evaluate_inventory_command",
+    "training-data": "rtsmap.workflows.training_data:training_data_command",
+    "export": "rtsmap.workflows.model_commands:export_command",
+    "train": "rtsmap.workflows.model_commands:train_command",
+    "evaluate": "rtsmap.workflows.model_commands:evaluate_command",
 }
 
 

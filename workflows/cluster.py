@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
 
-from pipeline.errors import ConfigError
-from workflows.config import ClusterConfig
+from rtsmap.pipeline.errors import ConfigError
+from rtsmap.workflows.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 

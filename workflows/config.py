@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError
+from rtsmap.pipeline.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_MODEL = PACKAGE_DIR / "assets" / "demo_model.onnx"

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import ModelError
-from workflows.config import DEMO_MODEL, ClusterConfig, GridConfig, RunConfig, parse_years
+from rtsmap.pipeline.errors import ModelError
+from rtsmap.workflows.config import DEMO_MODEL, ClusterConfig, GridConfig, RunConfig, parse_years
 
 
 def ensure_region(region_dir: Path, *, seed: int, years: tuple[int, ...], size_km: float) -> dict:
     """Generate the demo region into ``region_dir`` unless it is already there; return region.json."""
-    from workflows.demo_region import generate_region
+    from rtsmap.workflows.demo_region import generate_region
 
     meta = region_dir / "region.json"
     if not meta.is_file():
@@ -42,7 +42,7 @@ def demo_command(out_dir, model, workers, years, size_km, seed):
     The demo model was trained on synthetic scenes only: it shows that the pipeline works, it is
     not a scientific model.
     """
-    from workflows.run import EXIT_PARTIAL, print_summary, run
+    from rtsmap.workflows.run import EXIT_PARTIAL, print_summary, run
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

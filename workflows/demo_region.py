@@ -47,8 +47,8 @@ from rasterio.io import MemoryFile
 from shapely import affinity
 from shapely.geometry import LineString, Polygon, box, mapping
 
-from pipeline.errors import ConfigError, OutputError
-from workflows import shapes as shp
+from rtsmap.pipeline.errors import ConfigError, OutputError
+from rtsmap.workflows import shapes as shp
 
 # --- what the demo region is: names the `demo` profile (workflows/profiles/demo.yaml) relies on ---
 

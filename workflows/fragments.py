@@ -28,7 +28,7 @@ import geopandas as gpd
 import numpy as np
 from affine import Affine
 
-from pipeline.errors import OutputError
+from rtsmap.pipeline.errors import OutputError
 
 
 def run_key(model_sha256: str, settings: dict[str, Any]) -> str:

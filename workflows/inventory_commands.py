@@ -6,7 +6,7 @@ import json
 
 import click
 
-from pipeline.evaluation import evaluate_inventory
+from rtsmap.pipeline.evaluation import evaluate_inventory
 
 
 @click.command("evaluate-inventory")

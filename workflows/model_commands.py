@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import ConfigError, ModelError
+from rtsmap.pipeline.errors import ConfigError, ModelError
 
 # Also reachable from here; the CLI registers it from workflows.training_data (no torch there).
-from workflows.training_data import training_data_command  # noqa: F401
+from rtsmap.workflows.training_data import training_data_command  # noqa: F401
 
 
 @click.command("train")
@@ -30,7 +30,7 @@ from workflows.training_data import training_data_command  # noqa: F401
               help="Replaces the config's output folder (relative to the current directory).")
 def train_command(config_path: Path, resume: bool, stage: str, seed: int | None, out_dir: Path | None) -> None:
     """Train the detector: unimodal pretraining, then multimodal fine-tuning (resumable)."""
-    from models.train import load_train_config, train
+    from rtsmap.models.train import load_train_config, train
 
     overrides = {"seed": seed, "out": out_dir and str(out_dir.resolve())}
     try:
@@ -55,7 +55,7 @@ def train_command(config_path: Path, resume: bool, stage: str, seed: int | None,
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate_command(model_path: Path, data_dir: Path, split: str, score_threshold: float | None, as_json: bool) -> None:
     """COCO box/mask AP, AP50, AP75 and F1 at IoU 0.5 of a model on a chip split."""
-    from models.evaluate import evaluate_model
+    from rtsmap.models.evaluate import evaluate_model
 
     if not model_path.exists():
         raise ModelError(f"model {model_path} does not exist")
@@ -83,8 +83,8 @@ def evaluate_command(model_path: Path, data_dir: Path, split: str, score_thresho
 def export_command(checkpoint: Path, out_path: Path, opset: int, trained_on: str | None,
                    score_threshold: float | None) -> None:
     """Export a checkpoint to the ONNX model file the pipeline runs."""
-    from models.export import export_onnx
-    from models.train import load_detector, read_weights, resolve_checkpoint
+    from rtsmap.models.export import export_onnx
+    from rtsmap.models.train import load_detector, read_weights, resolve_checkpoint
 
     try:
         weights = resolve_checkpoint(checkpoint)

@@ -19,12 +19,12 @@ import numpy as np
 import pyproj
 import shapely
 
-from pipeline.aoi import read_aoi
-from pipeline.errors import ConfigError
-from pipeline.grid import Chunk, GridSpec, plan_grid
-from pipeline.profiles import CatalogProfile, ModalityProfile, load_profile
-from pipeline.stac import Catalog, open_catalog, redact, search_modalities
-from workflows.config import parse_years
+from rtsmap.pipeline.aoi import read_aoi
+from rtsmap.pipeline.errors import ConfigError
+from rtsmap.pipeline.grid import Chunk, GridSpec, plan_grid
+from rtsmap.pipeline.profiles import CatalogProfile, ModalityProfile, load_profile
+from rtsmap.pipeline.stac import Catalog, open_catalog, redact, search_modalities
+from rtsmap.workflows.config import parse_years
 
 log = logging.getLogger(__name__)
 

@@ -26,17 +26,17 @@ import click
 import pyproj
 import shapely
 
-from pipeline.aoi import read_aoi
-from pipeline.errors import ModelError, OutputError
-from pipeline.grid import Chunk, GridSpec, plan_grid
-from pipeline.infer import check_compatible
-from pipeline.model_file import read_model_info
-from pipeline.stac import open_catalog, search_modalities
-from workflows.cluster import local_worker_count, open_cluster
-from workflows.config import RunConfig, config_to_dict, load_run_config
-from workflows.fragments import FragmentStore, run_key
-from workflows.plan import footprint_in_grid, resolve_profile
-from workflows.tasks import ChunkTask, process_chunk_year
+from rtsmap.pipeline.aoi import read_aoi
+from rtsmap.pipeline.errors import ModelError, OutputError
+from rtsmap.pipeline.grid import Chunk, GridSpec, plan_grid
+from rtsmap.pipeline.infer import check_compatible
+from rtsmap.pipeline.model_file import read_model_info
+from rtsmap.pipeline.stac import open_catalog, search_modalities
+from rtsmap.workflows.cluster import local_worker_count, open_cluster
+from rtsmap.workflows.config import RunConfig, config_to_dict, load_run_config
+from rtsmap.workflows.fragments import FragmentStore, run_key
+from rtsmap.workflows.plan import footprint_in_grid, resolve_profile
+from rtsmap.workflows.tasks import ChunkTask, process_chunk_year
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +300,9 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
     import geopandas as gpd
     import pandas as pd
 
-    from pipeline.inventory import write_inventory
-    from pipeline.merge import merge_detections
-    from pipeline.vectorize import empty_polygons
+    from rtsmap.pipeline.inventory import write_inventory
+    from rtsmap.pipeline.merge import merge_detections
+    from rtsmap.pipeline.vectorize import empty_polygons
 
     config, store, crs = plan.config, plan.store, plan.spec.crs
     layers, coverage, results, failures = {}, {}, [], []
@@ -369,15 +369,15 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
     write_inventory(config.out, layers, coverage, metadata, crs=crs, overwrite=True)
     result = RunResult(Path(config.out), results, failures, time.monotonic() - started)
     if config.quicklook:
-        from workflows.quicklook import write_quicklooks
+        from rtsmap.workflows.quicklook import write_quicklooks
 
-        from workflows.quicklook import mosaic_thumbnails
+        from rtsmap.workflows.quicklook import mosaic_thumbnails
 
         thumbnails = store.read_thumbnails(chunk.id for chunk in plan.chunks)
         hillshade = mosaic_thumbnails(thumbnails) if thumbnails else None
         result.quicklooks = write_quicklooks(Path(config.out), layers, coverage, hillshade)
     if config.truth:
-        from pipeline.evaluation import evaluate_inventory
+        from rtsmap.pipeline.evaluation import evaluate_inventory
 
         result.evaluation = evaluate_inventory(config.out, config.truth)
     return result

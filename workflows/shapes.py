@@ -20,7 +20,7 @@ import shapely
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon
 
-from pipeline.errors import ConfigError
+from rtsmap.pipeline.errors import ConfigError
 
 # Lognormal fitted (maximum likelihood: mean and std of ln(area)) to the 2,473 non-empty polygons
 # of the ARTS sample (../shared/data/arts/ARTS_main_dataset_v.0.0.7-alpha.geojson, areas computed in

@@ -18,15 +18,15 @@ from affine import Affine
 import pystac
 import shapely
 
-from pipeline.errors import AssetError
-from pipeline.grid import Chunk
-from pipeline.infer import Detector, infer_chunk, load_model
-from pipeline.load import load_chunk
-from pipeline.profiles import ModalityProfile
-from pipeline.stac import make_signer
-from pipeline.vectorize import empty_polygons, vectorize_detections
-from workflows.config import InferenceConfig
-from workflows.fragments import FragmentStore
+from rtsmap.pipeline.errors import AssetError
+from rtsmap.pipeline.grid import Chunk
+from rtsmap.pipeline.infer import Detector, infer_chunk, load_model
+from rtsmap.pipeline.load import load_chunk
+from rtsmap.pipeline.profiles import ModalityProfile
+from rtsmap.pipeline.stac import make_signer
+from rtsmap.pipeline.vectorize import empty_polygons, vectorize_detections
+from rtsmap.workflows.config import InferenceConfig
+from rtsmap.workflows.fragments import FragmentStore
 
 log = logging.getLogger(__name__)
 

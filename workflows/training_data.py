@@ -43,13 +43,13 @@ import shapely
 from affine import Affine
 from pycocotools import mask as mask_utils
 
-from pipeline.aoi import read_aoi
-from pipeline.errors import ConfigError
-from pipeline.evaluation import read_truth
-from pipeline.grid import GridSpec, plan_grid
-from pipeline.load import load_chunk
-from pipeline.stac import open_catalog, search_modalities
-from workflows.plan import resolve_profile
+from rtsmap.pipeline.aoi import read_aoi
+from rtsmap.pipeline.errors import ConfigError
+from rtsmap.pipeline.evaluation import read_truth
+from rtsmap.pipeline.grid import GridSpec, plan_grid
+from rtsmap.pipeline.load import load_chunk
+from rtsmap.pipeline.stac import open_catalog, search_modalities
+from rtsmap.workflows.plan import resolve_profile
 
 log = logging.getLogger(__name__)
 

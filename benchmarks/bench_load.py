@@ -13,7 +13,7 @@ figures of one load do not leak into the next. Per chunk it reports:
 Chunks are loaded one at a time, so peak memory must not grow with the AOI; the summary says
 whether it stayed within 10%.
 
-Run: ``python -m workflows.bench_load`` (about 1-2 minutes), ``--help`` for options.
+Run: ``python -m benchmarks.bench_load`` (about 1-2 minutes), ``--help`` for options.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import click
 
+from rtsmap.workflows.plan import PROFILES_DIR
+
 
 def _items_by_modality(region: Path, profiles: dict, year: int) -> dict:
     import pystac
@@ -43,9 +45,9 @@ def _items_by_modality(region: Path, profiles: dict, year: int) -> dict:
 
 
 def _demo_profiles() -> dict:
-    from pipeline.profiles import load_profile
+    from rtsmap.pipeline.profiles import load_profile
 
-    return load_profile(Path(__file__).parent / "profiles" / "demo.yaml").modalities
+    return load_profile(PROFILES_DIR / "demo.yaml").modalities
 
 
 def measure_one(region: Path, chunk_id: str, year: int, tiles_per_chunk: int) -> dict:
@@ -69,9 +71,9 @@ def measure_one(region: Path, chunk_id: str, year: int, tiles_per_chunk: int) ->
     """
     import psutil
 
-    from pipeline.aoi import read_aoi
-    from pipeline.grid import GridSpec, chunk_by_id
-    from pipeline.load import load_chunk
+    from rtsmap.pipeline.aoi import read_aoi
+    from rtsmap.pipeline.grid import GridSpec, chunk_by_id
+    from rtsmap.pipeline.load import load_chunk
 
     profiles = _demo_profiles()
     items = _items_by_modality(region, profiles, year)
@@ -114,7 +116,7 @@ def _peak_rss_bytes() -> int:
 
 def _measure_in_subprocess(region: Path, chunk_id: str, year: int, tiles_per_chunk: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "workflows.bench_load", "--tiles-per-chunk", str(tiles_per_chunk),
+    cmd = [sys.executable, "-m", "benchmarks.bench_load", "--tiles-per-chunk", str(tiles_per_chunk),
            "--measure-one", str(region), chunk_id, str(year)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1])
@@ -141,13 +143,13 @@ def bench_load_command(out_dir, regions, base_km, factors, max_chunks, tiles_per
         region, chunk_id, y = measure_one
         click.echo(json.dumps(measure_one_fn(Path(region), chunk_id, int(y), tiles_per_chunk)))
         return
-    from pipeline.aoi import read_aoi
-    from pipeline.grid import GridSpec, plan_grid
+    from rtsmap.pipeline.aoi import read_aoi
+    from rtsmap.pipeline.grid import GridSpec, plan_grid
 
     if regions:
         todo = [(f"region {i}", Path(r)) for i, r in enumerate(regions)]
     else:
-        from workflows.demo_region import generate_region
+        from rtsmap.workflows.demo_region import generate_region
 
         root = out_dir or Path(tempfile.mkdtemp(prefix="rtsmap-bench-load-"))
         todo = []

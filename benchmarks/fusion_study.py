@@ -1,6 +1,6 @@
 """Compare trained models (unimodal and fused) on held-out data: the fusion study of Li et al.
 
-    python -m workflows.fusion_study --model optical=runs/demo-train/training/unimodal_optical \
+    python -m benchmarks.fusion_study --model optical=runs/demo-train/training/unimodal_optical \
         --model residual_attention=runs/demo-train/training/fusion \
         --model conv=runs/fusion-study/conv/fusion --chips runs/demo-train/chips \
         --region demo-out/region --out runs/fusion-study/results
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from models.data import ChipDataset
-from models.evaluate import coco_metrics, evaluate_model, f1_at, predict_onnx
-from models.export import export_onnx
-from models.train import load_detector, resolve_checkpoint
-from workflows.config import ClusterConfig, GridConfig, RunConfig
-from workflows.run import run
+from rtsmap.models.data import ChipDataset
+from rtsmap.models.evaluate import coco_metrics, evaluate_model, f1_at, predict_onnx
+from rtsmap.models.export import export_onnx
+from rtsmap.models.train import load_detector, resolve_checkpoint
+from rtsmap.workflows.config import ClusterConfig, GridConfig, RunConfig
+from rtsmap.workflows.run import run
 
 
 def training_record(checkpoint: Path) -> dict | None:

@@ -1,8 +1,8 @@
 """Benchmark of `rtsmap run`: the whole pipeline against onnxruntime alone, 1 worker against 2.
 
-    python -m workflows.bench_run                       # 5 km demo region, 2 years, untrained demo model
-    python -m workflows.bench_run --size-m 3000 --json bench.json
-    python -m workflows.bench_run --model rts.onnx      # any exported model
+    python -m benchmarks.bench_run                       # 5 km demo region, 2 years, untrained demo model
+    python -m benchmarks.bench_run --size-m 3000 --json bench.json
+    python -m benchmarks.bench_run --model rts.onnx      # any exported model
 
 What it measures, on a synthetic demo region (``workflows.demo_region``):
 
@@ -82,9 +82,9 @@ def export_demo_model(path: Path, seed: int = 0) -> Path:
     """Export the untrained ``demo`` model variant (random weights) to ``path``."""
     import torch
 
-    from models.config import build_config
-    from models.detector import RTSDetector
-    from models.export import export_onnx
+    from rtsmap.models.config import build_config
+    from rtsmap.models.detector import RTSDetector
+    from rtsmap.models.export import export_onnx
 
     torch.manual_seed(seed)
     config = build_config("demo")
@@ -101,8 +101,8 @@ def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, 
     """
     import pystac
 
-    from pipeline.infer import _normalized_batch, load_model  # the pipeline's own batching
-    from pipeline.load import load_chunk
+    from rtsmap.pipeline.infer import _normalized_batch, load_model  # the pipeline's own batching
+    from rtsmap.pipeline.load import load_chunk
 
     detector = load_model(plan.config.model, providers=("cpu",), intra_op_threads=threads)
     t = detector.info.tile_size
@@ -133,8 +133,8 @@ def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, 
 
 def end_to_end(config) -> dict:
     """One run from an empty work directory, timed by phase, with peak memory."""
-    from workflows.cluster import open_cluster
-    from workflows.run import execute, finish, make_plan
+    from rtsmap.workflows.cluster import open_cluster
+    from rtsmap.workflows.run import execute, finish, make_plan
 
     shutil.rmtree(config.work_dir, ignore_errors=True)
     with MemorySampler() as memory:
@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
-    from workflows.config import ClusterConfig, GridConfig, InferenceConfig, RunConfig, parse_years
-    from workflows.demo_region import generate_region
-    from workflows.run import make_plan
+    from rtsmap.workflows.config import ClusterConfig, GridConfig, InferenceConfig, RunConfig, parse_years
+    from rtsmap.workflows.demo_region import generate_region
+    from rtsmap.workflows.run import make_plan
 
     years = parse_years(args.years)
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rtsmap-bench-"))

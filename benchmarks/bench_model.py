@@ -1,6 +1,6 @@
 """Model benchmark: size, compute, export time and CPU latency of the detector, eager vs ONNX.
 
-``python -m workflows.bench_model [--variants demo,tiny] [--fusions all|none,data_level,...]
+``python -m benchmarks.bench_model [--variants demo,tiny] [--fusions all|none,data_level,...]
 [--batches 1,4,8] [--repeats N] [--threads 2] [--json OUT]``
 
 For each model variant (``models.config.MODEL_VARIANTS``) and fusion mode:
@@ -47,10 +47,10 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.backbone import count_parameters
-from models.config import DEFAULT_MODALITIES, FUSION_MODES, ModelConfig, build_config
-from models.detector import RTSDetector
-from models.export import MIN_OPSET, export_onnx
+from rtsmap.models.backbone import count_parameters
+from rtsmap.models.config import DEFAULT_MODALITIES, FUSION_MODES, ModelConfig, build_config
+from rtsmap.models.detector import RTSDetector
+from rtsmap.models.export import MIN_OPSET, export_onnx
 
 #: Latency fusions per variant when ``--fusions`` is not given.
 DEFAULT_FUSIONS = {"demo": FUSION_MODES, "tiny": ("residual_attention",)}
@@ -377,7 +377,7 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point (see the module docstring)."""
-    from models.config import MODEL_VARIANTS
+    from rtsmap.models.config import MODEL_VARIANTS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="demo,tiny", help="comma-separated model variants")

@@ -1,6 +1,6 @@
 """Seam-merge benchmark: quality against two baselines, then throughput and memory.
 
-``python -m workflows.bench_merge [--sizes 10000,100000] [--json out.json]``
+``python -m benchmarks.bench_merge [--sizes 10000,100000] [--json out.json]``
 
 1. Quality, on the seam-test scene (tests/test_seams.py: 32 real ARTS footprints across tile
    and chunk seams, per-tile masks vectorized by pipeline.vectorize): recall (one-to-one,
@@ -32,9 +32,9 @@ import geopandas as gpd
 import numpy as np
 import shapely
 
-from pipeline.evaluation import match_polygons
-from pipeline.grid import GridSpec
-from pipeline.merge import merge_detections, tile_boxes, tile_indices
+from rtsmap.pipeline.evaluation import match_polygons
+from rtsmap.pipeline.grid import GridSpec
+from rtsmap.pipeline.merge import merge_detections, tile_boxes, tile_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for n in [int(s) for s in args.sizes.split(",") if s]:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        out = subprocess.run([sys.executable, "-m", "workflows.bench_merge", "--one", str(n)], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_merge", "--one", str(n)], capture_output=True,
                              text=True, env=env, cwd=REPO, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(r)

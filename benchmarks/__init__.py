@@ -1,0 +1,1 @@
+"""Benchmarks and studies, run from the checkout (``python -m benchmarks.<name>``); not installed."""
