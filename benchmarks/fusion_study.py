@@ -23,7 +23,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from rtsmap.models.data import ChipDataset
-from rtsmap.models.evaluate import coco_metrics, evaluate_model, f1_at, predict_onnx
+from rtsmap.models.evaluate import at_operating_point, coco_metrics, evaluate_model, f1_at, predict_onnx
 from rtsmap.models.export import export_onnx
 from rtsmap.models.train import load_detector, resolve_checkpoint
 from rtsmap.workflows.config import ClusterConfig, GridConfig, RunConfig
@@ -59,7 +59,7 @@ def recall_by_optical_view(results: list[dict], dataset: ChipDataset, score_thre
     dict
         ``{"visible": {...}, "hidden": {...}}``, each ``instances, tp, recall``.
     """
-    kept = [r for r in results if r["score"] > score_threshold]
+    kept = at_operating_point(results, score_threshold)
     gt = dataset.coco
     files = {image["id"]: image["file_name"] for image in gt["images"]}
     valid_by_image: dict[int, np.ndarray] = {}  # a chip holds several slumps: read its mask once

@@ -24,10 +24,13 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from rtsmap.models.config import FUSION_MODES
 from rtsmap.models.fusion import AttentionFusion, ConvFusion, ResidualCrossModalityAttention
 from rtsmap.models.mvit import STAGE_NAMES, MViTConfig, MViTv2
 
-FUSIONS = ("none", "data_level", "conv", "attention", "residual_attention")
+# The fusion modes are the configuration's (one list for the config check and the backbone);
+# FUSIONS is the name the tests and benchmarks know them by here.
+FUSIONS = FUSION_MODES
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 LEVEL_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 # Side of the auxiliary neighbourhood each optical token attends to, at every level (at P2 one

@@ -2,8 +2,9 @@
 
 Reads what ``workflows/training_data.py`` writes (``dataset.json``, ``annotations.json`` in
 COCO form, ``chips/*.npz``); this module never imports the pipeline, the files are the
-interface. Inputs are normalised exactly as the pipeline normalises them for the exported
-model: ``(x - mean) / std`` per band, then invalid pixels set to 0.
+interface. Inputs are normalised by the function the pipeline normalises them with for the
+exported model (``rtsmap.contract.normalize``): ``(x - mean) / std`` per band, then invalid
+pixels set to 0.
 
 Augmentations respect geography: the geometric ones are the eight symmetries of the square
 (flips and 90-degree rotations), applied to all modalities, valid masks and instance masks at
@@ -25,6 +26,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from rtsmap.contract import normalize
 
 #: Format tag of dataset.json written by workflows/training_data.py.
 DATASET_FORMAT = "rtsmap-chips/1"
@@ -172,7 +175,7 @@ class ChipDataset(Dataset):
             for m in self.modalities:
                 x = z[m][self.index[m]].astype(np.float32)
                 valid = z[f"{m}_valid"]
-                out[m] = np.where(valid[None], (x - self.mean[m]) / self.std[m], 0.0).astype(np.float32)
+                out[m] = normalize(x, valid, self.mean[m].ravel(), self.std[m].ravel())
         return out
 
 

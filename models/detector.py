@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
+from rtsmap import contract
+from rtsmap.contract import MASK_SIZE
 from rtsmap.models.cascade import CascadeRoIHeads, build_roi_heads
 from rtsmap.models.config import ModelConfig
 from rtsmap.models.rpn import BatchedRPN, build_rpn
@@ -23,8 +25,7 @@ from rtsmap.models.rpn import BatchedRPN, build_rpn
 #: FPN levels the backbone returns; RoIs are pooled from all but the last (P6).
 FEATURE_NAMES = ("p2", "p3", "p4", "p5", "p6")
 
-#: Side of the mask head's output.
-MASK_SIZE = 28
+__all__ = ["FEATURE_NAMES", "MASK_SIZE", "RTSDetector", "build_backbone"]  # MASK_SIZE: the contract's
 
 
 def build_backbone(config: ModelConfig) -> nn.Module:
@@ -154,8 +155,9 @@ class RTSDetector(nn.Module):
 
         # Score threshold, small boxes and RPN padding are masked, not removed, so
         # shapes stay fixed; masked entries (score 0) can never suppress a real one.
+        # The candidate cut is the contract's rule (at or above), as the pipeline's cut.
         wh = boxes[..., 2:] - boxes[..., :2]
-        candidate = valid & (wh >= 1e-2).all(-1) & (scores > cfg.candidate_score_threshold)
+        candidate = valid & (wh >= 1e-2).all(-1) & contract.keep(scores, cfg.candidate_score_threshold)
         scores = torch.where(candidate, scores, torch.zeros_like(scores))
         image_idx = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1).expand_as(scores)
         keep = batched_nms(boxes.reshape(-1, 4), scores.reshape(-1), image_idx.reshape(-1), cfg.nms_threshold)

@@ -3,13 +3,16 @@
 The model is a PyTorch checkpoint (``models.train.load_detector``) or an exported ONNX file
 (run with onnxruntime, fed exactly as the pipeline feeds it: normalised with the file's
 metadata, invalid pixels 0). Both give the padded outputs of docs/contracts.md; masks (28x28
-inside each box) are pasted into the tile with torchvision's ``paste_masks_in_image`` and
-thresholded at the model's ``mask_threshold``, then RLE-encoded for COCOeval.
+inside each box) are pasted into the tile and thresholded at the model's ``mask_threshold``
+exactly as the pipeline does it (``rtsmap.contract.paste_mask`` and ``keep``), then
+RLE-encoded for COCOeval.
 
-AP is computed over every detection the model emits (above its ``candidate_score_threshold``,
-0.05 by default, as COCO evaluations do: AP over a list cut at 0.5 would cap recall). F1 counts
-one-to-one matches of mask IoU >= 0.5, greedy by IoU, highest first, over the detections above
-the model's ``score_threshold``: the operating point the inventory sees.
+AP is computed over every detection the model emits (at or above its
+``candidate_score_threshold``, 0.05 by default, as COCO evaluations do: AP over a list cut at 0.5
+would cap recall); COCOeval matches detections to truth its own way (by score, as COCO defines
+AP). F1 counts one-to-one matches of mask IoU >= 0.5 (``rtsmap.contract.match_one_to_one``,
+the inventory evaluation's matcher) over the detections at or above the model's
+``score_threshold``: the operating point the inventory sees.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from rtsmap.contract import keep, match_one_to_one, paste_mask
 from rtsmap.models.data import ChipDataset, collate
 
 #: Keys of the metrics dict, in order.
@@ -49,7 +52,7 @@ def results_from_outputs(
     tile_size
         T.
     mask_threshold
-        Mask probability above which a pixel belongs to the slump.
+        Mask probability at or above which a pixel belongs to the slump.
 
     Returns
     -------
@@ -61,10 +64,11 @@ def results_from_outputs(
         n = int(outputs["num_detections"][b])
         if n == 0:
             continue
-        boxes = torch.as_tensor(np.asarray(outputs["boxes"][b, :n], np.float32))
-        probs = torch.as_tensor(np.asarray(outputs["masks"][b, :n], np.float32))
-        pasted = paste_masks_in_image(probs[:, None], boxes, (tile_size, tile_size))[:, 0].numpy()
-        binary = np.asfortranarray((pasted > mask_threshold).astype(np.uint8).transpose(1, 2, 0))
+        boxes = np.asarray(outputs["boxes"][b, :n], np.float32)
+        binary = np.zeros((tile_size, tile_size, n), np.uint8, order="F")
+        for k in range(n):
+            prob, (r, c) = paste_mask(np.asarray(outputs["masks"][b, k]), boxes[k], tile_size, tile_size)
+            binary[r : r + prob.shape[0], c : c + prob.shape[1], k] = keep(prob, mask_threshold)
         rles = mask_utils.encode(binary)
         for k in range(n):
             x1, y1, x2, y2 = (float(v) for v in boxes[k])
@@ -85,8 +89,29 @@ def _rle(segmentation: dict) -> dict:
     return {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
+def at_operating_point(results: Iterable[dict[str, Any]], score_threshold: float) -> list[dict[str, Any]]:
+    """The results the pipeline would keep at ``score_threshold`` (``rtsmap.contract.keep``).
+
+    Parameters
+    ----------
+    results
+        COCO result entries with ``score``.
+    score_threshold
+        The operating point.
+
+    Returns
+    -------
+    list of dict
+        The entries scoring at or above it, in their order.
+    """
+    return [r for r in results if keep(r["score"], score_threshold)]
+
+
 def f1_at(gt: Mapping[str, Any], results: list[dict[str, Any]], iou_threshold: float = 0.5) -> dict[str, float]:
-    """Precision, recall and F1 of one-to-one mask matches (greedy by IoU) at ``iou_threshold``.
+    """Precision, recall and F1 of one-to-one mask matches at ``iou_threshold``.
+
+    Matching is ``rtsmap.contract.match_one_to_one`` per image (greedy by IoU, highest first),
+    as in the inventory evaluation.
 
     Parameters
     ----------
@@ -115,14 +140,8 @@ def f1_at(gt: Mapping[str, Any], results: list[dict[str, Any]], iou_threshold: f
         matched = 0
         if g and d:
             iou = np.asarray(mask_utils.iou(d, g, [0] * len(g)), dtype=float).reshape(len(d), len(g))
-            # Greedy by IoU, highest first; ties cannot break one-to-one-ness.
-            pairs = sorted(((iou[i, j], i, j) for i, j in zip(*np.nonzero(iou >= iou_threshold))), reverse=True)
-            used_d, used_g = set(), set()
-            for _, i, j in pairs:
-                if i not in used_d and j not in used_g:
-                    used_d.add(i)
-                    used_g.add(j)
-            matched = len(used_d)
+            di, gi = np.indices(iou.shape).reshape(2, -1)
+            matched = len(match_one_to_one(di, gi, iou.ravel(), iou_threshold)[0])
         tp += matched
         fp += len(d) - matched
         fn += len(g) - matched
@@ -142,7 +161,7 @@ def coco_metrics(gt: Mapping[str, Any], results: list[dict[str, Any]], score_thr
     results
         COCO result entries (``image_id, category_id, bbox, score, segmentation``).
     score_threshold
-        Operating point of F1: only results scoring above it count there (AP takes all).
+        Operating point of F1: only results scoring at or above it count there (AP takes all).
 
     Returns
     -------
@@ -169,7 +188,7 @@ def coco_metrics(gt: Mapping[str, Any], results: list[dict[str, Any]], score_thr
             stats = [None if s < 0 else float(s) for s in ev.stats[:3]]
         for key, value in zip(("AP", "AP50", "AP75"), stats):
             metrics[f"{iou_type}_{key}"] = value
-    metrics.update(f1_at(gt, [r for r in results if r["score"] > score_threshold], 0.5))
+    metrics.update(f1_at(gt, at_operating_point(results, score_threshold), 0.5))
     return metrics
 
 

@@ -1,7 +1,8 @@
 """Export the detector to ONNX with the metadata the pipeline configures itself from.
 
 The file's inputs, outputs and ``metadata_props["rtsmap"]`` follow
-docs/contracts.md ("The model file"). The TorchScript-based exporter
+docs/contracts.md ("The model file"); their names and the format version are
+``rtsmap.contract``'s, the module the pipeline reads the file with. The TorchScript-based exporter
 (``dynamo=False``) is used: it exports torchvision's ``roi_align`` and ``nms``
 to the standard ONNX ``RoiAlign`` and ``NonMaxSuppression`` operators and keeps
 the batch axis dynamic.
@@ -21,17 +22,13 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from rtsmap.contract import MASK_SIZE, METADATA_KEY, OUTPUT_NAMES, input_names
+from rtsmap.contract import MODEL_FORMAT as METADATA_FORMAT  # the name callers of this module know
 from rtsmap.models.config import ModelConfig
-from rtsmap.models.detector import MASK_SIZE, RTSDetector
+from rtsmap.models.detector import RTSDetector
 
-#: Value of the metadata's "format" key.
-METADATA_FORMAT = "rtsmap-model/1"
-
-#: Key of the metadata in the ONNX file's ``metadata_props``.
-METADATA_KEY = "rtsmap"
-
-#: Output names, in order.
-OUTPUT_NAMES = ("boxes", "scores", "masks", "num_detections")
+__all__ = ["METADATA_FORMAT", "METADATA_KEY", "MIN_OPSET", "OUTPUT_NAMES", "build_metadata", "export_onnx",
+           "read_model_metadata", "weights_sha256"]
 
 #: Lowest opset accepted: RoIAlign with aligned=True (half_pixel) needs opset 16,
 #: and below it torchvision's exporter only warns and writes a shifted RoIAlign.
@@ -189,7 +186,7 @@ def export_onnx(
         t = config.tile_size
         # Batch 2 in the example, so no batch-1 special case gets traced into the graph.
         example = tuple(torch.zeros(2, c, t, t) for c in config.in_channels.values())
-        names = list(config.modalities)
+        names = list(input_names(config.modalities))
         dynamic = {n: {0: "batch"} for n in names + list(OUTPUT_NAMES)}
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about Python ints taken from shapes; T and C are fixed
@@ -251,10 +248,15 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
     Raises
     ------
     ValueError
-        If the file has no ``rtsmap`` metadata.
+        If the file has no ``rtsmap`` metadata, or metadata of another format version than
+        the pipeline reads.
     """
     proto = onnx.load(str(path), load_external_data=False)
     for entry in proto.metadata_props:
         if entry.key == METADATA_KEY:
-            return json.loads(entry.value)
+            meta = json.loads(entry.value)
+            if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+                got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+                raise ValueError(f"{path}: metadata format {got!r}, expected {METADATA_FORMAT!r}; export it again")
+            return meta
     raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; was it written by models.export.export_onnx?")

@@ -1,9 +1,8 @@
 """Compare an inventory with true polygons: one-to-one matches by IoU, precision, recall, F1.
 
-Matching is greedy by IoU, highest first, over candidate pairs from a ``shapely.STRtree`` (the
-COCO-style rule: each true slump is claimed by at most one prediction and vice versa). For
-non-overlapping slump polygons greedy and optimal (Hungarian) matching agree except in
-contrived ties, and greedy needs no scipy.
+Matching is ``rtsmap.contract.match_one_to_one`` (greedy by IoU, highest first; each true slump
+is claimed by at most one prediction and vice versa), the same matcher as the F1 of
+``rtsmap evaluate`` (models/evaluate.py), over candidate pairs from a ``shapely.STRtree``.
 
 Truth may be an inventory-like GeoPackage (``rts_<year>`` layers) or any file in the ARTS schema
 (one layer; the year from a ``year``/``Year`` column, else from ``BaseMapDate``, whose last date
@@ -23,6 +22,7 @@ import numpy as np
 import pyogrio
 import shapely
 
+from rtsmap.contract import match_one_to_one
 from rtsmap.pipeline.errors import ConfigError
 from rtsmap.pipeline.inventory import read_inventory
 
@@ -72,7 +72,7 @@ def match_polygons(pred, truth, *, iou_threshold: float = 0.5) -> MatchResult:
     pred, truth : sequence of shapely geometries
         In the same projected CRS.
     iou_threshold : float
-        Least IoU for a match.
+        Least IoU for a match (a pair at exactly the threshold matches).
 
     Returns
     -------
@@ -87,18 +87,9 @@ def match_polygons(pred, truth, *, iou_threshold: float = 0.5) -> MatchResult:
     inter = shapely.area(shapely.intersection(p[pi], t[ti]))
     union = shapely.area(shapely.union(p[pi], t[ti]))
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    ok = iou >= iou_threshold
-    pi, ti, iou = pi[ok], ti[ok], iou[ok]
-    order = np.lexsort((ti, pi, -iou))  # highest IoU first, ties by index: deterministic
-    used_p, used_t, matched = set(), set(), []
-    for k in order.tolist():
-        if pi[k] in used_p or ti[k] in used_t:
-            continue
-        used_p.add(pi[k])
-        used_t.add(ti[k])
-        matched.append(iou[k])
+    _, _, matched = match_one_to_one(pi, ti, iou, iou_threshold)
     tp = len(matched)
-    return MatchResult(tp=tp, fp=len(p) - tp, fn=len(t) - tp, mean_iou=float(np.mean(matched)) if matched else 0.0)
+    return MatchResult(tp=tp, fp=len(p) - tp, fn=len(t) - tp, mean_iou=float(np.mean(matched)) if tp else 0.0)
 
 
 def _year_of(value: Any) -> int | None:

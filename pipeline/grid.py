@@ -269,7 +269,8 @@ def parse_chunk_id(chunk_id: str) -> tuple[int, float, int, int]:
 
 def chunk_by_id(chunk_id: str, spec: GridSpec,
                 aoi_geometry: BaseGeometry | None = None) -> Chunk:
-    """Rebuild a chunk from its id (workers receive ids, not objects).
+    """Rebuild a chunk from its id (e.g. one read from a fragment name, a log or a benchmark
+    argument; the run itself sends workers whole :class:`Chunk` objects).
 
     Parameters
     ----------

@@ -5,8 +5,9 @@ checks that they are really in use; ``infer_chunk`` cuts tiles out of a :class:`
 normalizes them with the model's metadata, runs them in batches and pastes the 28x28 mask
 predictions back into chunk pixels as boolean masks (:class:`TileDetections`).
 
-No torch here (a GPU worker needs onnxruntime alone), so the mask pasting that torchvision does
-with ``paste_masks_in_image`` is written with numpy (see :func:`paste_mask`).
+Normalisation, the threshold rule and mask pasting are the model contract's
+(``rtsmap.contract``), the same functions training and evaluation use. No torch here (a GPU
+worker needs onnxruntime alone).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rtsmap.contract import OUTPUT_NAMES, input_names, keep, normalize, paste_mask
 from rtsmap.pipeline.errors import ModelError
 from rtsmap.pipeline.model_file import (
     ModelInfo,
@@ -73,9 +75,9 @@ class Detector:
             ``boxes [B, K, 4]``, ``scores [B, K]``, ``masks [B, K, M, M]``,
             ``num_detections [B]`` (docs/contracts.md, "The model file").
         """
-        names = ["boxes", "scores", "masks", "num_detections"]
-        outputs = self.session.run(names, {m: batch[m] for m in self.info.modalities})
-        return dict(zip(names, outputs))
+        names = list(OUTPUT_NAMES)
+        feed = dict(zip(input_names(self.info.modalities), (batch[m] for m in self.info.modalities)))
+        return dict(zip(names, self.session.run(names, feed)))
 
 
 def _resolve_providers(providers: Sequence[str]) -> list[str]:
@@ -217,69 +219,6 @@ class TileDetections:
         return len(self.scores)
 
 
-def _interpolation_matrix(positions: np.ndarray, size: int) -> np.ndarray:
-    """Linear interpolation weights ``[len(positions), size]`` for sample positions on a grid.
-
-    Positions outside ``[0, size - 1]`` are clamped (edge values repeat), as in PyTorch's
-    bilinear ``interpolate(..., align_corners=False)``.
-    """
-    pos = np.clip(positions, 0.0, size - 1.0)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, size - 1)
-    frac = (pos - lo).astype(np.float32)
-    weights = np.zeros((len(pos), size), np.float32)
-    rows = np.arange(len(pos))
-    weights[rows, lo] += 1.0 - frac
-    weights[rows, hi] += frac
-    return weights
-
-
-def paste_mask(
-    mask: np.ndarray, box: Sequence[float], height: int, width: int
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """Resample a box-relative mask prediction onto the image pixels its box covers.
-
-    The pixels covered are those whose centres lie in ``[x1, x2) x [y1, y2)``, clipped to the
-    image; each takes the bilinear interpolation of the ``M x M`` map at its centre (the map's
-    cells spread evenly over the box, edge values repeat), as torchvision's
-    ``paste_masks_in_image`` does with ``F.interpolate``. Written with numpy because the
-    pipeline has no torch; the bilinear resize is separable, so it is two small matrix
-    products per mask.
-
-    Parameters
-    ----------
-    mask : ndarray
-        ``[M, M]`` probabilities inside the box.
-    box : sequence of float
-        x1, y1, x2, y2 in image pixels (pixel edges: a box ``(0, 0, 3, 2)`` covers 3 columns and
-        2 rows).
-    height, width : int
-        Image size in pixels.
-
-    Returns
-    -------
-    probabilities : ndarray
-        float32 ``[h, w]`` over the covered pixels (``h`` or ``w`` may be 0).
-    offset : tuple of int
-        (row0, col0) of the first covered pixel in the image.
-    """
-    x1, y1, x2, y2 = (float(v) for v in box)
-    mh, mw = mask.shape
-    # First/last pixel whose centre (i + 0.5) lies in [lo, hi), clipped to the image.
-    c0 = max(int(np.ceil(x1 - 0.5)), 0)
-    c1 = min(int(np.ceil(x2 - 0.5)), width)
-    r0 = max(int(np.ceil(y1 - 0.5)), 0)
-    r1 = min(int(np.ceil(y2 - 0.5)), height)
-    if c1 <= c0 or r1 <= r0 or x2 <= x1 or y2 <= y1:
-        return np.zeros((0, 0), np.float32), (max(r0, 0), max(c0, 0))
-    # Pixel centre -> continuous mask coordinate (cell centres at 0 .. M-1).
-    u = (np.arange(c0, c1) + 0.5 - x1) / (x2 - x1) * mw - 0.5
-    v = (np.arange(r0, r1) + 0.5 - y1) / (y2 - y1) * mh - 0.5
-    wx = _interpolation_matrix(u, mw)
-    wy = _interpolation_matrix(v, mh)
-    return wy @ mask.astype(np.float32, copy=False) @ wx.T, (r0, c0)
-
-
 def _check_stack(info: ModelInfo, stack) -> None:
     """Raise ModelError when a modality in the stack has another number of bands than the model."""
     band_names = getattr(stack, "band_names", None) or {}
@@ -305,12 +244,8 @@ def _normalized_batch(info: ModelInfo, stack, windows: list[tuple[slice, slice]]
         out = np.zeros((len(windows), len(info.bands[m]), t, t), np.float32)
         if m in stack.data:
             norm = info.normalization[m]
-            mean = np.asarray(norm.mean, np.float32)[:, None, None]
-            inv_std = (1.0 / np.asarray(norm.std, np.float32))[:, None, None]
             for b, (rows, cols) in enumerate(windows):
-                np.multiply(stack.data[m][:, rows, cols] - mean, inv_std, out=out[b])
-                # Invalid pixels are 0 *after* normalization: the band mean, as in training.
-                out[b][:, ~stack.valid[m][rows, cols]] = 0.0
+                normalize(stack.data[m][:, rows, cols], stack.valid[m][rows, cols], norm.mean, norm.std, out=out[b])
         # A modality absent from the chunk stays all zeros, as if every pixel were invalid.
         batch[m] = out
     return batch
@@ -332,11 +267,11 @@ def _tile_detections(
     boxes, scores, masks, offsets, invalid_fractions = [], [], [], [], []
     for d in range(n):
         score = float(outputs["scores"][b, d])
-        if score < score_threshold:
+        if not keep(score, score_threshold):
             continue
         box = outputs["boxes"][b, d]
         prob, (r, c) = paste_mask(outputs["masks"][b, d], box, tile_size, tile_size)
-        inside = prob >= mask_threshold
+        inside = keep(prob, mask_threshold)
         if not inside.any():
             continue
         r, c = r + row0, c + col0
@@ -394,7 +329,9 @@ def infer_chunk(
     batch_size : int
         Tiles per model call (the last batch may be smaller).
     score_threshold, mask_threshold : float, optional
-        Override the model metadata's thresholds.
+        Override the model metadata's thresholds. A detection is kept when its score is at or
+        above the score threshold, a mask pixel when its probability is at or above the mask
+        threshold (``rtsmap.contract.keep``).
 
     Returns
     -------

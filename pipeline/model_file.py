@@ -4,7 +4,8 @@ The ONNX file written by ``models/export.py`` is the whole contract between trai
 pipeline: ``metadata_props["rtsmap"]`` (a JSON object, see docs/contracts.md) says which
 modalities and bands the network takes, how to normalize them, the tile size, the resolution
 and the thresholds. This module turns that into a :class:`ModelInfo` and refuses files or data
-that do not match, before any work starts.
+that do not match, before any work starts. The metadata key, format version and tensor names are
+``rtsmap.contract``'s, the module the exporter writes them with.
 
 onnxruntime is imported lazily, so ``pipeline`` can be imported (and plans made) on a machine
 that has neither ``rtsmap[cpu]`` nor ``rtsmap[gpu]`` installed.
@@ -20,16 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rtsmap.contract import METADATA_KEY, MODEL_FORMAT, OUTPUT_NAMES, input_names
 from rtsmap.pipeline.errors import ModelError
 
-MODEL_FORMAT = "rtsmap-model/1"
-"""The value of ``format`` in the metadata that this version of the pipeline reads."""
-
-METADATA_KEY = "rtsmap"
-"""The key of the JSON metadata in the ONNX model's ``metadata_props``."""
-
-OUTPUT_NAMES = ("boxes", "scores", "masks", "num_detections")
-"""The outputs every model must have (docs/contracts.md, "The model file")."""
+# The file's names and format version are the contract's (rtsmap/contract.py); re-exported here
+# because callers of this module know them by these names.
+__all__ = [
+    "METADATA_KEY", "MODEL_FORMAT", "OUTPUT_NAMES", "BandNormalization", "ModelInfo", "check_compatible",
+    "file_sha256", "import_onnxruntime", "model_info_from_session", "open_session", "read_model_info",
+]
 
 Dim = int | str | None
 """One dimension of an ONNX input/output: a fixed size, a symbolic name, or unknown."""
@@ -74,9 +74,9 @@ class ModelInfo:
     max_detections: int
     """K: the fixed, padded number of detections per tile in the outputs."""
     score_threshold: float
-    """Detections scoring below this are dropped."""
+    """Detections scoring at or above this are kept (``rtsmap.contract.keep``)."""
     mask_threshold: float
-    """Mask probabilities at or above this are inside the object."""
+    """Mask probabilities at or above this are inside the object (``rtsmap.contract.keep``)."""
     classes: tuple[str, ...]
     """Class names (``("rts",)``)."""
     weights_sha256: str
@@ -340,7 +340,7 @@ def _signature_problems(meta, bands, input_shapes, input_types, output_shapes) -
     """Differences between the graph's inputs/outputs and what the metadata promises."""
     problems = []
     tile = meta["tile_size"]
-    if set(input_shapes) != set(meta["modalities"]):
+    if set(input_shapes) != set(input_names(meta["modalities"])):
         problems.append(f"inputs are {sorted(input_shapes)}, metadata modalities are {meta['modalities']}")
     for m, shape in input_shapes.items():
         if m not in bands:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic demo region and the ARTS sample (when present)."""
+"""Shared fixtures: a small synthetic demo region and the ARTS sample and schema (when present)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-ARTS_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/arts/ARTS_main_dataset_v.0.0.7-alpha.geojson"
+# The ARTS files live in ../shared beside the checkout (not in the repository), found relative to
+# this file so that the tests that need them run on any machine that has them.
+ARTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "arts"
+ARTS_SAMPLE = ARTS_DIR / "ARTS_main_dataset_v.0.0.7-alpha.geojson"
+ARTS_SCHEMA = ARTS_DIR / "Metadata_Format_Summary.csv"
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +27,11 @@ def arts_path() -> Path:
     if not ARTS_SAMPLE.exists():
         pytest.skip(f"ARTS sample not found at {ARTS_SAMPLE}")
     return ARTS_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def arts_schema_path() -> Path:
+    """The ARTS metadata schema CSV in ../shared (skips the test where the checkout has none)."""
+    if not ARTS_SCHEMA.exists():
+        pytest.skip(f"ARTS schema not found at {ARTS_SCHEMA}")
+    return ARTS_SCHEMA

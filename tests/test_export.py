@@ -6,7 +6,9 @@ compared with the eager model on fresh random inputs.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from rtsmap import contract
 from rtsmap.models.config import ModelConfig, build_config
 from rtsmap.models.detector import RTSDetector
 from rtsmap.models.export import METADATA_FORMAT, OUTPUT_NAMES, export_onnx, read_model_metadata, weights_sha256
@@ -136,6 +139,29 @@ def test_export_refuses_bad_arguments(demo, tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="rtsmap"):
         read_model_metadata(_write_plain_onnx(tmp_path / "plain.onnx"))
+
+
+def test_exported_file_is_read_by_the_pipeline_through_the_contract(demo):
+    """export writes what pipeline.model_file reads: the contract's names and format version."""
+    from rtsmap.pipeline.model_file import read_model_info
+
+    _, cfg, path, meta = demo
+    assert METADATA_FORMAT == contract.MODEL_FORMAT and OUTPUT_NAMES == contract.OUTPUT_NAMES
+    info = read_model_info(path)
+    assert info.metadata == meta and info.output_names == contract.OUTPUT_NAMES
+    assert info.input_names == contract.input_names(cfg.modalities)
+    assert info.normalization["sar"].mean == tuple(cfg.normalization["sar"]["mean"])
+
+
+def test_read_model_metadata_accepts_the_demo_model_and_refuses_other_formats(tmp_path):
+    demo_model = Path(__file__).resolve().parents[1] / "workflows" / "assets" / "demo_model.onnx"
+    assert read_model_metadata(demo_model)["format"] == contract.MODEL_FORMAT
+    proto = onnx.load(str(_write_plain_onnx(tmp_path / "plain.onnx")))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = contract.METADATA_KEY, json.dumps({"format": "rtsmap-model/0"})
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    with pytest.raises(ValueError, match="rtsmap-model/0"):
+        read_model_metadata(tmp_path / "old.onnx")
 
 
 def _write_plain_onnx(path):

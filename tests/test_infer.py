@@ -182,6 +182,28 @@ def test_check_compatible_lists_every_difference(tmp_path, meta):
     assert "extra" not in message  # data the model does not use is fine
 
 
+@pytest.mark.parametrize("optical", [
+    ["blue", "green", "nir", "red"],  # same bands, red and nir swapped
+    ["blue", "green", "red", "swir16"],  # same count, another band
+])
+def test_check_compatible_refuses_bands_out_of_order_or_renamed(tmp_path, meta, optical):
+    """Band count alone is not enough: the model's bands must be the data's, in the same order."""
+    info = load_model(make_constant_detector(tmp_path / "m.onnx", [], meta)).info
+    with pytest.raises(ModelError) as err:
+        check_compatible(info, {**BANDS, "optical": optical}, 10.0, T)
+    assert f"'optical' bands: model ['blue', 'green', 'red', 'nir'], data {optical}" in str(err.value)
+    assert "'sar'" not in str(err.value) and "'dem'" not in str(err.value)
+
+
+def test_stack_with_swapped_band_names_is_refused(tmp_path, meta):
+    """A chunk whose loader wrote the optical bands in another order never reaches the model."""
+    det = load_model(make_constant_detector(tmp_path / "m.onnx", [], meta))
+    stack = make_stack()
+    stack.band_names["optical"] = ("blue", "green", "nir", "red")
+    with pytest.raises(ModelError, match=r"'optical' bands are \['blue', 'green', 'nir', 'red'\]"):
+        infer_chunk(det, stack, CHUNK.tiles)
+
+
 def test_stack_with_wrong_band_count(tmp_path, meta):
     det = load_model(make_constant_detector(tmp_path / "m.onnx", [], meta))
     stack = make_stack()

@@ -21,7 +21,6 @@ from rtsmap.pipeline.inventory import (
     RTS_FIELDS, check_geopackage, read_coverage, read_inventory, read_run_metadata, rts_uid, write_inventory,
 )
 
-ARTS_CSV = "/work/shared/data/arts/Metadata_Format_Summary.csv"
 CRS = "EPSG:3413"
 X0, Y0 = -2_300_000.0, 200_000.0  # Peel Plateau-ish, EPSG:3413
 
@@ -54,7 +53,7 @@ def inventory(tmp_path):
     return path
 
 
-def test_layers_fields_and_arts_schema(inventory):
+def test_layers_fields_and_arts_schema(inventory, arts_schema_path):
     layers = dict(pyogrio.list_layers(inventory))
     assert set(layers) == {"rts_2021", "rts_2022", "coverage_2021", "coverage_2022", "run_metadata"}
     assert layers["rts_2021"] == "MultiPolygon" and layers["run_metadata"] is None
@@ -65,7 +64,7 @@ def test_layers_fields_and_arts_schema(inventory):
     row = inv[2021].iloc[0]
     # Every ARTS field the schema marks Required=True or Generated is there.
     import csv
-    with open(ARTS_CSV, encoding="utf-8") as f:
+    with open(arts_schema_path, encoding="utf-8") as f:
         arts = [r["FieldName"] for r in csv.DictReader(f) if r["Required"] in ("True", "Generated")]
     assert set(arts) <= set(inv[2021].columns)
     assert row.TrainClass == "Positive" and row.LabelType == "Polygon"
@@ -134,6 +133,26 @@ def test_match_polygons_one_to_one():
     assert (m.tp, m.fp, m.fn) == (1, 3, 2)
     assert m.precision == pytest.approx(0.25) and m.recall == pytest.approx(1 / 3)
     assert m.f1 == pytest.approx(2 * 0.25 * (1 / 3) / (0.25 + 1 / 3))
+
+
+def test_default_iou_threshold_is_one_half():
+    """A pair overlapping at IoU 0.25 (between 0.1 and 0.5) is no match by default; at 0.54 it is."""
+    truth = [shapely.box(0, 0, 100, 100)]
+    weak = [shapely.box(60, 0, 160, 100)]  # 4,000 / 16,000 = 0.25
+    strong = [shapely.box(30, 0, 130, 100)]  # 7,000 / 13,000 = 0.54
+    assert match_polygons(weak, truth, iou_threshold=0.2).tp == 1  # a real candidate pair
+    m = match_polygons(weak, truth)
+    assert (m.tp, m.fp, m.fn) == (0, 1, 1)
+    assert match_polygons(strong, truth).tp == 1
+
+
+def test_evaluate_inventory_default_iou_threshold(tmp_path, inventory):
+    # The inventory's slumps against truth shifted 110 m: IoU 13,500 / 46,500 = 0.29 each.
+    truth = tmp_path / "truth.gpkg"
+    pyogrio.write_dataframe(slumps(3, 2021, dx=110.0)[["geometry"]], truth, layer="rts_2021")
+    assert evaluate_inventory(inventory, truth, iou_threshold=0.25)[2021].tp == 3
+    res = evaluate_inventory(inventory, truth)[2021]
+    assert (res.tp, res.fp, res.fn) == (0, 3, 3)
 
 
 def test_evaluate_inventory_against_gpkg_and_arts_truth(tmp_path, inventory):

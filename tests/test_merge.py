@@ -129,6 +129,30 @@ def test_small_slump_beside_a_big_one_is_not_swallowed():
     assert sorted(out["n_detections"]) == [1, 1]
 
 
+def test_small_detection_overlapping_a_seam_slump_a_quarter_stays_apart():
+    """Intersection over the smaller part 0.25 is below the default 0.5: no match.
+
+    Slump L crosses the seam (a copy in each tile); tile (1,0) also sees a small slump S that
+    overlaps L's copy from tile (0,0) by a quarter of S. The views check would not split them
+    (S is small beside L, so the tiles' views still agree at IoU 0.94): only the IoS threshold
+    keeps S apart, which the run with a lower threshold shows.
+    """
+    slump = shapely.box(SEAM_X - 200, -400, SEAM_X + 100, -200)
+    small = shapely.box(SEAM_X + 60, -430, SEAM_X + 100, -390)  # 40 x 40 m, 10 m of it inside L
+    window = tile_box(0, 0).intersection(tile_box(1, 0))
+    assert small.intersection(slump).area / min(small.intersection(window).area,
+                                                 slump.intersection(window).area) == pytest.approx(0.25)
+    gdf = detections([slump], extra=[dict(geometry=small, tile=(1, 0), score=0.7)])
+    assert len(gdf) == 3
+    out = merge_detections(gdf, spec=SPEC)
+    assert len(out) == 2 and sorted(out["n_detections"]) == [1, 2]
+    kept = out.loc[out["n_detections"] == 1].geometry.iloc[0]
+    assert iou(kept, small) > 0.999
+    assert iou(out.loc[out["n_detections"] == 2].geometry.iloc[0], slump) > 0.999
+    # The same detections merge into one when the threshold drops below their IoS.
+    assert len(merge_detections(gdf, spec=SPEC, ios_threshold=0.2)) == 1
+
+
 def test_chain_through_a_big_detection_is_split():
     # S1 (tile 0,0) ~ L (tile 1,0) ~ S2 (tile 1,1 below): the group fails verification and is
     # split keeping the strongest consistent joins; no group holds all three.

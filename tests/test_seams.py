@@ -10,8 +10,6 @@ pipeline.inventory writes the GeoPackage and GDAL (pyogrio) reads it back.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import geopandas as gpd
 import numpy as np
 import pandas as pd
@@ -27,7 +25,6 @@ from rtsmap.pipeline.inventory import write_inventory
 from rtsmap.pipeline.merge import merge_detections
 from rtsmap.pipeline.vectorize import mask_to_geometry, vectorize_detections
 
-ARTS = Path("/work/shared/data/arts/ARTS_main_dataset_v.0.0.7-alpha.geojson")
 # 3 m pixels (the ARTS imagery's resolution), 64 px tiles overlapping by 16 px, 2x2 tiles a
 # chunk: tiles are 192 m, seams 144 m apart, a chunk seam every 288 m, so 50-200 m slumps cross
 # one to three seams each.
@@ -36,11 +33,9 @@ YEAR = 2021
 SPACING = 420.0  # metres between slump centres: no two placed slumps overlap
 
 
-def footprints(n=30):
-    """n real footprints (single polygons, 2,000-30,000 m2), centred on seams of the grid."""
-    if not ARTS.exists():
-        pytest.skip(f"ARTS sample not found at {ARTS} (see /work/shared/data/arts/README.md)")
-    arts = gpd.read_file(ARTS).to_crs("EPSG:3413")
+def footprints(arts_path, n=30):
+    """n real footprints (single polygons, 2,000-30,000 m2) of the ARTS sample, centred on seams of the grid."""
+    arts = gpd.read_file(arts_path).to_crs("EPSG:3413")
     arts = arts[~(arts.geometry.isna() | arts.geometry.is_empty)]
     geoms = [shapely.make_valid(g) for g in arts.sort_values("UID").geometry]
     polys = [g for g in geoms if g.geom_type == "Polygon" and 2_000 < g.area < 30_000
@@ -132,9 +127,10 @@ def write_and_read(slumps_gdf, path):
 
 
 @pytest.fixture(scope="module")
-def scene():
-    placed = footprints(30)
-    pair = touching_pair(footprints(31)[-1])
+def scene(arts_path):
+    """The ARTS sample from ../shared (tests/conftest.py); skips only where it is absent."""
+    placed = footprints(arts_path, 30)
+    pair = touching_pair(footprints(arts_path, 31)[-1])
     truth = placed + pair
     return truth, detect(truth)
 
