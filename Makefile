@@ -2,8 +2,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test servers with their own dependencies (moto's S3 server), kept out of the project's venv.
+SERVERS_VENV ?= .venv-servers
+SERVERS_STAMP := $(SERVERS_VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install servers test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +18,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+$(SERVERS_STAMP):
+	$(PYTHON) -m venv $(SERVERS_VENV)
+	$(SERVERS_VENV)/bin/pip install -q 'moto[server]>=5'
+	touch $(SERVERS_STAMP)
+
+servers: $(SERVERS_STAMP)
+
+test: $(STAMP) $(SERVERS_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/rtsmap demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SERVERS_VENV) build *.egg-info

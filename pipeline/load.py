@@ -19,6 +19,15 @@ hillshade and relative elevation (``pipeline.terrain``) are computed there and c
 adjacent chunks get the same values on their overlap.
 
 Invalid pixels are 0 in ``data`` and False in ``valid``.
+
+Remote hrefs: ``http(s)://`` is read through GDAL's ``/vsicurl/`` and ``s3://`` through
+``/vsis3/`` (endpoint and credentials from the environment, as AWS users set them:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_S3_ENDPOINT``, ``AWS_HTTPS``,
+``AWS_VIRTUAL_HOSTING``). :data:`GDAL_OPTIONS` are the defaults for cloud reads; any of them set in
+the environment wins. Hrefs are signed (``sign``) just before each item is read; a read refused
+with HTTP 403 (a SAS token that expired since signing) is signed again with a fresh token and
+retried once. A read that still fails raises :class:`AssetError` with GDAL's own cause (the HTTP
+status or the network error), never with a token.
 """
 
 from __future__ import annotations
@@ -26,8 +35,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import urlsplit
 
 import numpy as np
 import odc.stac
@@ -43,29 +55,67 @@ from rtsmap.pipeline.profiles import BandSpec, ModalityProfile, band_scale_offse
 from rtsmap.pipeline.stac import _RedactFilter, redact, redact_text
 
 log = logging.getLogger(__name__)
-# odc-loader logs the full asset URL (signed query string included) when a read fails.
-logging.getLogger("odc.loader._rio").addFilter(_RedactFilter())
+# odc-loader logs the full asset URL (signed query string included) when a read fails,
+# rasterio passes on GDAL's messages ("HTTP error code: 503 - <url>. Retrying ...") with the URL,
+# and logs each dataset it opens at DEBUG, URL included.
+for _name in ("odc.loader._rio", "rasterio._env", "rasterio._base"):
+    logging.getLogger(_name).addFilter(_RedactFilter())
 
 #: Pixels added on each side of the read window when reading elevation for terrain derivatives.
 DEM_BUFFER_PX = 32
 
-#: GDAL settings for cloud-hosted COGs: no directory listings or side-car probing, range reads
-#: only for GeoTIFFs, retries on transient HTTP errors, merged ranges per request.
+#: GDAL settings for cloud-hosted COGs (defaults: a variable set in the environment wins): no
+#: directory listings or side-car probing, range reads only for GeoTIFF URLs, retries on
+#: throttling and server errors (GDAL waits RETRY_DELAY seconds, then about twice as long each
+#: time, and also retries timeouts and reset connections), merged ranges per request, HTTP/2
+#: where the server offers it over TLS (requests to one host are multiplexed on one connection;
+#: plain http stays HTTP/1.1).
 GDAL_OPTIONS: dict[str, str] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
     "GDAL_HTTP_MAX_RETRY": "5",
     "GDAL_HTTP_RETRY_DELAY": "1",
+    "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",
     "GDAL_HTTP_TIMEOUT": "60",
     "GDAL_HTTP_MULTIRANGE": "YES",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-    "GDAL_HTTP_VERSION": "2",
+    "GDAL_HTTP_VERSION": "2TLS",
     "VSI_CACHE": "TRUE",
 }
+
+#: An href signer: ``(href, collection) -> href`` (see :func:`rtsmap.pipeline.signing.make_signer`).
+Signer = Callable[[str, str], str]
 
 _COG_MEDIA_TYPE = "image/tiff; application=geotiff"
 # Errors that mean "this asset cannot be read" (missing, corrupt, unreachable, not a raster).
 _READ_ERRORS = (rasterio.errors.RasterioError, OSError, ValueError, KeyError, RuntimeError)
+# GDAL's wording of an HTTP failure: "HTTP response code: 403", "HTTP error code: 503".
+_HTTP_STATUS = re.compile(r"HTTP (?:response|error) code: (\d{3})")
+# GDAL caches a failed URL as "does not exist": its first message is the one with the cause.
+_GENERIC = "does not exist in the file system"
+
+
+def gdal_options() -> dict[str, str]:
+    """:data:`GDAL_OPTIONS` less those set in the environment (GDAL reads those itself), plus
+    the S3 endpoint of ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the AWS CLI's and boto3's
+    names) as GDAL's ``AWS_S3_ENDPOINT``, ``AWS_HTTPS`` and path-style addressing, unless those
+    are set.
+
+    Returns
+    -------
+    dict[str, str]
+        Options for ``rasterio.Env``.
+    """
+    options = {key: value for key, value in GDAL_OPTIONS.items() if key not in os.environ}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
+        parts = urlsplit(endpoint)
+        options["AWS_S3_ENDPOINT"] = (parts.netloc + parts.path).rstrip("/") or endpoint
+        options.setdefault("AWS_HTTPS", "NO" if parts.scheme == "http" else "YES")
+        # Custom endpoints (MinIO, Ceph, moto, ...) are addressed path-style.
+        options.setdefault("AWS_VIRTUAL_HOSTING", "FALSE")
+        options = {k: v for k, v in options.items() if k == "AWS_S3_ENDPOINT" or k not in os.environ}
+    return options
 
 
 @dataclass
@@ -97,6 +147,8 @@ def load_chunk(
     items: Mapping[str, list[pystac.Item]],
     profiles: Mapping[str, ModalityProfile],
     year: int,
+    *,
+    sign: Signer | None = None,
 ) -> ChunkStack:
     """Load every modality of one chunk and year onto the chunk's read-window grid.
 
@@ -110,6 +162,10 @@ def load_chunk(
         How to read each modality (bands, mask, season, cloud property).
     year : int
         The year whose season the optical/SAR items are ranked against.
+    sign : callable, optional
+        ``(href, collection) -> href``, called on each href just before it is read (from
+        :func:`rtsmap.pipeline.signing.make_signer`). When it has a ``resign`` method, a read
+        refused with HTTP 403 is signed again with a fresh token and retried once.
 
     Returns
     -------
@@ -119,7 +175,10 @@ def load_chunk(
     Raises
     ------
     AssetError
-        An asset is missing, unreadable or corrupt (names the item id and asset key).
+        An asset is missing, unreadable or corrupt, or the server or network failed after
+        GDAL's retries (names the item id, the asset key and the cause, e.g. the HTTP status).
+    CatalogError
+        ``sign`` could not get a token.
     ConfigError
         A modality has items but no profile, or its profile cannot be loaded as asked.
     """
@@ -136,7 +195,7 @@ def load_chunk(
         item_ids={},
         band_names={},
     )
-    with rasterio.Env(**GDAL_OPTIONS):
+    with rasterio.Env(**gdal_options()):
         for modality, modality_items in items.items():
             if not modality_items:
                 continue
@@ -148,9 +207,9 @@ def load_chunk(
             profile = profiles[modality]
             ordered = order_items(modality_items, profile, year)
             if profile.derived:
-                data, valid, used = _load_terrain(geobox, ordered, profile)
+                data, valid, used = _load_terrain(geobox, ordered, profile, sign)
             else:
-                data, valid, used = _load_bands(geobox, ordered, profile)
+                data, valid, used = _load_bands(geobox, ordered, profile, sign)
             stack.data[modality] = data
             stack.valid[modality] = valid
             stack.item_ids[modality] = used
@@ -227,19 +286,47 @@ def order_items(items: Iterable[pystac.Item], profile: ModalityProfile, year: in
 # --- reading -----------------------------------------------------------------------------
 
 
+def _hint(reason: str) -> str:
+    """What to check, given GDAL's cause of a failed read."""
+    match = _HTTP_STATUS.search(reason)
+    status = int(match.group(1)) if match else None
+    if status in (401, 403):
+        return "access was refused: check the credentials, or the signing (a token may have expired)"
+    if status == 404:
+        return "the server has no such file"
+    if status is not None:
+        return "the server kept failing after GDAL's retries (GDAL_HTTP_MAX_RETRY, GDAL_HTTP_RETRY_DELAY)"
+    if "CURL error" in reason or "timed out" in reason:
+        return "the network failed after GDAL's retries: check that the host is reachable"
+    return "check that the file exists and is a valid GeoTIFF/COG"
+
+
 def _asset_error(item: pystac.Item, asset: str, reason: str) -> AssetError:
     href = item.assets[asset].href if asset in item.assets else "(none)"
     return AssetError(
         f"cannot read asset '{asset}' of item '{item.id}' ({redact(href)}): "
-        f"{redact_text(reason)}; check that the file exists and is a valid GeoTIFF/COG "
-        "(this chunk is marked failed, the run goes on)"
+        f"{redact_text(reason)}; {_hint(reason)} (this chunk is marked failed, the run goes on)"
     )
 
 
+class _ReadFailure(Exception):
+    """An item read failed: the asset at fault and GDAL's cause (internal to this module)."""
+
+    def __init__(self, asset: str, reason: str):
+        super().__init__(reason)
+        self.asset = asset
+        self.reason = reason
+        match = _HTTP_STATUS.search(reason)
+        self.status = int(match.group(1)) if match else None
+
+
 def _read_item(
-    item: pystac.Item, assets: Mapping[str, tuple[str, float | None]], geobox: GeoBox
+    item: pystac.Item,
+    assets: Mapping[str, tuple[str, float | None]],
+    geobox: GeoBox,
+    sign: Signer | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read the given assets of one item onto ``geobox``.
+    """Read the given assets of one item onto ``geobox``, signing hrefs first.
 
     Parameters
     ----------
@@ -248,6 +335,8 @@ def _read_item(
         asset key -> (resampling, nodata).
     geobox : GeoBox
         Output grid.
+    sign : callable, optional
+        Href signer; with a ``resign`` method, an HTTP 403 is retried once with fresh tokens.
 
     Returns
     -------
@@ -257,6 +346,32 @@ def _read_item(
     for key in assets:
         if key not in item.assets:
             raise _asset_error(item, key, f"the item has no asset '{key}' (it has {sorted(item.assets)})")
+    # Signed hrefs live only in this function's copies, for this read.
+    hrefs = {key: item.assets[key].href for key in assets}
+    if sign is not None:
+        hrefs = {key: sign(href, item.collection_id) for key, href in hrefs.items()}
+    try:
+        return _read_signed(item, assets, geobox, hrefs)
+    except _ReadFailure as failure:
+        resign = getattr(sign, "resign", None)
+        if failure.status != 403 or resign is None:
+            raise _asset_error(item, failure.asset, failure.reason) from None
+        log.info("HTTP 403 reading item %s: signing its hrefs again with a fresh token", item.id)
+        # resign() gets the refused href, so it renews a token once, not once per asset.
+        hrefs = {key: resign(href, item.collection_id) for key, href in hrefs.items()}
+        try:
+            return _read_signed(item, assets, geobox, hrefs)
+        except _ReadFailure as again:
+            raise _asset_error(item, again.asset, again.reason) from None
+
+
+def _read_signed(
+    item: pystac.Item,
+    assets: Mapping[str, tuple[str, float | None]],
+    geobox: GeoBox,
+    hrefs: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """:func:`_read_item` with the given (signed) href per asset; raises :class:`_ReadFailure`."""
     # A minimal copy with only the assets asked for: odc-stac then parses nothing else, and
     # assets without a media type whose href ends in a query string are still seen as rasters.
     slim = pystac.Item(
@@ -270,6 +385,7 @@ def _read_item(
     for key in assets:
         asset = item.assets[key].clone()
         asset.media_type = asset.media_type or _COG_MEDIA_TYPE
+        asset.href = hrefs[key]
         slim.add_asset(key, asset)
     # Read everything as float32 with the profile's nodata: bilinear output keeps fractions
     # and "outside the item" becomes NaN, which the caller treats as invalid.
@@ -296,13 +412,17 @@ def _read_item(
     try:
         ds = load(list(assets))
     except _READ_ERRORS as exc:
+        # The first failure carries GDAL's cause (HTTP status, CURL error); GDAL then caches the
+        # URL as missing, so reading it again says only "does not exist in the file system".
+        first = str(exc) or type(exc).__name__
         # Find the asset at fault so the message can name it (error path only).
         for key in assets:
             try:
                 load([key])
             except _READ_ERRORS as single:
-                raise _asset_error(item, key, str(single) or type(single).__name__) from None
-        raise _asset_error(item, ",".join(assets), str(exc) or type(exc).__name__) from None
+                text = str(single) or type(single).__name__
+                raise _ReadFailure(key, first if _GENERIC in text else text) from None
+        raise _ReadFailure(",".join(assets), first) from None
 
     out = {}
     for key, (_, nodata) in assets.items():
@@ -327,7 +447,7 @@ def _physical(values: np.ndarray, band: BandSpec, scale: float, offset: float) -
 
 
 def _mosaic(
-    geobox: GeoBox, ordered: list[pystac.Item], profile: ModalityProfile
+    geobox: GeoBox, ordered: list[pystac.Item], profile: ModalityProfile, sign: Signer | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Best-first, mask-aware mosaic of the profile's bands over ``ordered`` items on ``geobox``.
 
@@ -350,7 +470,7 @@ def _mosaic(
     for item in ordered:
         if filled.all():
             break
-        layers = _read_item(item, assets, geobox)
+        layers = _read_item(item, assets, geobox, sign)
         ok = ~filled
         values = []
         for band in bands:
@@ -374,16 +494,16 @@ def _mosaic(
 
 
 def _load_bands(
-    geobox: GeoBox, ordered: list[pystac.Item], profile: ModalityProfile
+    geobox: GeoBox, ordered: list[pystac.Item], profile: ModalityProfile, sign: Signer | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Directly read bands (optical, SAR): mosaic on the read window itself."""
-    data, valid, used = _mosaic(geobox, ordered, profile)
+    data, valid, used = _mosaic(geobox, ordered, profile, sign)
     data[:, ~valid] = 0.0
     return data, valid, used
 
 
 def _load_terrain(
-    geobox: GeoBox, ordered: list[pystac.Item], profile: ModalityProfile
+    geobox: GeoBox, ordered: list[pystac.Item], profile: ModalityProfile, sign: Signer | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """DEM derivatives: mosaic elevation on a buffered window, derive, crop."""
     if len(profile.bands) != 1:
@@ -399,7 +519,7 @@ def _load_terrain(
         geobox.affine @ Affine.translation(-buffer, -buffer),
         geobox.crs,
     )
-    elevation, _, used = _mosaic(buffered, ordered, profile)
+    elevation, _, used = _mosaic(buffered, ordered, profile, sign)
     derived = terrain.terrain_derivatives(elevation[0], resolution)
     del elevation
     crop = (slice(buffer, buffer + height), slice(buffer, buffer + width))
