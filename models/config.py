@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtsmap.config_schema import Float, Int, Str, schema, validate
+
 #: Fusion modes understood by ``models.backbone.MultimodalBackbone``.
 FUSION_MODES = ("none", "data_level", "conv", "attention", "residual_attention")
 
@@ -37,118 +39,119 @@ DEFAULT_NORMALIZATION: dict[str, dict[str, tuple[float, ...]]] = {
 }
 
 
+@schema
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that defines the detector except its weights."""
 
-    name: str = "tiny"
+    name: Str = "tiny"
     """Name of the variant (a key of :data:`MODEL_VARIANTS` or a user name)."""
 
-    backbone: str = "tiny"
+    backbone: Str = "tiny"
     """MViTv2 variant name, a key of ``models.mvit.MVIT_VARIANTS``."""
 
-    fusion: str = "residual_attention"
+    fusion: Str = "residual_attention"
     """Cross-modality fusion mode, one of :data:`FUSION_MODES`."""
 
-    fusion_gate: str = "channel"
+    fusion_gate: Str = "channel"
     """Gate of the residual attention fusion: ``channel`` (one learned scale per channel) or
     ``query`` (also a linear function of each optical token, so it can open where optical sees
     nothing, e.g. under cloud). Both start at zero. The named variants use ``query``
     (docs/fusion-study.md); ``channel`` is what checkpoints without this field were trained with."""
 
-    modalities: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_MODALITIES))
+    modalities: dict[Str, tuple[Str, ...]] = field(default_factory=lambda: dict(DEFAULT_MODALITIES))
     """Ordered mapping modality -> band names; the order is the model's input order."""
 
-    tile_size: int = 512
+    tile_size: Int = 512
     """Tile side T in pixels; the model takes ``[B, C, T, T]`` per modality."""
 
-    resolution: float = 10.0
+    resolution: Float = 10.0
     """Ground sampling distance in metres per pixel."""
 
-    fpn_channels: int = 256
+    fpn_channels: Int = 256
     """Channels of every FPN level (P2..P6)."""
 
-    anchor_sizes: tuple[tuple[int, ...], ...] = ((8,), (16,), (32,), (64,), (128,))
+    anchor_sizes: tuple[tuple[Int, ...], ...] = ((8,), (16,), (32,), (64,), (128,))
     """Anchor sizes in pixels, one tuple per FPN level P2..P6 (slumps are small at 10 m)."""
 
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    aspect_ratios: tuple[Float, ...] = (0.5, 1.0, 2.0)
     """Anchor aspect ratios (height / width), the same on every level."""
 
-    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_train: Int = 2000
     """Proposals kept per level and image before NMS, in training."""
 
-    rpn_pre_nms_top_n_test: int = 1000
+    rpn_pre_nms_top_n_test: Int = 1000
     """Proposals kept per level and image before NMS, at inference."""
 
-    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: Int = 2000
     """Proposals kept per image after NMS, in training."""
 
-    rpn_post_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: Int = 1000
     """Proposals kept per image after NMS, at inference."""
 
-    rpn_nms_threshold: float = 0.7
+    rpn_nms_threshold: Float = 0.7
     """IoU threshold of the RPN's NMS."""
 
-    rpn_fg_iou_threshold: float = 0.7
+    rpn_fg_iou_threshold: Float = 0.7
     """Anchors with IoU >= this to a ground-truth box are RPN positives."""
 
-    rpn_bg_iou_threshold: float = 0.3
+    rpn_bg_iou_threshold: Float = 0.3
     """Anchors with IoU < this to every ground-truth box are RPN negatives."""
 
-    rpn_batch_size_per_image: int = 256
+    rpn_batch_size_per_image: Int = 256
     """Anchors sampled per image for the RPN losses."""
 
-    rpn_positive_fraction: float = 0.5
+    rpn_positive_fraction: Float = 0.5
     """Largest fraction of positives among the sampled anchors."""
 
-    cascade_iou_thresholds: tuple[float, ...] = (0.5, 0.6, 0.7)
+    cascade_iou_thresholds: tuple[Float, ...] = (0.5, 0.6, 0.7)
     """Foreground IoU of each cascade stage (one stage per value)."""
 
-    cascade_bbox_reg_weights: tuple[tuple[float, float, float, float], ...] = (
+    cascade_bbox_reg_weights: tuple[tuple[Float, Float, Float, Float], ...] = (
         (10.0, 10.0, 5.0, 5.0),
         (20.0, 20.0, 10.0, 10.0),
         (30.0, 30.0, 15.0, 15.0),
     )
     """Box coder weights (wx, wy, ww, wh) of each cascade stage."""
 
-    roi_batch_size_per_image: int = 128
+    roi_batch_size_per_image: Int = 128
     """RoIs sampled per image for the first cascade stage in training."""
 
-    roi_positive_fraction: float = 0.25
+    roi_positive_fraction: Float = 0.25
     """Largest fraction of positives among the sampled RoIs."""
 
-    box_head_dim: int = 1024
+    box_head_dim: Int = 1024
     """Width of the two fully connected layers of each stage's box head."""
 
-    mask_head_layers: tuple[int, ...] = (256, 256, 256, 256)
+    mask_head_layers: tuple[Int, ...] = (256, 256, 256, 256)
     """Channels of the mask head's 3x3 convolutions."""
 
-    mask_dim_reduced: int = 256
+    mask_dim_reduced: Int = 256
     """Channels of the mask predictor's transposed convolution."""
 
-    max_detections: int = 50
+    max_detections: Int = 50
     """K: detections per tile in the fixed-shape outputs (padded with zero scores)."""
 
-    score_threshold: float = 0.5
-    """Operating point: the pipeline keeps detections (stage-averaged score) above this, and F1 is
+    score_threshold: Float = 0.5
+    """Operating point: the pipeline keeps detections (stage-averaged score) at or above this, and F1 is
     counted there. Stored in the exported file's metadata; a run may override it."""
 
-    candidate_score_threshold: float = 0.05
-    """Detections at or below this score are dropped inside the model. Low (COCO evaluation's
+    candidate_score_threshold: Float = 0.05
+    """Detections below this score are dropped inside the model. Low (COCO evaluation's
     usual 0.05) so that AP sees the whole ranked list and a run can lower ``score_threshold``."""
 
-    nms_threshold: float = 0.5
+    nms_threshold: Float = 0.5
     """IoU threshold of the final per-tile NMS."""
 
-    mask_threshold: float = 0.5
-    """Mask probability above which a pixel belongs to the slump (used by the pipeline)."""
+    mask_threshold: Float = 0.5
+    """Mask probability at or above which a pixel belongs to the slump (``rtsmap.contract.keep``)."""
 
-    normalization: dict[str, dict[str, tuple[float, ...]]] = field(
+    normalization: dict[Str, dict[Str, tuple[Float, ...]]] = field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_NORMALIZATION.items()}
     )
     """Per modality ``{"mean": (...), "std": (...)}``, one value per band, applied by the pipeline."""
 
-    classes: tuple[str, ...] = ("rts",)
+    classes: tuple[Str, ...] = ("rts",)
     """Foreground class names (background is implicit)."""
 
     def __post_init__(self) -> None:
@@ -281,19 +284,15 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build a config from :meth:`to_dict` output (e.g. parsed from JSON).
 
+        Read by the strict reader of :mod:`rtsmap.config_schema`: every key must be a field and
+        every value of the field's type (lists fill tuples; ``true`` is not an integer).
+
         Raises
         ------
-        ValueError
-            If a key is unknown or a field is invalid (the message names it).
+        rtsmap.errors.ConfigError
+            A ``ValueError``: a key is unknown or a field is invalid (the message names it).
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig.{unknown[0]}: unknown field")
-        try:
-            return cls(**data)
-        except (TypeError, AttributeError, KeyError) as exc:
-            raise ValueError(f"ModelConfig: malformed value ({exc})") from exc
+        return validate(cls, data, None, root="ModelConfig")
 
 
 MODEL_VARIANTS: dict[str, ModelConfig] = {

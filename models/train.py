@@ -36,19 +36,34 @@ import math
 import os
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Annotated, Any, Callable, Iterator, Literal, Mapping
 
+import annotated_types as at
 import numpy as np
 import torch
-import yaml
 from safetensors import safe_open
+from pydantic import AfterValidator
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rtsmap.models.config import DEFAULT_NORMALIZATION, ModelConfig, build_config
+from rtsmap.config_schema import (
+    Bool,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Str,
+    read_yaml,
+    schema,
+    validate,
+)
+from rtsmap.errors import ConfigError
+from rtsmap.models.config import DEFAULT_NORMALIZATION, FUSION_MODES, MODEL_VARIANTS, ModelConfig, build_config
 from rtsmap.models.data import Augment, ChipDataset, collate, read_manifest
 from rtsmap.models.detector import RTSDetector
 
@@ -59,73 +74,105 @@ CONFIG_KEY = "rtsmap_model_config"
 
 STAGES = ("unimodal", "fusion", "all")
 
+#: ModelConfig fields each stage sets itself (from the chips and the stage), never model_overrides.
+STAGE_SET_FIELDS = ("name", "fusion", "modalities", "normalization", "tile_size", "resolution")
 
+
+def _known_variant(name: str) -> str:
+    if name not in MODEL_VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}; choose one of {', '.join(sorted(MODEL_VARIANTS))}")
+    return name
+
+
+def _model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Each override must be a ModelConfig field that no stage sets, with a value of its type."""
+    hints = typing.get_type_hints(ModelConfig, include_extras=True)
+    checked = {}
+    for key, value in overrides.items():
+        if key in STAGE_SET_FIELDS:
+            raise ValueError(f"{key}: is set by each stage (from the chips and the stage), not by model_overrides")
+        if key not in hints:
+            known = sorted(set(hints) - set(STAGE_SET_FIELDS))
+            raise ValueError(f"unknown key {key!r} (known: {', '.join(known)})")
+        try:
+            checked[key] = validate(hints[key], value, None)
+        except ConfigError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    return checked
+
+
+Variant = Annotated[Str, AfterValidator(_known_variant)]
+FusionMode = Literal[FUSION_MODES]
+ModelOverrides = Annotated[dict[Str, Any], AfterValidator(_model_overrides)]
+
+
+@schema
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run (both stages). Read from YAML by :func:`load_train_config`."""
 
-    data: str
+    data: Str
     """Chip folder written by ``rtsmap training-data`` (relative paths: from the YAML file)."""
-    out: str
+    out: Str
     """Output folder: one subfolder per stage (relative paths: from the YAML file)."""
-    model: str = "demo"
+    model: Variant = "demo"
     """Model variant, a key of ``models.config.MODEL_VARIANTS``."""
-    model_overrides: dict[str, Any] = field(default_factory=dict)
+    model_overrides: ModelOverrides = field(default_factory=dict)
     """ModelConfig fields replaced in every stage (tile size and resolution come from the chips)."""
-    modalities: tuple[str, ...] = ("optical", "sar", "dem")
+    modalities: Annotated[tuple[Str, ...], at.MinLen(1)] = ("optical", "sar", "dem")
     """Modalities, the fusion query (optical) first; stage 1 trains one model per entry."""
-    fusion: str = "residual_attention"
+    fusion: FusionMode = "residual_attention"
     """Fusion of stage 2."""
-    unimodal_from: str | None = None
+    unimodal_from: Str | None = None
     """Folder of another run whose ``unimodal_<modality>`` checkpoints stage 2 starts from (stage
     1 is then not run here): how fusion modes are compared from the same pretraining. Relative
     paths: from the YAML file."""
-    normalization: str = "dataset"
+    normalization: Literal["dataset", "default"] = "dataset"
     """``dataset``: band statistics of the train chips (dataset.json); ``default``: the model's defaults."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed of weights, data order and augmentations."""
-    batch_size: int = 2
+    batch_size: PositiveInt = 2
     """Chips per step."""
-    unimodal_steps: int = 300
+    unimodal_steps: NonNegativeInt = 300
     """Optimizer steps of each unimodal model."""
-    fusion_steps: int = 300
+    fusion_steps: NonNegativeInt = 300
     """Optimizer steps of the fused model."""
-    lr: float = 2e-4
+    lr: PositiveFloat = 2e-4
     """Peak learning rate of stage 1."""
-    fusion_lr: float = 1e-4
+    fusion_lr: PositiveFloat = 1e-4
     """Peak learning rate of stage 2 (lower: it starts from trained weights)."""
-    weight_decay: float = 0.05
+    weight_decay: NonNegativeFloat = 0.05
     """AdamW weight decay of matrices and convolution kernels."""
-    gate_lr_scale: float = 1.0
+    gate_lr_scale: PositiveFloat = 1.0
     """Learning-rate multiplier of the residual fusion gates. They start at zero and must grow to
     order one for the fused model to use SAR and DEM; at the backbone's rate they barely move."""
-    warmup_steps: int = 20
+    warmup_steps: NonNegativeInt = 20
     """Linear warmup steps (from 1% of the peak)."""
-    min_lr_ratio: float = 0.05
+    min_lr_ratio: Fraction = 0.05
     """Learning rate at the end of the cosine, relative to the peak."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegativeFloat = 1.0
     """Largest global gradient norm (0: no clipping)."""
-    freeze_backbone_steps: int = 50
+    freeze_backbone_steps: NonNegativeInt = 50
     """Stage 2: steps with the encoders and FPNs frozen (only fusion and heads learn)."""
-    checkpoint_every: int = 50
+    checkpoint_every: PositiveInt = 50
     """Steps between checkpoints."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: PositiveInt = 2
     """Newest checkpoints kept per stage."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between progress lines."""
-    flips: bool = True
+    flips: Bool = True
     """Random flips."""
-    rot90: bool = True
+    rot90: Bool = True
     """Random 90-degree rotations."""
-    noise_std: dict[str, float] = field(default_factory=lambda: {"optical": 0.05, "sar": 0.1, "dem": 0.02})
+    noise_std: dict[Str, NonNegativeFloat] = field(default_factory=lambda: {"optical": 0.05, "sar": 0.1, "dem": 0.02})
     """Gaussian noise per modality, in normalised units."""
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
     """DataLoader worker processes."""
-    threads: int = 0
+    threads: NonNegativeInt = 0
     """torch CPU threads (0: torch's default)."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
-    evaluate: bool = True
+    evaluate: Bool = True
     """Evaluate each stage's final model on the val split (metrics go into record.json)."""
 
     def __post_init__(self) -> None:
@@ -147,14 +194,18 @@ class TrainConfig:
 
 
 def load_train_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-    """Read a :class:`TrainConfig` from YAML; ``data`` and ``out`` are taken relative to the file.
+    """Read a :class:`TrainConfig` from YAML; ``data``, ``out`` and ``unimodal_from`` are taken
+    relative to the file.
+
+    Read by the strict reader of :mod:`rtsmap.config_schema` (the field annotations are the
+    schema); ``model_overrides`` are checked against ModelConfig here, before any work starts.
 
     Parameters
     ----------
     path
         The YAML file.
     **overrides
-        Fields to replace.
+        Fields to replace (command-line flags: an error in one names no file).
 
     Returns
     -------
@@ -162,33 +213,22 @@ def load_train_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
 
     Raises
     ------
-    ValueError
-        If the file is missing or not a mapping, a key is unknown, or a value is invalid.
+    rtsmap.errors.ConfigError
+        A ``ValueError``, in one line naming the file and the key: the file is missing, not YAML,
+        empty or not a mapping, or a key is unknown, missing, of the wrong type or out of range.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"training config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"training config {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"training config {path} must be a mapping of settings")
+    raw = read_yaml(path, "training config")
     raw.update(overrides)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"training config {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    for key in ("data", "out"):
-        if raw.get(key) is None:
-            raise ValueError(f"training config {path}: {key!r} is required")
     for key in ("data", "out", "unimodal_from"):  # paths, taken relative to the file
-        if raw.get(key) is not None:
-            raw[key] = str((path.parent / str(raw[key])).resolve())
-    try:
-        return TrainConfig(**raw)
-    except TypeError as exc:
-        raise ValueError(f"training config {path}: {exc}") from None
+        if isinstance(raw.get(key), str):
+            raw[key] = str((path.parent / raw[key]).resolve())
+    tc = validate(TrainConfig, raw, str(path), from_elsewhere=set(overrides))
+    try:  # the overrides together, on the variant (each stage sets the fields it owns later)
+        build_config(tc.model, **tc.model_overrides)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: model_overrides: {exc}") from None
+    return tc
 
 
 # --- model configs and checkpoints ---------------------------------------------------------------

@@ -6,17 +6,14 @@ The CLI prints ``error: <message>`` and exits non-zero without a traceback;
 anything else is a bug and keeps its traceback.
 """
 
+# Defined at the package root so that models/ (which never imports pipeline/) raises the same class.
+from rtsmap.errors import ConfigError, RtsmapError
 
-class RtsmapError(Exception):
-    """Base class: a problem with the user's input or environment, not a bug."""
+__all__ = ["AOIError", "AssetError", "CatalogError", "ConfigError", "ModelError", "OutputError", "RtsmapError"]
 
 
 class AOIError(RtsmapError):
     """The area of interest cannot be read or has no usable geometry."""
-
-
-class ConfigError(RtsmapError):
-    """A configuration file or option is invalid."""
 
 
 class CatalogError(RtsmapError):

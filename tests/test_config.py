@@ -32,13 +32,13 @@ def test_file_then_flags(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("cluster: {kindd: local}\n", "unknown key cluster.kindd"),
+        ("cluster: {kindd: local}\n", "unknown key 'cluster.kindd'"),
         ("inference: {batch_size: two}\n", "inference.batch_size: expected an integer"),
         ("overwrite: yes please\n", "overwrite: expected true or false"),
-        ("cluster: {kind: yarn}\n", "cluster.kind: 'yarn' is not one of"),
+        ("cluster: {kind: yarn}\n", "cluster.kind: expected one of 'local', 'address', 'slurm', 'pbs', 'kubernetes', got 'yarn'"),
         ("cluster: {kind: address}\n", "cluster.address is not set"),
-        ("inference: {providers: [rocm]}\n", "'rocm' is not one of"),
-        ("years: 2023-2021\n", "years: cannot read"),
+        ("inference: {providers: [rocm]}\n", "inference.providers[0]: expected one of 'tensorrt', 'cuda', 'cpu', got 'rocm'"),
+        ("years: 2023-2021\n", "years: the range '2023-2021' runs backwards"),
         ("- a\n- b\n", "must be a mapping"),
         ("a: [\n", "is not valid YAML"),
     ],
@@ -71,7 +71,7 @@ def test_cli_bad_config_is_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert proc.stderr.startswith("error: unknown key cluster.workers")
+    assert proc.stderr.startswith(f"error: {path}: unknown key 'cluster.workers'")
     assert "Traceback" not in proc.stderr
 
 
