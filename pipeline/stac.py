@@ -6,14 +6,15 @@ timeout) or a path (an ItemCollection JSON, NDJSON with one item per line, a sta
 temporal and cloud filters to both, and returns items sorted by id.
 
 Planetary Computer assets need a SAS token appended to their hrefs at read time:
-``make_signer`` returns a function that does it, with tokens cached per collection until shortly
-before they expire. Tokens and signed URLs never appear in logs or messages: every message that
+``make_signer`` (in :mod:`rtsmap.pipeline.signing`, re-exported here) returns a function that
+does it with Microsoft's ``planetary-computer`` package. Tokens and signed URLs never appear in logs or messages: every message that
 contains a URL passes through ``redact``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -32,11 +33,13 @@ from shapely.geometry.base import BaseGeometry
 
 from rtsmap.pipeline.errors import CatalogError, ConfigError
 from rtsmap.pipeline.profiles import CatalogProfile, ModalityProfile
+from rtsmap.pipeline.signing import PlanetaryComputerSigner, make_signer  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-PC_TOKEN_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token/{collection}"
 RETRY_STATUS = (429, 500, 502, 503, 504)
+SIGNING_SCHEMES = ("planetary-computer",)
+"""Asset href signing schemes ``open_catalog`` accepts."""
 
 
 # --- redaction ----------------------------------------------------------------------------------
@@ -62,13 +65,18 @@ def redact(url: str) -> str:
     if not parts.scheme or not parts.netloc:
         return url.split("?", 1)[0]
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:  # "host:8786:" at the end of a sentence; keep the host, drop what is not a port
+        port = None
+    if port:
+        host = f"{host}:{port}"
     redacted = urlunsplit((parts.scheme, host, parts.path, "", ""))
     return redacted + ("?..." if parts.query else "")
 
 
-_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>)]+")
+# A URL in a sentence: trailing punctuation (":", ",", ".", ";") belongs to the sentence.
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>)]*[^\s'\"<>):,.;]")
 # SAS tokens have a recognisable shape; catch one even where it is not part of a URL.
 _SAS_IN_TEXT = re.compile(r"(?:^|(?<=[\s?&'\"]))(?:sv|st|se|sp|sig|skoid|sktid|skt|ske|sks|skv|sr|spr|rscd)=[^\s&'\"]+")
 
@@ -152,12 +160,22 @@ class Catalog:
     source: str
     """The catalog's URL (redacted) or path, for messages."""
 
-    signer: Callable[[str, str], str] = staticmethod(lambda href, collection: href)
-    """``(href, collection) -> href`` to call on an asset href just before reading it."""
+    signing: str | None = None
+    """Asset href signing scheme (None or ``planetary-computer``), applied at read time."""
+
+    headers: dict[str, str] | None = None
+    """Extra HTTP headers sent to the API (None for local catalogs)."""
 
     def sign(self, href: str, collection: str) -> str:
-        """An asset href ready to read (with a SAS token where the catalog needs one; never log it)."""
-        return self.signer(href, collection)
+        """An asset href ready to read (with a SAS token where the catalog needs one; never log it).
+
+        The signer is the process's shared one (:func:`shared_signer`), built on first use.
+        """
+        return shared_signer(self.signing)(href, collection)
+
+    def collection_ids(self) -> list[str] | None:
+        """Ids of the collections the catalog holds, sorted; None when they cannot be listed."""
+        return None
 
     def search(
         self,
@@ -238,6 +256,18 @@ class LocalCatalog(Catalog):
         # Item footprints once, so repeated searches (one per modality and year) are cheap.
         self._geoms = [None if it.geometry is None else shape(it.geometry) for it in items]
 
+    def collection_ids(self) -> list[str]:
+        """Ids of the collections the items belong to, sorted."""
+        return sorted({it.collection_id for it in self.items if it.collection_id})
+
+    def holdings(self) -> dict[str, frozenset[str]]:
+        """Collection id -> the asset keys its items carry (for matching a catalog to a profile)."""
+        keys: dict[str, set[str]] = {}
+        for item in self.items:
+            if item.collection_id:
+                keys.setdefault(item.collection_id, set()).update(item.assets)
+        return {c: frozenset(k) for c, k in sorted(keys.items())}
+
     def search(
         self,
         collections: Sequence[str],
@@ -272,6 +302,14 @@ class ApiCatalog(Catalog):
         self.source = redact(url)
         self.client = client
         self.tries = tries
+
+    def collection_ids(self) -> list[str] | None:
+        """Ids of the API's collections, sorted; None when the API does not list them."""
+        try:
+            return sorted(c.id for c in self.client.get_collections())
+        except Exception as exc:  # only for a message: an API that cannot list is not an error here
+            log.info("%s: cannot list collections: %s", self.source, redact_text(str(exc))[:200])
+            return None
 
     def search(
         self,
@@ -360,7 +398,8 @@ def open_catalog(
     headers
         Extra HTTP headers.
     signing
-        None, or ``planetary-computer``: then ``Catalog.sign`` appends a SAS token to asset hrefs.
+        None, or ``planetary-computer``: then ``Catalog.sign`` appends a SAS token to asset hrefs
+        (the signer is built on first use, once per process; opening fetches no token).
 
     Returns
     -------
@@ -376,8 +415,10 @@ def open_catalog(
         catalog: Catalog = _open_api(text, timeout=timeout, retries=retries, backoff=backoff, headers=headers)
     else:
         catalog = LocalCatalog(Path(text), read_items(text))
-    if signing is not None:
-        catalog.signer = make_signer(signing, timeout=timeout)
+    if signing is not None and signing not in SIGNING_SCHEMES:
+        raise ConfigError(f"unknown signing scheme {signing!r}: use planetary-computer or none")
+    catalog.signing = signing
+    catalog.headers = dict(headers) if headers else None
     return catalog
 
 
@@ -547,102 +588,102 @@ def _search_modality(
         page_size=page_size,
     )
     log.info("%s %s: %d items", modality.name, year if year is not None else "(static)", len(items))
-    return items
+    return [slim_item(item, modality) for item in items]
+
+
+# --- what the loader needs of an item -----------------------------------------------------------
+
+# Item properties the loader and the planning read, besides proj:* (kept whole) and the
+# modality's cloud and offset-rule properties.
+_KEPT_PROPERTIES = ("datetime", "start_datetime", "end_datetime", "platform", "constellation")
+
+
+def _iso(value: Any) -> str | None:
+    """A STAC datetime in one spelling (``YYYY-MM-DDTHH:MM:SS.ffffffZ``); None stays None.
+
+    Saved items spell them in several ways: Planetary Computer's Sentinel-1 RTC writes
+    ``2024-04-19 04:59:04.220006+00:00`` (a space, an offset).
+    """
+    if value is None:
+        return None
+    try:
+        when = _utc(str(value))
+    except ValueError:
+        when = pystac.utils.str_to_datetime(str(value)).astimezone(dt.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def slim_item(item: pystac.Item, modality: ModalityProfile) -> pystac.Item:
+    """The part of an item the pipeline reads, with no links, so nothing is ever resolved.
+
+    Items saved from an API carry absolute ``root``/``self``/``parent``/``collection`` links to
+    that API; pystac follows them (over the network) to make hrefs absolute when an item is
+    turned into a dictionary. The copy keeps the id, collection, datetimes (in one spelling),
+    geometry and bbox, every ``proj:*`` property, the cloud and offset-rule properties, and only
+    the assets the modality reads (whole: href, type, ``raster:bands``, asset-level ``proj:*``).
+
+    Parameters
+    ----------
+    item
+        An item as searched.
+    modality
+        The modality it was searched for (which assets and properties to keep).
+
+    Returns
+    -------
+    pystac.Item
+        A new item without links.
+    """
+    props = item.properties
+    wanted = set(_KEPT_PROPERTIES)
+    wanted.update(k for k in (modality.cloud_property, getattr(modality.offset_rule, "property", None)) if k)
+    kept = {k: v for k, v in props.items() if k in wanted or k.startswith("proj:")}
+    for key in ("datetime", "start_datetime", "end_datetime"):
+        if key in kept:
+            kept[key] = _iso(kept[key])
+    kept.setdefault("datetime", None)
+    keys = {band.asset for band in modality.bands}
+    if modality.mask is not None:
+        keys.add(modality.mask.asset)
+    assets = {}
+    for key in sorted(keys & set(item.assets)):
+        asset = dict(item.assets[key].to_dict())
+        asset.pop("alternate", None)  # other hrefs (s3://...) the loader never reads
+        assets[key] = asset
+    data = {
+        "type": "Feature",
+        "stac_version": pystac.get_stac_version(),
+        "stac_extensions": list(item.stac_extensions),
+        "id": item.id,
+        "collection": item.collection_id,
+        "geometry": item.geometry,
+        "bbox": item.bbox,
+        "properties": kept,
+        "links": [],
+        "assets": assets,
+    }
+    return pystac.Item.from_dict(data, preserve_dict=False)
 
 
 # --- signing (Planetary Computer) ---------------------------------------------------------------
 
 
-class PlanetaryComputerSigner:
-    """Appends a Planetary Computer SAS token to Azure Blob Storage hrefs.
+@functools.lru_cache(maxsize=None)
+def shared_signer(signing: str | None) -> Callable[[str, str], str]:
+    """The process's one signer for a signing scheme, built on first use.
 
-    One token per collection, fetched from the SAS API and kept until five minutes before it
-    expires. Thread-safe, so Dask worker threads can share one signer.
-
-    Parameters
-    ----------
-    token_url
-        Token endpoint with a ``{collection}`` placeholder.
-    timeout
-        Seconds to wait for the token endpoint.
-    subscription_key
-        Optional Planetary Computer subscription key (default: ``PC_SDK_SUBSCRIPTION_KEY``).
-    """
-
-    def __init__(self, token_url: str = PC_TOKEN_URL, *, timeout: float = 30.0, subscription_key: str | None = None):
-        self.token_url = token_url
-        self.timeout = timeout
-        self.subscription_key = subscription_key or os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
-        self._tokens: dict[str, tuple[str, dt.datetime]] = {}
-        self._lock = threading.Lock()
-
-    def token(self, collection: str) -> str:
-        """The SAS token for a collection, fetched or from the cache.
-
-        Raises
-        ------
-        CatalogError
-            If the token endpoint cannot be reached or answers without a token.
-        """
-        now = dt.datetime.now(dt.timezone.utc)
-        with self._lock:
-            cached = self._tokens.get(collection)
-            if cached and cached[1] - now > dt.timedelta(minutes=5):
-                return cached[0]
-            token, expiry = self._fetch(collection)
-            self._tokens[collection] = (token, expiry)
-            return token
-
-    def _fetch(self, collection: str) -> tuple[str, dt.datetime]:
-        import requests
-
-        url = self.token_url.format(collection=collection)
-        headers = {"Ocp-Apim-Subscription-Key": self.subscription_key} if self.subscription_key else {}
-        try:
-            resp = requests.get(url, headers=headers, timeout=self.timeout)
-            resp.raise_for_status()
-            body = resp.json()
-            token = body["token"]
-            expiry = _utc(body["msft:expiry"])
-        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
-            raise CatalogError(
-                f"could not get a Planetary Computer SAS token for collection {collection} from "
-                f"{redact(url)}: {redact_text(str(exc))[:200]}"
-            ) from None
-        log.debug("got a SAS token for %s (expires %s)", collection, expiry)
-        return token, expiry
-
-    def sign(self, href: str, collection: str) -> str:
-        """``href`` with the collection's token appended; hrefs outside Azure Blob Storage unchanged."""
-        parts = urlsplit(href)
-        if not (parts.hostname or "").endswith(".blob.core.windows.net"):
-            return href
-        if "sig=" in parts.query:  # already signed
-            return href
-        token = self.token(collection).lstrip("?")
-        query = f"{parts.query}&{token}" if parts.query else token
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
-
-
-def make_signer(signing: CatalogProfile | str | None, **kwargs: Any) -> Callable[[str, str], str]:
-    """A function ``(href, collection) -> href`` to call on each asset href just before reading it.
+    Dask worker processes run many tasks; each building its own signer would repeat the set-up
+    (and, for signers that keep their own tokens, the token fetches) per task. Tasks and
+    ``Catalog.sign`` share this one per process.
 
     Parameters
     ----------
     signing
-        A catalog profile (its ``signing`` picks the scheme), a scheme name
-        (``planetary-computer``) or None.
-    **kwargs
-        Passed to the signer (e.g. ``token_url`` for tests).
+        ``planetary-computer`` or None.
 
     Returns
     -------
     callable
-        Identity for unsigned catalogs.
+        ``(href, collection) -> href`` (from :func:`make_signer`).
     """
-    scheme = signing.signing if isinstance(signing, CatalogProfile) else signing
-    if scheme == "planetary-computer":
-        return PlanetaryComputerSigner(**kwargs).sign
-    if scheme is not None:
-        raise ConfigError(f"unknown signing scheme {scheme!r}: use planetary-computer or none")
-    return lambda href, collection: href
+    return make_signer(signing)

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from shapely.geometry import box, mapping
 
 from rtsmap.pipeline.errors import ConfigError
-from rtsmap.pipeline.grid import GridSpec
 from rtsmap.workflows.cli import cli
-from rtsmap.workflows.plan import make_plan, resolve_profile
+from rtsmap.workflows.config import GridConfig, RunConfig
+from rtsmap.workflows.plan import plan_report, resolve_profile
 
 try:  # tests/ is a plain folder on sys.path under pytest's default import mode
     from stac_server import rustac_server
@@ -29,8 +29,15 @@ except ImportError:  # or a package, if tests/__init__.py appears
 REPO = Path(__file__).resolve().parents[1]
 UTC = dt.timezone.utc
 AOI_LONLAT = box(-135.36, 67.38, -135.30, 67.41)
-WEST_HALF = box(-135.40, 67.37, -135.33, 67.42)  # covers only the AOI's western part
-GRID_ARGS = ["--tile-px", "64", "--overlap-px", "8", "--tiles-per-chunk", "2"]  # 1.12 km chunks
+WEST_HALF = box(-135.40, 67.37, -135.35, 67.42)  # covers only the AOI's western part
+# The demo model's 128 px tiles at 10 m, overlap 8 px: stride 120 px, 2x2 tiles = 2.4 km chunks.
+DEMO_ASSETS = {
+    "rtsmap-demo-s2-l2a": ("blue", "green", "red", "nir", "scl"),
+    "rtsmap-demo-s1-rtc": ("vv", "vh"),
+    "rtsmap-demo-dem": ("dem",),
+}
+GRID_ARGS = ["--overlap-px", "8", "--tiles-per-chunk", "2"]
+STRIDE_M = 2 * (128 - 8) * 10.0
 
 
 def _item(item_id, collection, geom, when, props=None):
@@ -38,7 +45,9 @@ def _item(item_id, collection, geom, when, props=None):
         id=item_id, geometry=mapping(geom), bbox=list(geom.bounds), datetime=when,
         properties=dict(props or {}), collection=collection,
     )
-    item.add_asset("data", pystac.Asset(href=f"/nowhere/{item_id}.tif"))
+    # The assets the demo profile reads, so the profile rule recognises the catalog as demo.
+    for key in DEMO_ASSETS[collection]:
+        item.add_asset(key, pystac.Asset(href=f"/nowhere/{item_id}/{key}.tif"))
     return item
 
 
@@ -81,6 +90,7 @@ def test_plan_json_counts_items_gaps_and_estimate(region):
     plan = _plan_json(["--aoi", str(region["aoi"]), "--years", "2021-2022", "--catalog", str(region["catalog"]),
                        "--profile", "demo", *GRID_ARGS])
     assert plan["profile"] == "demo" and plan["years"] == [2021, 2022]
+    assert plan["grid"]["tile_px"] == 128 and plan["model"]["name"] == "demo-residual_attention"
     n_chunks = plan["chunks"]
     assert n_chunks == len(plan["chunk_ids"]) > 3
     assert plan["tiles"] > n_chunks
@@ -97,7 +107,7 @@ def test_plan_json_counts_items_gaps_and_estimate(region):
     to_grid = pyproj.Transformer.from_crs("EPSG:4326", "EPSG:3413", always_xy=True)
     west = shapely.transform(shapely.segmentize(region["west"], 0.001),
                              lambda xy: np.column_stack(to_grid.transform(xy[:, 0], xy[:, 1])))
-    spacing = 56 * 2 * 10.0  # chunk stride in metres for the grid arguments
+    spacing = STRIDE_M  # chunk stride in metres for the grid arguments
     for cid in plan["chunk_ids"]:
         col, row = (int(v) for v in cid.split("_c")[1].split("_r"))
         x0, y1 = col * spacing, -row * spacing
@@ -108,7 +118,7 @@ def test_plan_json_counts_items_gaps_and_estimate(region):
     # estimate: 2 years; bytes per pixel: optical 4 x uint16 + scl uint8 = 9, sar 2 x float32 = 8, dem float32 = 4
     est = plan["estimate"]
     assert est["tile_years"] == plan["tiles"] * 2
-    window_px = (2 * 56 + 8) ** 2
+    window_px = (2 * 120 + 8) ** 2
     assert est["input_bytes"] == n_chunks * window_px * (9 + 8 + 4) * 2
     assert est["seconds"] == pytest.approx(est["tile_years"] * 0.1)
 
@@ -118,10 +128,11 @@ def test_plan_text_output(region):
                                       "--catalog", str(region["catalog"]), *GRID_ARGS, "--tile-seconds", "2"])
     assert result.exit_code == 0, result.output
     out = result.stdout
-    spec = GridSpec(tile_px=64, overlap_px=8, tiles_per_chunk=2)
-    plan = make_plan(region["aoi"], [2021, 2022], region["catalog"], "demo", spec)
+    config = RunConfig(aoi=str(region["aoi"]), years=(2021, 2022), catalog=str(region["catalog"]), profile=None,
+                       grid=GridConfig(overlap_px=8, tiles_per_chunk=2))
+    plan = plan_report(config)
     assert f"chunks    {plan['chunks']} ({plan['tiles']} tiles)" in out
-    assert "profile demo" in out  # the default for a local catalog
+    assert "profile demo" in out  # inferred from the catalog's collections
     assert "optical   2022         0" in out
     assert "chunks with no item" in out and plan["missing"]["sar"]["2022"][0] in out
     assert "assumed 2 s per tile" in out
@@ -152,7 +163,7 @@ def test_profile_resolution_errors():
     with pytest.raises(ConfigError, match="neither a shipped profile"):
         resolve_profile("no-such-profile")
     with pytest.raises(ConfigError, match="give --profile"):
-        make_plan("aoi.geojson", [2021], "https://stac.example.org/v1")
+        plan_report(RunConfig(aoi="aoi.geojson", years=(2021,), catalog="https://stac.example.org/v1", profile=None))
 
 
 def test_cli_missing_aoi_is_one_line_exit_2(region, tmp_path):

@@ -24,8 +24,6 @@ from shapely.geometry import Point, box, mapping
 from rtsmap.pipeline.errors import CatalogError, ConfigError
 from rtsmap.pipeline.profiles import CatalogProfile, load_profile
 from rtsmap.pipeline.stac import (
-    PlanetaryComputerSigner,
-    make_signer,
     open_catalog,
     redact,
     redact_text,
@@ -360,70 +358,7 @@ def test_secrets_not_in_errors_or_logs(caplog):
     assert "SECRET" not in caplog.text
 
 
-class _TokenHandler(http.server.BaseHTTPRequestHandler):
-    """A stand-in for the Planetary Computer SAS API (the real one is not reachable here)."""
-
-    requests: list[str] = []
-    lifetime = dt.timedelta(hours=1)
-
-    def do_GET(self):
-        type(self).requests.append(self.path)
-        collection = self.path.rsplit("/", 1)[-1]
-        if collection == "broken":
-            self.send_response(500)
-            self.end_headers()
-            return
-        expiry = dt.datetime.now(UTC) + type(self).lifetime
-        body = {"msft:expiry": expiry.strftime("%Y-%m-%dT%H:%M:%SZ"), "token": f"sv=2021&sig=TOKEN-{collection}"}
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def token_server():
-    handler = type("Tokens", (_TokenHandler,), {"requests": [], "lifetime": dt.timedelta(hours=1)})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api/sas/v1/token/{{collection}}", handler
-    server.shutdown()
-    server.server_close()
-
-
-def test_planetary_computer_signing(token_server, caplog):
-    caplog.set_level(logging.DEBUG)
-    token_url, handler = token_server
-    profile = CatalogProfile(name="pc", url=None, modalities={}, signing="planetary-computer")
-    sign = make_signer(profile, token_url=token_url, timeout=5)
-    href = "https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2/10/X/B02.tif"
-    signed = sign(href, "sentinel-2-l2a")
-    assert signed == href + "?sv=2021&sig=TOKEN-sentinel-2-l2a"
-    assert sign(href.replace("B02", "B03"), "sentinel-2-l2a").endswith("sig=TOKEN-sentinel-2-l2a")
-    assert len(handler.requests) == 1  # cached per collection
-    sign(href, "sentinel-1-rtc")
-    assert len(handler.requests) == 2
-    assert sign("https://example.org/a.tif", "sentinel-2-l2a") == "https://example.org/a.tif"
-    assert "TOKEN" not in caplog.text
-    # identity for unsigned profiles
-    assert make_signer(CatalogProfile(name="x", url=None, modalities={}))(href, "c") == href
-
-
-def test_expiring_token_is_refreshed_and_failures_are_clean(token_server):
-    token_url, handler = token_server
-    handler.lifetime = dt.timedelta(minutes=2)  # inside the 5-minute margin: fetched every time
-    signer = PlanetaryComputerSigner(token_url, timeout=5)
-    signer.sign("https://a.blob.core.windows.net/c/x.tif", "c1")
-    signer.sign("https://a.blob.core.windows.net/c/y.tif", "c1")
-    assert len(handler.requests) == 2
-    with pytest.raises(CatalogError, match="SAS token for collection broken") as err:
-        signer.token("broken")
-    assert "TOKEN" not in str(err.value)
+# Signing tests live in tests/test_remote.py (pipeline/signing.py, against a local SAS endpoint).
 
 
 # --- profiles -----------------------------------------------------------------------------------

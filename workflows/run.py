@@ -18,24 +18,26 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
-import pyproj
 import shapely
 
-from rtsmap.pipeline.aoi import read_aoi
-from rtsmap.pipeline.errors import ModelError, OutputError
-from rtsmap.pipeline.grid import Chunk, GridSpec, plan_grid
-from rtsmap.pipeline.infer import check_compatible
-from rtsmap.pipeline.model_file import read_model_info
-from rtsmap.pipeline.stac import open_catalog, search_modalities
+from rtsmap.pipeline.errors import ConfigError
+from rtsmap.pipeline.grid import Chunk, GridSpec
 from rtsmap.workflows.cluster import local_worker_count, open_cluster
-from rtsmap.workflows.config import RunConfig, config_to_dict, load_run_config
+from rtsmap.workflows.config import RunConfig, config_to_dict, load_run_config, replace
 from rtsmap.workflows.fragments import FragmentStore, run_key
-from rtsmap.workflows.plan import footprint_in_grid, resolve_profile
+from rtsmap.workflows.planning import (
+    Planned,
+    check_output_file,
+    check_readable,
+    check_workers,
+    plan_chunks,
+    profile_given,
+)
 from rtsmap.workflows.tasks import ChunkTask, process_chunk_year
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,27 @@ class RunPlan:
     """What a run will do."""
 
     config: RunConfig
+    """The run configuration."""
     spec: GridSpec
+    """The grid (tile size and resolution from the model)."""
     chunks: list[Chunk]
+    """Every chunk of the AOI, done or not."""
     tasks: list[ChunkTask]
+    """The chunk-years still to do."""
     skipped: int
+    """Chunk-years already done (fragments found)."""
     store: FragmentStore
+    """The fragments of this run key."""
     model_info: Any
+    """The model's :class:`~pipeline.model_file.ModelInfo`."""
     aoi: Any
+    """The AOI in the grid CRS."""
     item_ids: dict[str, list[str]] = field(default_factory=dict)
+    """``"modality:year"`` -> ids of the items found."""
+    planned: Planned | None = None
+    """The shared plan (profile, catalog, items) this run plan was made from."""
+    region_name: str = ""
+    """ARTS ``RegionName`` of the inventory: the AOI file's stem or ``--region-name``."""
 
 
 def chunk_core(chunk: Chunk, aoi_geometry: shapely.Geometry) -> shapely.Geometry:
@@ -64,44 +79,56 @@ def chunk_core(chunk: Chunk, aoi_geometry: shapely.Geometry) -> shapely.Geometry
     return shapely.intersection(shapely.union_all(cells), aoi_geometry)
 
 
-def make_plan(config: RunConfig) -> RunPlan:
-    """Plan a run: everything that can be checked before work starts is checked here.
+def check_run_inputs(config: RunConfig) -> None:
+    """The checks on outputs and inputs that need no catalog and no model, before anything else.
 
     Raises
     ------
     RtsmapError
-        For a bad AOI, an unreachable catalog, a model that does not match the data, or an
-        output that exists.
+        For an output that is not a ``.gpkg``, exists (without ``overwrite``) or cannot be
+        written, or a truth file that cannot be read.
     """
-    out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise OutputError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise OutputError(f"the output folder {out.parent} does not exist")
-    info = read_model_info(config.model)
-    profile = resolve_profile(config.profile)
-    missing = [m for m in info.modalities if m not in profile.modalities]
-    if missing:
-        raise ModelError(
-            f"the model needs {', '.join(missing)} but profile {profile.name} has no such modality"
-        )
-    profiles = {m: profile.modalities[m] for m in info.modalities}
-    aoi = read_aoi(config.aoi, crs=config.grid.crs)
-    spec = GridSpec(
-        crs=config.grid.crs,
-        resolution=info.resolution,
-        tile_px=info.tile_size,
-        overlap_px=config.grid.overlap_px,
-        tiles_per_chunk=config.grid.tiles_per_chunk,
-    )
-    check_compatible(info, {m: list(p.band_names) for m, p in profiles.items()}, spec.resolution, spec.tile_px)
-    chunks = plan_grid(aoi.geometry, spec)
-    catalog = open_catalog(config.catalog or profile.url, signing=profile.signing)
-    found = search_modalities(catalog, aoi, config.years, profile, modalities=list(profiles))
+    if not config.aoi:
+        raise ConfigError("--aoi is required (or `aoi:` in the configuration file)")
+    check_output_file(config.out, suffix=".gpkg", overwrite=config.overwrite)
+    if config.quicklook:
+        from rtsmap.workflows.quicklook import check_quicklooks
+
+        check_quicklooks(config.out, config.years, overwrite=config.overwrite)
+    check_readable(config.truth, "--truth")
+    if config.cluster.kind == "local":
+        check_workers(config.cluster.n_workers or None)
+
+
+def make_plan(config: RunConfig, *, region_name: str | None = None) -> RunPlan:
+    """Plan a run: everything that can be checked before work starts is checked here.
+
+    Parameters
+    ----------
+    config
+        The run configuration (``profile`` None: chosen by the rule of ``workflows.planning``).
+    region_name
+        ARTS ``RegionName`` (default: the AOI file's stem).
+
+    Returns
+    -------
+    RunPlan
+
+    Raises
+    ------
+    RtsmapError
+        For a bad AOI, an unreachable catalog, a model that does not match the data, an output
+        that exists or cannot be written, or a modality with no item at all.
+    """
+    check_run_inputs(config)
+    planned = plan_chunks(config)
+    for line in planned.warnings:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    info = planned.model
     settings = {
         "grid": config_to_dict(config)["grid"],
         "min_area_m2": config.inference.min_area_m2,
-        "profile": profile.name,
+        "profile": planned.profile.name,
     }
     store = FragmentStore(config.work_dir / run_key(info.sha256, settings))
     inference = config.inference
@@ -110,51 +137,35 @@ def make_plan(config: RunConfig) -> RunPlan:
         # machine; give each worker its share.
         share = max(1, (os.cpu_count() or 1) // local_worker_count(config.cluster))
         inference = replace(inference, threads=share)
-    index = {key: _ItemIndex(items, spec.crs) for key, items in found.items()}
     tasks: list[ChunkTask] = []
     skipped = 0
-    for chunk in chunks:
-        core = chunk_core(chunk, aoi.geometry)
-        window = shapely.box(*chunk.bounds)
+    for chunk in planned.chunks:
+        core = chunk_core(chunk, planned.aoi.geometry)
         for year in config.years:
             if store.is_done(year, chunk.id):
                 skipped += 1
                 continue
-            items = {}
-            for modality, prof in profiles.items():
-                key = (modality, year if prof.per_year else None)
-                items[modality] = index[key].covering(window) if key in index else ()
+            items = {
+                m: tuple(it.to_dict(include_self_link=False, transform_hrefs=False) for it in found)
+                for m, found in planned.chunk_items(chunk, year).items()
+            }
             tasks.append(
                 ChunkTask(
                     chunk=chunk,
                     year=year,
                     items=items,
-                    profiles=profiles,
+                    profiles=planned.modalities,
                     model_path=str(config.model),
                     model_sha256=info.sha256,
                     inference=inference,
                     store=store,
                     core_wkb=core.wkb,
-                    signing=profile.signing,
+                    signing=planned.catalog.signing,
                 )
             )
-    item_ids = {f"{modality}:{year}": sorted(it.id for it in items) for (modality, year), items in found.items()}
-    return RunPlan(config, spec, chunks, tasks, skipped, store, info, aoi, item_ids)
-
-
-class _ItemIndex:
-    """The items of one modality and year, their footprints projected once into the grid CRS."""
-
-    def __init__(self, items, crs: str) -> None:
-        to_grid = pyproj.Transformer.from_crs("EPSG:4326", crs, always_xy=True)
-        located = [it for it in items if it.geometry is not None]
-        self.dicts = [it.to_dict() for it in located]
-        self.tree = shapely.STRtree([footprint_in_grid(it.geometry, to_grid) for it in located])
-
-    def covering(self, window: shapely.Geometry) -> tuple[dict, ...]:
-        """Items (as dictionaries, in search order) whose footprint meets the chunk's read window."""
-        hits = sorted(self.tree.query(window, predicate="intersects"))
-        return tuple(self.dicts[i] for i in hits)
+    region = region_name or Path(config.aoi).stem
+    return RunPlan(config, planned.spec, planned.chunks, tasks, skipped, store, info, planned.aoi,
+                   planned.item_ids(), planned, region)
 
 
 class Progress:
@@ -295,70 +306,128 @@ class RunResult:
         return bool(self.failures)
 
 
-def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
-    """Merge each year's fragments and write the GeoPackage (atomically) and the quick-looks."""
+@dataclass
+class _Year:
+    """One year of the inventory, gathered from its fragments."""
+
+    layer: Any
+    """The merged slumps (GeoDataFrame)."""
+    coverage: Any
+    """The coverage rows (GeoDataFrame)."""
+    result: YearResult
+    """Counts for the summary."""
+    failures: list[dict[str, Any]]
+    """Chunk-years not done, with the reason."""
+    used_items: set[str]
+    """Ids of the items that gave pixels."""
+
+
+def _coverage_rows(plan: RunPlan, year: int) -> tuple[list, list[dict], list[dict], set[str]]:
+    """Detections, coverage rows, failures and used item ids of one year's chunks."""
+    store = plan.store
+    frames, rows, failures, used = [], [], [], set()
+    failed = store.failures(year)
+    for chunk in plan.chunks:
+        if store.is_done(year, chunk.id):
+            record = store.read_record(year, chunk.id)
+            frames.append(store.read_detections(year, chunk.id))
+            used.update(i for ids in (record.get("items") or {}).values() for i in ids)
+            for row in record.get("coverage", []):
+                geom = shapely.from_wkb(bytes.fromhex(row["wkb"]))
+                if not geom.is_empty:
+                    rows.append({"status": row["status"], "reason": row["reason"], "chunk_id": chunk.id, "geometry": geom})
+            continue
+        reason = failed.get(chunk.id, {"reason": "not processed"}).get("reason", "")
+        failures.append({"chunk_id": chunk.id, "year": year, "reason": reason})
+        rows.append({"status": "failed", "reason": reason, "chunk_id": chunk.id,
+                     "geometry": chunk_core(chunk, plan.aoi.geometry)})
+    return frames, rows, failures, used
+
+
+def _gather_year(plan: RunPlan, year: int) -> _Year:
+    """Seam-merge one year's fragments and gather its coverage (slumps touching the AOI kept whole)."""
     import geopandas as gpd
     import pandas as pd
 
-    from rtsmap.pipeline.inventory import write_inventory
     from rtsmap.pipeline.merge import merge_detections
     from rtsmap.pipeline.vectorize import empty_polygons
 
-    config, store, crs = plan.config, plan.store, plan.spec.crs
-    layers, coverage, results, failures = {}, {}, [], []
-    for year in config.years:
-        frames, cov_rows = [], []
-        failed = store.failures(year)
-        for chunk in plan.chunks:
-            if store.is_done(year, chunk.id):
-                record = store.read_record(year, chunk.id)
-                frames.append(store.read_detections(year, chunk.id))
-                for row in record.get("coverage", []):
-                    geom = shapely.from_wkb(bytes.fromhex(row["wkb"]))
-                    if not geom.is_empty:
-                        cov_rows.append({"status": row["status"], "reason": row["reason"], "chunk_id": chunk.id, "geometry": geom})
-            else:
-                record = failed.get(chunk.id, {"reason": "not processed"})
-                failures.append({"chunk_id": chunk.id, "year": year, "reason": record.get("reason", "")})
-                cov_rows.append(
-                    {
-                        "status": "failed",
-                        "reason": record.get("reason", ""),
-                        "chunk_id": chunk.id,
-                        "geometry": chunk_core(chunk, plan.aoi.geometry),
-                    }
-                )
-        frames = [f for f in frames if len(f)]
-        detections = (
-            gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs) if frames else None
-        )
-        merged = merge_detections(detections if detections is not None else empty_polygons(crs), spec=plan.spec)
-        # Tiles reach past the AOI; keep the slumps that touch it, whole (never clipped).
-        merged = merged[merged.intersects(plan.aoi.geometry)].reset_index(drop=True)
-        layers[year] = merged
-        cov = gpd.GeoDataFrame(cov_rows, geometry="geometry", crs=crs) if cov_rows else gpd.GeoDataFrame(
-            {"status": [], "reason": [], "chunk_id": []}, geometry=[], crs=crs
-        )
-        coverage[year] = cov
-        counts = cov["status"].value_counts() if len(cov) else {}
-        results.append(
-            YearResult(
-                year=year,
-                count=len(merged),
-                area_m2=float(merged.geometry.area.sum()) if len(merged) else 0.0,
-                processed=int(counts.get("processed", 0)),
-                no_data=int(counts.get("no_data", 0)),
-                failed=int(counts.get("failed", 0)),
-            )
-        )
-    if not failures:
-        # Every chunk-year is done, so any temporary file left is a dead writer's.
-        store.remove_temporaries()
+    crs = plan.spec.crs
+    frames, rows, failures, used = _coverage_rows(plan, year)
+    frames = [f for f in frames if len(f)]
+    detections = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs) if frames else empty_polygons(crs)
+    merged = merge_detections(detections, spec=plan.spec)
+    # Tiles reach past the AOI; keep the slumps that touch it, whole (never clipped).
+    merged = merged[merged.intersects(plan.aoi.geometry)].reset_index(drop=True)
+    if rows:
+        cov = gpd.GeoDataFrame(rows, geometry="geometry", crs=crs)
+    else:
+        cov = gpd.GeoDataFrame({"status": [], "reason": [], "chunk_id": []}, geometry=[], crs=crs)
+    counts = cov["status"].value_counts() if len(cov) else {}
+    result = YearResult(
+        year=year,
+        count=len(merged),
+        area_m2=float(merged.geometry.area.sum()) if len(merged) else 0.0,
+        processed=int(counts.get("processed", 0)),
+        no_data=int(counts.get("no_data", 0)),
+        failed=int(counts.get("failed", 0)),
+    )
+    return _Year(merged, cov, result, failures, used)
+
+
+def _item_dates(plan: RunPlan) -> dict[str, str]:
+    """Item id -> acquisition date (``YYYY-MM-DD``) of every item found."""
+    dates: dict[str, str] = {}
+    if plan.planned is None:
+        return dates
+    for items in plan.planned.found.values():
+        for item in items:
+            when = item.properties.get("datetime") or item.properties.get("start_datetime")
+            if when:
+                dates[item.id] = str(when)[:10]
+    return dates
+
+
+def base_map_dates(plan: RunPlan, used: dict[int, set[str]]) -> dict[str, str]:
+    """ARTS ``BaseMapDate`` per year: the first and last date of the per-year scenes that gave pixels.
+
+    Static scenes (the DEM) are left out: they date the terrain, not the year's map.
+    """
+    dates = _item_dates(plan)
+    per_year = set()
+    if plan.planned is not None:
+        per_year = {it.id for (_, y), items in plan.planned.found.items() if y is not None for it in items}
+    out = {}
+    for year, ids in sorted(used.items()):
+        days = sorted(dates[i] for i in ids if i in dates and i in per_year)
+        if days:
+            out[str(year)] = days[0] if days[0] == days[-1] else f"{days[0]},{days[-1]}"
+    return out
+
+
+def run_metadata(plan: RunPlan, years: dict[int, _Year], *, started_iso: str) -> dict[str, Any]:
+    """The ``run_metadata`` table: configuration, model, items, times, and the ARTS keys.
+
+    ``model``, ``base_map_dates`` and ``region_name`` are the keys ``pipeline.inventory`` reads for
+    the ARTS ``Notes``, ``BaseMapDate`` and ``RegionName`` columns.
+    """
     info = plan.model_info
-    metadata = {
-        "configuration": config_to_dict(config),
+    failures = [f for y in years.values() for f in y.failures]
+    return {
+        "configuration": config_to_dict(plan.config),
+        "profile": plan.planned.profile.name if plan.planned is not None else plan.config.profile,
         "model_sha256": info.sha256,
         "model_metadata": info.metadata,
+        "model": {
+            "name": info.name,
+            "version": info.version,
+            "weights_sha256": info.metadata.get("weights_sha256") or info.sha256,
+            "file_sha256": info.sha256,
+            "trained_on": info.trained_on,
+        },
+        "region_name": plan.region_name,
+        "base_map_dates": base_map_dates(plan, {y: v.used_items for y, v in years.items()}),
+        "base_map_resolution": plan.spec.resolution,
         "software_version": _version(),
         "stac_items": plan.item_ids,
         "started": started_iso,
@@ -366,16 +435,29 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
         "chunks": len(plan.chunks),
         "failures": failures,
     }
-    write_inventory(config.out, layers, coverage, metadata, crs=crs, overwrite=True)
-    result = RunResult(Path(config.out), results, failures, time.monotonic() - started)
-    if config.quicklook:
-        from rtsmap.workflows.quicklook import write_quicklooks
 
-        from rtsmap.workflows.quicklook import mosaic_thumbnails
+
+def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
+    """Merge each year's fragments and write the GeoPackage (atomically) and the quick-looks."""
+    from rtsmap.pipeline.inventory import write_inventory
+
+    config, store = plan.config, plan.store
+    years = {year: _gather_year(plan, year) for year in config.years}
+    failures = [f for y in years.values() for f in y.failures]
+    if not failures:
+        # Every chunk-year is done, so any temporary file left is a dead writer's.
+        store.remove_temporaries()
+    layers = {year: y.layer for year, y in years.items()}
+    coverage = {year: y.coverage for year, y in years.items()}
+    metadata = run_metadata(plan, years, started_iso=started_iso)
+    write_inventory(config.out, layers, coverage, metadata, crs=plan.spec.crs, overwrite=True)
+    result = RunResult(Path(config.out), [y.result for y in years.values()], failures, time.monotonic() - started)
+    if config.quicklook:
+        from rtsmap.workflows.quicklook import mosaic_thumbnails, write_quicklooks
 
         thumbnails = store.read_thumbnails(chunk.id for chunk in plan.chunks)
         hillshade = mosaic_thumbnails(thumbnails) if thumbnails else None
-        result.quicklooks = write_quicklooks(Path(config.out), layers, coverage, hillshade)
+        result.quicklooks = write_quicklooks(Path(config.out), layers, coverage, hillshade, overwrite=config.overwrite)
     if config.truth:
         from rtsmap.pipeline.evaluation import evaluate_inventory
 
@@ -392,8 +474,27 @@ def _version() -> str:
         return "unknown"
 
 
-def run(config: RunConfig, *, stream=None) -> RunResult:
-    """Plan, execute on the configured cluster, and write the inventory."""
+def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> RunResult:
+    """Plan, execute on the configured cluster, and write the inventory.
+
+    Parameters
+    ----------
+    config
+        The run configuration.
+    stream
+        Where progress goes (default stderr).
+    region_name
+        ARTS ``RegionName`` (default: the AOI file's stem).
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    RtsmapError
+        For bad input, before any work starts.
+    """
     stream = stream or sys.stderr
     # Dask sets its loggers to INFO when imported (it is, by now); its messages follow the
     # command line's -v like ours instead.
@@ -402,7 +503,7 @@ def run(config: RunConfig, *, stream=None) -> RunResult:
         logging.getLogger("distributed").setLevel(root_level)
     started = time.monotonic()
     started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    plan = make_plan(config)
+    plan = make_plan(config, region_name=region_name)
     print(
         f"[rtsmap] {len(plan.chunks)} chunks x {len(config.years)} years: "
         f"{len(plan.tasks)} to do, {plan.skipped} already done (work dir {plan.store.root})",
@@ -450,7 +551,7 @@ EXIT_PARTIAL = 3
 @click.option("--aoi", type=click.Path(dir_okay=False), help="Area of interest (GeoJSON, GeoPackage, Shapefile).")
 @click.option("--years", help="Years to map, e.g. 2021-2023 or 2021,2023.")
 @click.option("--catalog", help="STAC API URL or local catalog (item collection, NDJSON, catalog.json, geoparquet).")
-@click.option("--profile", help="Modality profile: demo, earth-search, planetary-computer, or a YAML path.")
+@click.option("--profile", help="Modality profile: demo, earth-search, planetary-computer, arcticdem-pgc, or a YAML path; default: the one that fits the catalog (README).")
 @click.option("--model", type=click.Path(dir_okay=False), help="Exported ONNX model (default: the demo model).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run configuration YAML (flags override it).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Output GeoPackage (default rts_inventory.gpkg).")
@@ -461,7 +562,8 @@ EXIT_PARTIAL = 3
 @click.option("--batch-size", type=int, help="Tiles per model call.")
 @click.option("--truth", type=click.Path(dir_okay=False), help="Reference inventory: report precision/recall/F1 at the end.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output GeoPackage.")
-def run_command(aoi, years, catalog, profile, model, config_path, out, workdir, cluster_kind, workers, providers, batch_size, truth, overwrite):
+@click.option("--region-name", help="ARTS RegionName of the inventory (default: the AOI file's name without suffix).")
+def run_command(aoi, years, catalog, profile, model, config_path, out, workdir, cluster_kind, workers, providers, batch_size, truth, overwrite, region_name):
     """Map thaw slumps in an AOI, one inventory layer per year.
 
     Finished chunk-years are kept in the work directory: after a crash, a preemption or Ctrl-C,
@@ -488,10 +590,11 @@ def run_command(aoi, years, catalog, profile, model, config_path, out, workdir, 
             overrides["cluster.kind"], overrides["cluster.address"] = "address", cluster_kind
         else:
             overrides["cluster.kind"] = cluster_kind
+    check_workers(workers)
     config = load_run_config(config_path, overrides)
-    if not config.aoi:
-        raise click.UsageError("--aoi is required (or `aoi:` in the configuration file)")
-    result = run(config)
+    if not profile_given(profile, config_path):
+        config = replace(config, profile=None)  # chosen from the catalog (workflows.planning)
+    result = run(config, region_name=region_name)
     print_summary(result)
     if result.partial:
         sys.exit(EXIT_PARTIAL)

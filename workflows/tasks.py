@@ -1,7 +1,9 @@
 """What one Dask task does: load -> infer -> vectorize -> write a fragment, for one chunk-year.
 
 Runs on workers. The model is loaded once per worker process (a module-level cache keyed by
-the model file, its hash and the providers), not once per task.
+the model file, its hash and the providers), not once per task; so is the asset signer
+(``pipeline.stac.shared_signer``, keyed by the signing scheme), so that a worker fetches one
+token per collection, not one per task.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rtsmap.pipeline.grid import Chunk
 from rtsmap.pipeline.infer import Detector, infer_chunk, load_model
 from rtsmap.pipeline.load import load_chunk
 from rtsmap.pipeline.profiles import ModalityProfile
-from rtsmap.pipeline.stac import make_signer
+from rtsmap.pipeline.stac import shared_signer
 from rtsmap.pipeline.vectorize import empty_polygons, vectorize_detections
 from rtsmap.workflows.config import InferenceConfig
 from rtsmap.workflows.fragments import FragmentStore
@@ -108,74 +110,108 @@ def _keep_hillshade(store: FragmentStore, chunk_id: str, stack) -> None:
     store.write_thumbnail(chunk_id, image, stack.transform * Affine.scale(THUMBNAIL_STEP))
 
 
+def _record(task: ChunkTask, status: str, reason: str = "", **values: Any) -> dict[str, Any]:
+    """The summary record of a chunk-year (what the client collects and the fragment's marker holds)."""
+    base = {"chunk_id": task.chunk.id, "year": task.year, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    return {**base, "status": status, "reason": reason, **values}
+
+
+def _write_no_data(task: ChunkTask, core: shapely.Geometry, missing: list[str]) -> dict[str, Any]:
+    """Record a chunk-year lacking a modality the model needs as no_data (never run with zeros)."""
+    reason = f"no {', '.join(missing)} items for {task.year}"
+    record = _record(task, "no_data", reason, n_detections=0, seconds=0.0)
+    record["coverage"] = [{"status": "no_data", "reason": reason, "wkb": core.wkb_hex}]
+    task.store.write(task.year, task.chunk.id, empty_polygons(task.chunk.spec.crs), record)
+    return record
+
+
+def signed_items(task: ChunkTask) -> dict[str, list[pystac.Item]]:
+    """The task's items, their asset hrefs signed with the process's shared signer where needed.
+
+    Signed URLs live only in this worker's memory; messages redact query strings.
+    """
+    items = {m: [pystac.Item.from_dict(d) for d in task.items[m]] for m in task.profiles}
+    if task.signing:
+        sign = shared_signer(task.signing)
+        for modality_items in items.values():
+            for item in modality_items:
+                for asset in item.assets.values():
+                    asset.href = sign(asset.href, item.collection_id)
+    return items
+
+
+def _infer(task: ChunkTask, stack) -> Any:
+    """Detections of the chunk's tiles as polygons (the model cached per process)."""
+    detector = get_detector(task.model_path, task.model_sha256, task.inference)
+    detections = infer_chunk(detector, stack, task.chunk.tiles, batch_size=task.inference.batch_size)
+    source_items = sorted({i for ids in stack.item_ids.values() for i in ids})
+    return vectorize_detections(
+        detections,
+        stack.transform,
+        stack.crs,
+        year=task.year,
+        min_area_m2=task.inference.min_area_m2,
+        source_items=source_items,
+    )
+
+
+def _coverage(stack, core: shapely.Geometry) -> list[dict[str, str]]:
+    """The chunk's coverage rows: processed where some modality had data, no_data elsewhere."""
+    no_data = _no_data_geometry(stack, core)
+    coverage = [{"status": "processed", "reason": "", "wkb": shapely.difference(core, no_data).wkb_hex}]
+    if not no_data.is_empty:
+        coverage.append({"status": "no_data", "reason": "no valid pixels in any modality", "wkb": no_data.wkb_hex})
+    return coverage
+
+
 def process_chunk_year(task: ChunkTask) -> dict[str, Any]:
     """Process one chunk-year and write its fragment; return a small summary record.
 
-    A chunk-year whose fragment exists is skipped. Asset errors (a missing or corrupt file) are
-    recorded as this chunk's failure and returned, not raised, so the run goes on; anything
-    else raises, and Dask retries the task.
+    A chunk-year whose fragment exists is skipped. Asset errors (a missing or corrupt file, an
+    unreachable host) are recorded as this chunk's failure and returned, not raised, so the run
+    goes on; anything else raises, and Dask retries the task.
+
+    Parameters
+    ----------
+    task
+        The chunk-year.
+
+    Returns
+    -------
+    dict
+        ``chunk_id``, ``year``, ``status`` (``skipped``, ``no_data``, ``failed``, ``processed``),
+        ``reason`` and, when processed, counts, item ids, valid fractions and timings.
     """
     chunk, year, store = task.chunk, task.year, task.store
     if store.is_done(year, chunk.id):
         return {"chunk_id": chunk.id, "year": year, "status": "skipped"}
     started = time.perf_counter()
     core = shapely.from_wkb(task.core_wkb)
-    base = {"chunk_id": chunk.id, "year": year, "worker": f"{socket.gethostname()}:{os.getpid()}"}
     missing = [m for m in task.profiles if not task.items.get(m)]
     if missing:
-        reason = f"no {', '.join(missing)} items for {year}"
-        record = {**base, "status": "no_data", "reason": reason, "n_detections": 0, "seconds": 0.0}
-        record["coverage"] = [{"status": "no_data", "reason": reason, "wkb": core.wkb_hex}]
-        store.write(year, chunk.id, empty_polygons(chunk.spec.crs), record)
-        return record
-    items = {m: [pystac.Item.from_dict(d) for d in task.items[m]] for m in task.profiles}
-    if task.signing:
-        # Signed URLs live only in this worker's memory; messages redact query strings.
-        sign = make_signer(task.signing)
-        for modality_items in items.values():
-            for item in modality_items:
-                for asset in item.assets.values():
-                    asset.href = sign(asset.href, item.collection_id)
+        return _write_no_data(task, core, missing)
     try:
-        stack = load_chunk(chunk, items, task.profiles, year)
+        stack = load_chunk(chunk, signed_items(task), task.profiles, year)
     except AssetError as exc:
-        record = {**base, "status": "failed", "reason": str(exc)}
+        record = _record(task, "failed", str(exc))
         store.write_failure(year, chunk.id, record)
         return record
     loaded = time.perf_counter()
     _keep_hillshade(store, chunk.id, stack)
-    detector = get_detector(task.model_path, task.model_sha256, task.inference)
-    detections = infer_chunk(detector, stack, chunk.tiles, batch_size=task.inference.batch_size)
+    gdf = _infer(task, stack)
     inferred = time.perf_counter()
-    source_items = sorted({i for ids in stack.item_ids.values() for i in ids})
-    gdf = vectorize_detections(
-        detections,
-        stack.transform,
-        stack.crs,
-        year=year,
-        min_area_m2=task.inference.min_area_m2,
-        source_items=source_items,
-    )
-    no_data = _no_data_geometry(stack, core)
-    coverage = [{"status": "processed", "reason": "", "wkb": shapely.difference(core, no_data).wkb_hex}]
-    if not no_data.is_empty:
-        coverage.append({"status": "no_data", "reason": "no valid pixels in any modality", "wkb": no_data.wkb_hex})
+    coverage = _coverage(stack, core)
     finished = time.perf_counter()
-    record = {
-        **base,
-        "status": "processed",
-        "reason": "",
-        "n_detections": int(len(gdf)),
-        "n_tiles": len(chunk.tiles),
-        "items": {m: list(ids) for m, ids in stack.item_ids.items()},
-        "valid_fraction": {m: _valid_fraction(stack, m) for m in stack.valid},
-        "seconds": {
-            "load": loaded - started,
-            "infer": inferred - loaded,
-            "vectorize": finished - inferred,
-            "total": finished - started,
-        },
-        "coverage": coverage,
-    }
+    record = _record(
+        task,
+        "processed",
+        n_detections=int(len(gdf)),
+        n_tiles=len(chunk.tiles),
+        items={m: list(ids) for m, ids in stack.item_ids.items()},
+        valid_fraction={m: _valid_fraction(stack, m) for m in stack.valid},
+        seconds={"load": loaded - started, "infer": inferred - loaded, "vectorize": finished - inferred,
+                 "total": finished - started},
+        coverage=coverage,
+    )
     store.write(year, chunk.id, gdf, record)
     return record

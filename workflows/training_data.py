@@ -48,8 +48,8 @@ from rtsmap.pipeline.errors import ConfigError
 from rtsmap.pipeline.evaluation import read_truth
 from rtsmap.pipeline.grid import GridSpec, plan_grid
 from rtsmap.pipeline.load import load_chunk
-from rtsmap.pipeline.stac import open_catalog, search_modalities
-from rtsmap.workflows.plan import resolve_profile
+from rtsmap.pipeline.stac import search_modalities
+from rtsmap.workflows.planning import check_readable, check_writable_dir, open_profile_catalog
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,159 @@ class _UnionFind:
             self.parent[hi] = lo
 
 
+@dataclass
+class _Cutter:
+    """What cutting chips accumulates: images, annotations, blocks for the split."""
+
+    out: Path
+    """Output directory."""
+    options: ChipOptions
+    """Chip size, grid and split settings."""
+    truth: dict[int, Any]
+    """Year -> true polygons in the grid CRS."""
+    region: str
+    """Region name stored with each chip."""
+    clusters: shapely.STRtree
+    """Slump clusters (all years), for the leak-free split."""
+    band_names: dict[str, tuple[str, ...]]
+    """Modality -> band names."""
+    images: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """COCO images (chips)."""
+    annotations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """COCO annotations (instances)."""
+    blocks: _UnionFind = dataclasses.field(default_factory=_UnionFind)
+    """Blocks merged through shared slump clusters."""
+    tile_block: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Tile id -> its block."""
+
+    def __post_init__(self) -> None:
+        self.truth_trees = {y: shapely.STRtree(list(gdf.geometry)) for y, gdf in self.truth.items()}
+
+
+def _chip_arrays(cutter: _Cutter, stack: Any, rows: slice, cols: slice) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """One tile's arrays per modality (zeros, all invalid, where a modality has no scene)."""
+    t = cutter.options.tile_px
+    arrays: dict[str, np.ndarray] = {}
+    valid_fraction: dict[str, float] = {}
+    for m, names in cutter.band_names.items():
+        if m in stack.data:
+            arrays[m] = np.ascontiguousarray(stack.data[m][:, rows, cols], dtype=np.float32)
+            arrays[f"{m}_valid"] = np.ascontiguousarray(stack.valid[m][rows, cols])
+        else:  # no scene of this modality: all invalid, the model sees zeros
+            arrays[m] = np.zeros((len(names), t, t), np.float32)
+            arrays[f"{m}_valid"] = np.zeros((t, t), bool)
+        valid_fraction[m] = float(arrays[f"{m}_valid"].mean())
+    return arrays, valid_fraction
+
+
+def _annotate(cutter: _Cutter, tile: Any, year: int, image_id: int) -> int:
+    """Rasterize the true polygons touching a tile as instances; return how many were kept."""
+    t, res = cutter.options.tile_px, cutter.options.resolution
+    minx, miny, maxx, maxy = tile.bounds
+    transform = Affine(res, 0.0, minx, 0.0, -res, maxy)
+    gdf = cutter.truth[year]
+    n_inst = 0
+    for idx in sorted(cutter.truth_trees[year].query(shapely.box(*tile.bounds), predicate="intersects")):
+        geom = gdf.geometry.iloc[idx]
+        mask = rasterio.features.rasterize([(geom, 1)], out_shape=(t, t), transform=transform, fill=0, dtype="uint8")
+        if int(mask.sum()) < cutter.options.min_instance_px:
+            continue
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        cluster = sorted(int(c) for c in cutter.clusters.query(geom, predicate="intersects"))
+        cutter.annotations.append({
+            "id": len(cutter.annotations) + 1,
+            "image_id": image_id,
+            "category_id": 1,
+            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            "area": float(mask_utils.area(rle)),
+            "segmentation": {"size": [t, t], "counts": rle["counts"].decode("ascii")},
+            "iscrowd": 0,
+            "truth_id": _truth_id(gdf.iloc[idx], idx, year),
+            "cluster": cluster[0] if cluster else -1,
+        })
+        n_inst += 1
+    return n_inst
+
+
+def _cut_chunk_year(cutter: _Cutter, chunk: Any, year: int, stack: Any) -> None:
+    """Write the chips of one loaded chunk-year and record them for the split."""
+    options = cutter.options
+    for tile in chunk.tiles:
+        rows, cols = chunk.tile_window(tile)
+        arrays, valid_fraction = _chip_arrays(cutter, stack, rows, cols)
+        if max(valid_fraction.values()) < options.min_valid_fraction:
+            continue
+        image_id = len(cutter.images) + 1
+        n_inst = _annotate(cutter, tile, year, image_id)
+        name = f"{tile.id}_{year}.npz"
+        np.savez_compressed(cutter.out / "chips" / name, **arrays)
+        block = ("block", tile.col // options.block_tiles, tile.row // options.block_tiles)
+        cutter.blocks.find(block)
+        cutter.tile_block[tile.id] = block
+        # Every cluster touching the tile ties the tile's block to the cluster.
+        for c in cutter.clusters.query(shapely.box(*tile.bounds), predicate="intersects"):
+            cutter.blocks.union(block, ("cluster", int(c)))
+        cutter.images.append({
+            "id": image_id,
+            "file_name": f"chips/{name}",
+            "width": options.tile_px,
+            "height": options.tile_px,
+            "tile_id": tile.id,
+            "chunk_id": chunk.id,
+            "year": year,
+            "region": cutter.region,
+            "bounds": list(tile.bounds),
+            "crs": options.crs,
+            "valid_fraction": valid_fraction,
+            "items": {m: list(stack.item_ids.get(m, [])) for m in cutter.band_names},
+            "instances": n_inst,
+        })
+
+
+def _split(cutter: _Cutter) -> dict[str, int]:
+    """Deal merged blocks (all years of their tiles) whole to splits; return chips per split.
+
+    Groups with slumps and groups without are dealt separately, so that every split gets slumps
+    (when there are at least three groups with some) and background alike.
+    """
+    group_size: dict[Any, int] = defaultdict(int)
+    positive: set[Any] = set()
+    for image in cutter.images:
+        group = cutter.blocks.find(cutter.tile_block[image["tile_id"]])
+        group_size[group] += 1
+        if image["instances"]:
+            positive.add(group)
+    fractions, seed = cutter.options.split_fractions, cutter.options.seed
+    split_of = _assign_splits({g: n for g, n in group_size.items() if g in positive}, fractions, seed)
+    split_of.update(_assign_splits({g: n for g, n in group_size.items() if g not in positive}, fractions, seed))
+    for image in cutter.images:
+        image["split"] = split_of[cutter.blocks.find(cutter.tile_block[image["tile_id"]])]
+    return {s: sum(i["split"] == s for i in cutter.images) for s in SPLITS}
+
+
+def _read_truth_years(truth_path: str | os.PathLike, crs: str, years: Sequence[int] | None) -> dict[int, Any]:
+    """The true polygons of the requested years (default: all), in the grid CRS.
+
+    Raises
+    ------
+    ConfigError
+        If the truth has none of the requested years.
+    """
+    truth = {y: gdf.to_crs(crs) for y, gdf in read_truth(truth_path).items()}
+    years = sorted(truth) if years is None else sorted(int(y) for y in years)
+    missing = [y for y in years if y not in truth]
+    if missing or not years:
+        raise ConfigError(f"truth file {truth_path} has no polygons for year(s) {missing or years}; it has {sorted(truth)}")
+    return {y: truth[y] for y in years}
+
+
 def build_training_chips(
     aoi_path: str | os.PathLike,
     truth_path: str | os.PathLike,
     catalog: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    profile: str | os.PathLike = "demo",
+    profile: str | os.PathLike | None = None,
     options: ChipOptions = ChipOptions(),
     years: Sequence[int] | None = None,
     region_name: str | None = None,
@@ -190,7 +336,8 @@ def build_training_chips(
     out_dir
         Output directory (created; chips of an earlier run are replaced).
     profile
-        Catalog profile name or YAML path (which collections and bands).
+        Catalog profile name or YAML path; None: chosen by the rule of ``workflows.planning``
+        (the same as ``rtsmap run``), and the catalog is opened with its signing and headers.
     options
         Chip size, grid and split settings.
     years
@@ -204,156 +351,66 @@ def build_training_chips(
 
     Raises
     ------
-    ConfigError
-        If the truth has none of the requested years, or no chip can be cut.
+    RtsmapError
+        If the truth or AOI cannot be read, the output cannot be written, the truth has none of
+        the requested years, or no chip can be cut.
     """
-    out = Path(out_dir)
-    (out / "chips").mkdir(parents=True, exist_ok=True)
-    spec = GridSpec(crs=options.crs, resolution=options.resolution, tile_px=options.tile_px,
-                    overlap_px=0, tiles_per_chunk=options.tiles_per_chunk)
+    check_readable(truth_path, "--truth")
+    check_writable_dir(out_dir, "--out")
     aoi = read_aoi(aoi_path, crs=options.crs)
-    truth = {y: gdf.to_crs(options.crs) for y, gdf in read_truth(truth_path).items()}
-    years = sorted(truth) if years is None else sorted(int(y) for y in years)
-    missing = [y for y in years if y not in truth]
-    if missing or not years:
-        raise ConfigError(f"truth file {truth_path} has no polygons for year(s) {missing or years}; "
-                          f"it has {sorted(truth)}")
-    truth = {y: truth[y] for y in years}
-    region = region_name or Path(aoi_path).resolve().parent.name
-    catalog_profile = resolve_profile(profile)
-    stac = open_catalog(catalog)
+    truth = _read_truth_years(truth_path, options.crs, years)
+    years = sorted(truth)
+    stac, catalog_profile = open_profile_catalog(catalog, profile)
     found = search_modalities(stac, aoi, years, catalog_profile)
     modalities = list(catalog_profile.modalities)
-    chunks = plan_grid(aoi.geometry, spec)
-
-    clusters, cluster_tree = _clusters(truth, options.cluster_buffer_m)
-    truth_trees = {y: shapely.STRtree(list(gdf.geometry)) for y, gdf in truth.items()}
-    band_names: dict[str, tuple[str, ...]] = {}
-    images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    blocks = _UnionFind()
-    tile_block: dict[str, Any] = {}
-    t = options.tile_px
-    res = options.resolution
-
-    for chunk in chunks:
+    spec = GridSpec(crs=options.crs, resolution=options.resolution, tile_px=options.tile_px,
+                    overlap_px=0, tiles_per_chunk=options.tiles_per_chunk)
+    out = Path(out_dir)
+    (out / "chips").mkdir(parents=True, exist_ok=True)
+    cutter = _Cutter(
+        out=out,
+        options=options,
+        truth=truth,
+        region=region_name or Path(aoi_path).resolve().parent.name,
+        clusters=_clusters(truth, options.cluster_buffer_m)[1],
+        band_names={m: tuple(catalog_profile.modalities[m].band_names) for m in modalities},
+    )
+    for chunk in plan_grid(aoi.geometry, spec):
         for year in years:
             items = {m: found.get((m, year), found.get((m, None), [])) for m in modalities}
-            stack = load_chunk(chunk, items, catalog_profile.modalities, year)
-            for m in modalities:
-                band_names.setdefault(m, tuple(catalog_profile.modalities[m].band_names))
-            for tile in chunk.tiles:
-                rows, cols = chunk.tile_window(tile)
-                arrays: dict[str, np.ndarray] = {}
-                valid_fraction: dict[str, float] = {}
-                for m in modalities:
-                    if m in stack.data:
-                        arrays[m] = np.ascontiguousarray(stack.data[m][:, rows, cols], dtype=np.float32)
-                        arrays[f"{m}_valid"] = np.ascontiguousarray(stack.valid[m][rows, cols])
-                    else:  # no scene of this modality: all invalid, the model sees zeros
-                        arrays[m] = np.zeros((len(band_names[m]), t, t), np.float32)
-                        arrays[f"{m}_valid"] = np.zeros((t, t), bool)
-                    valid_fraction[m] = float(arrays[f"{m}_valid"].mean())
-                if max(valid_fraction.values()) < options.min_valid_fraction:
-                    continue
-                minx, miny, maxx, maxy = tile.bounds
-                transform = Affine(res, 0.0, minx, 0.0, -res, maxy)
-                tile_box = shapely.box(*tile.bounds)
-                image_id = len(images) + 1
-                gdf = truth[year]
-                n_inst = 0
-                for idx in sorted(truth_trees[year].query(tile_box, predicate="intersects")):
-                    geom = gdf.geometry.iloc[idx]
-                    mask = rasterio.features.rasterize([(geom, 1)], out_shape=(t, t), transform=transform,
-                                                       fill=0, dtype="uint8")
-                    if int(mask.sum()) < options.min_instance_px:
-                        continue
-                    rle = mask_utils.encode(np.asfortranarray(mask))
-                    cluster = sorted(int(c) for c in cluster_tree.query(geom, predicate="intersects"))
-                    annotations.append({
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": 1,
-                        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                        "area": float(mask_utils.area(rle)),
-                        "segmentation": {"size": [t, t], "counts": rle["counts"].decode("ascii")},
-                        "iscrowd": 0,
-                        "truth_id": _truth_id(gdf.iloc[idx], idx, year),
-                        "cluster": cluster[0] if cluster else -1,
-                    })
-                    n_inst += 1
-                name = f"{tile.id}_{year}.npz"
-                np.savez_compressed(out / "chips" / name, **arrays)
-                block = (tile.col // options.block_tiles, tile.row // options.block_tiles)
-                block = ("block",) + block
-                blocks.find(block)
-                tile_block[tile.id] = block
-                # Every cluster touching the tile ties the tile's block to the cluster.
-                for c in cluster_tree.query(tile_box, predicate="intersects"):
-                    blocks.union(block, ("cluster", int(c)))
-                images.append({
-                    "id": image_id,
-                    "file_name": f"chips/{name}",
-                    "width": t,
-                    "height": t,
-                    "tile_id": tile.id,
-                    "chunk_id": chunk.id,
-                    "year": year,
-                    "region": region,
-                    "bounds": list(tile.bounds),
-                    "crs": options.crs,
-                    "valid_fraction": valid_fraction,
-                    "items": {m: list(stack.item_ids.get(m, [])) for m in modalities},
-                    "instances": n_inst,
-                })
-            log.info("chunk %s year %d: %d chips so far", chunk.id, year, len(images))
-    if not images:
+            _cut_chunk_year(cutter, chunk, year, load_chunk(chunk, items, catalog_profile.modalities, year))
+            log.info("chunk %s year %d: %d chips so far", chunk.id, year, len(cutter.images))
+    if not cutter.images:
         raise ConfigError(f"no chip could be cut: the AOI {aoi_path} has no valid pixels in catalog {catalog}")
-
-    # Leak-free split: merged blocks (all years of their tiles) are dealt whole.
-    # Groups with slumps and groups without are dealt separately, so that every split gets
-    # slumps (when there are at least three groups with some) and background alike.
-    group_size: dict[Any, int] = defaultdict(int)
-    positive: set[Any] = set()
-    for image in images:
-        group = blocks.find(tile_block[image["tile_id"]])
-        group_size[group] += 1
-        if image["instances"]:
-            positive.add(group)
-    split_of = _assign_splits({g: n for g, n in group_size.items() if g in positive}, options.split_fractions, options.seed)
-    split_of.update(_assign_splits({g: n for g, n in group_size.items() if g not in positive},
-                                   options.split_fractions, options.seed))
-    for image in images:
-        image["split"] = split_of[blocks.find(tile_block[image["tile_id"]])]
-    counts = {s: sum(i["split"] == s for i in images) for s in SPLITS}
-
+    counts = _split(cutter)
     manifest = {
         "format": DATASET_FORMAT,
-        "region": region,
+        "region": cutter.region,
         "aoi": str(Path(aoi_path).resolve()),
         "truth": str(Path(truth_path).resolve()),
         "catalog": str(catalog),
         "profile": catalog_profile.name,
         "years": years,
-        "tile_size": t,
-        "resolution": res,
+        "tile_size": options.tile_px,
+        "resolution": options.resolution,
         "crs": options.crs,
         "modalities": list(modalities),
-        "bands": {m: list(b) for m, b in band_names.items()},
-        "normalization": _train_statistics(out, images, band_names),
+        "bands": {m: list(b) for m, b in cutter.band_names.items()},
+        "normalization": _train_statistics(out, cutter.images, cutter.band_names),
         "options": dataclasses.asdict(options),
         "counts": counts,
-        "instances": len(annotations),
+        "instances": len(cutter.annotations),
     }
     coco = {
-        "info": {"description": f"rtsmap training chips of {region}", **{k: manifest[k] for k in ("format", "tile_size", "resolution", "years")}},
-        "images": images,
-        "annotations": annotations,
+        "info": {"description": f"rtsmap training chips of {cutter.region}",
+                 **{k: manifest[k] for k in ("format", "tile_size", "resolution", "years")}},
+        "images": cutter.images,
+        "annotations": cutter.annotations,
         "categories": [{"id": 1, "name": "rts"}],
     }
     _write_json(out / "annotations.json", coco)
     _write_json(out / "dataset.json", manifest)
-    return ChipDataset(out, out / "annotations.json", out / "dataset.json", counts, len(annotations))
+    return ChipDataset(out, out / "annotations.json", out / "dataset.json", counts, len(cutter.annotations))
 
 
 def _train_statistics(root: Path, images: list[dict], band_names: dict[str, tuple[str, ...]]) -> dict:
@@ -418,7 +475,7 @@ def chips_from_region(region_dir: str | os.PathLike, out_dir: str | os.PathLike,
 @click.option("--truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="True polygons: rts_<year> layers or an ARTS-schema file.")
 @click.option("--catalog", default=None, help="STAC catalog path or URL.")
-@click.option("--profile", default="demo", show_default=True, help="Catalog profile name or YAML file.")
+@click.option("--profile", default=None, help="Catalog profile name or YAML file; default: the one that fits the catalog (README).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tile-size", default=256, show_default=True, type=int, help="Chip side in pixels (the model's tile size).")
 @click.option("--resolution", default=10.0, show_default=True, type=float)

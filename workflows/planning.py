@@ -1,0 +1,438 @@
+"""The one planning path of ``rtsmap plan``, ``rtsmap run`` and ``rtsmap training-data``.
+
+Everything a command decides before reading a raster is decided here, once:
+
+- which profile: :func:`open_profile_catalog` applies the one rule (README, "Catalogs and
+  profiles"): ``--profile`` if given; else, for a STAC API URL, the shipped profile with that
+  URL; for a local catalog, the shipped profile whose collections and assets the catalog holds;
+  with no catalog either, ``planetary-computer`` and its URL;
+- the catalog, always opened with the profile's signing and headers;
+- the grid, from the model's tile size and resolution (:func:`grid_spec`);
+- the search, and the items that cover each chunk (:class:`ItemIndex`);
+- the checks that end a command before work starts (no item at all for a modality the model
+  needs; outputs that cannot be written; inputs that cannot be read).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyproj
+import pystac
+import shapely
+
+from rtsmap.pipeline.aoi import AOI, read_aoi
+from rtsmap.pipeline.errors import ConfigError, ModelError, OutputError
+from rtsmap.pipeline.grid import Chunk, GridSpec, plan_grid
+from rtsmap.pipeline.infer import check_compatible
+from rtsmap.pipeline.model_file import ModelInfo, read_model_info
+from rtsmap.pipeline.profiles import CatalogProfile, ModalityProfile, load_profile
+from rtsmap.pipeline.stac import Catalog, LocalCatalog, open_catalog, redact, search_modalities
+from rtsmap.workflows.config import DEMO_MODEL, RunConfig
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+DEFAULT_PROFILE = "planetary-computer"
+"""The profile taken when neither a profile nor a catalog is given."""
+
+SearchResult = dict[tuple[str, int | None], list[pystac.Item]]
+
+
+# --- profiles -----------------------------------------------------------------------------------
+
+
+def profile_names() -> list[str]:
+    """Names of the profiles shipped in ``workflows/profiles``."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def profile_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a shipped profile name (``demo``, ``earth-search``...) or a path.
+
+    Raises
+    ------
+    ConfigError
+        If it is neither a shipped profile nor an existing file.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if path.is_file():
+        return path
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", text) and (PROFILES_DIR / f"{text}.yaml").is_file():
+        return PROFILES_DIR / f"{text}.yaml"
+    raise ConfigError(
+        f"profile {text!r} is neither a shipped profile ({', '.join(profile_names())}) nor a YAML file"
+    )
+
+
+def resolve_profile(name_or_path: str | Path | CatalogProfile) -> CatalogProfile:
+    """Load a profile given by shipped name or path (a loaded profile is returned as is).
+
+    Raises
+    ------
+    ConfigError
+        If it cannot be found or is invalid.
+    """
+    if isinstance(name_or_path, CatalogProfile):
+        return name_or_path
+    return load_profile(profile_path(name_or_path))
+
+
+def shipped_profiles() -> list[CatalogProfile]:
+    """Every shipped profile, by name."""
+    return [load_profile(PROFILES_DIR / f"{name}.yaml") for name in profile_names()]
+
+
+def modality_assets(modality: ModalityProfile) -> frozenset[str]:
+    """The asset keys a modality reads (its bands' and its mask's)."""
+    keys = {band.asset for band in modality.bands}
+    if modality.mask is not None:
+        keys.add(modality.mask.asset)
+    return frozenset(keys)
+
+
+def _holds(profile: CatalogProfile, holdings: dict[str, frozenset[str]], *, assets: bool = True) -> bool:
+    """Whether every modality of the profile has a collection in the catalog (with its assets)."""
+    return all(
+        any(c in holdings and (not assets or modality_assets(m) <= holdings[c]) for c in m.collections)
+        for m in profile.modalities.values()
+    )
+
+
+def infer_profile(catalog: LocalCatalog) -> CatalogProfile:
+    """The shipped profile a local catalog is for, from the collections and assets it holds.
+
+    A profile matches when each of its modalities has a collection in the catalog whose items
+    carry the assets it reads; of several matches, the one with the most modalities wins.
+
+    Raises
+    ------
+    ConfigError
+        If no shipped profile matches, or two match equally: the message lists the catalog's
+        collections and asks for ``--profile``.
+    """
+    holdings = catalog.holdings()
+    shipped = shipped_profiles()
+    matches = [p for p in shipped if _holds(p, holdings)]
+    best = max((len(p.modalities) for p in matches), default=0)
+    matches = [p for p in matches if len(p.modalities) == best]
+    if len(matches) == 1:
+        return matches[0]
+    found = ", ".join(holdings) or "none"
+    if matches:
+        names = " and ".join(p.name for p in matches)
+        raise ConfigError(f"catalog {catalog.source} fits the profiles {names} (collections: {found}); give --profile")
+    near = [p.name for p in shipped if _holds(p, holdings, assets=False)]
+    lacking = f" (the items lack assets that profile {' and '.join(near)} reads)" if near else ""
+    raise ConfigError(
+        f"no shipped profile fits catalog {catalog.source} (its collections: {found}){lacking}; "
+        "give --profile (a shipped name or a YAML file naming these collections and assets)"
+    )
+
+
+def _profile_for_url(url: str) -> CatalogProfile:
+    for profile in shipped_profiles():
+        if profile.url and profile.url.rstrip("/") == url.rstrip("/"):
+            return profile
+    raise ConfigError(f"no shipped profile is for {redact(url)}: give --profile (a name or a YAML file)")
+
+
+def open_profile_catalog(
+    catalog: str | Path | None, profile: str | Path | CatalogProfile | None
+) -> tuple[Catalog, CatalogProfile]:
+    """Choose the profile by the one rule and open the catalog with its signing and headers.
+
+    Parameters
+    ----------
+    catalog
+        STAC API URL or local catalog path; None: the profile's URL.
+    profile
+        Shipped name, YAML path or loaded profile; None: chosen by the rule (module docstring).
+
+    Returns
+    -------
+    (Catalog, CatalogProfile)
+
+    Raises
+    ------
+    RtsmapError
+        For a profile that cannot be found or chosen, or a catalog that cannot be opened.
+    """
+    source = None if catalog is None else str(catalog)
+    if profile is None and source is not None and not re.match(r"^https?://", source):
+        opened = open_catalog(source)
+        chosen = infer_profile(opened)
+        # The items are read once; the profile's access settings are recorded on the catalog.
+        opened.signing, opened.headers = chosen.signing, dict(chosen.headers) or None
+        return opened, chosen
+    if profile is None:
+        chosen = _profile_for_url(source) if source is not None else resolve_profile(DEFAULT_PROFILE)
+    else:
+        chosen = resolve_profile(profile)
+    if source is None:
+        if chosen.url is None:
+            raise ConfigError(f"profile {chosen.name} has no URL: give --catalog (a STAC API URL or a local file)")
+        source = chosen.url
+    return open_catalog(source, headers=dict(chosen.headers) or None, signing=chosen.signing), chosen
+
+
+# --- the grid and the items of each chunk -------------------------------------------------------
+
+
+def grid_spec(info: ModelInfo, config: RunConfig) -> GridSpec:
+    """The run's grid: tile size and resolution from the model, the layout from the configuration."""
+    return GridSpec(
+        crs=config.grid.crs,
+        resolution=info.resolution,
+        tile_px=info.tile_size,
+        overlap_px=config.grid.overlap_px,
+        tiles_per_chunk=config.grid.tiles_per_chunk,
+    )
+
+
+def footprint_in_grid(geometry: dict, transformer: pyproj.Transformer) -> shapely.Geometry:
+    """An item footprint (GeoJSON, WGS84) in the grid CRS, densified so long edges bend right."""
+    geom = shapely.segmentize(shapely.geometry.shape(geometry), 0.01)  # degrees
+    projected = shapely.transform(geom, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+    return shapely.make_valid(projected)
+
+
+class ItemIndex:
+    """The items of one modality and year, their footprints projected once into the grid CRS."""
+
+    def __init__(self, items: list[pystac.Item], crs: str) -> None:
+        to_grid = pyproj.Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+        self.items = [it for it in items if it.geometry is not None]
+        self.footprints = [footprint_in_grid(it.geometry, to_grid) for it in self.items]
+        self.tree = shapely.STRtree(self.footprints)
+
+    def covering(self, chunk: Chunk) -> list[int]:
+        """Positions (in search order) of the items whose footprint meets the chunk's read window."""
+        return sorted(int(i) for i in self.tree.query(shapely.box(*chunk.bounds), predicate="intersects"))
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What plan and run both know before any raster is read."""
+
+    config: RunConfig
+    """The run configuration (years, grid layout, model, catalog)."""
+    model: ModelInfo
+    """The model's metadata (tile size, resolution, modalities)."""
+    profile: CatalogProfile
+    """The profile chosen by the rule."""
+    catalog: Catalog
+    """The catalog, opened with the profile's signing and headers."""
+    modalities: dict[str, ModalityProfile]
+    """Modality -> profile, for every modality the model needs, in the model's order."""
+    aoi: AOI
+    """The AOI in the grid CRS."""
+    spec: GridSpec
+    """The grid (from the model and the configuration)."""
+    chunks: list[Chunk]
+    """Chunks with a tile touching the AOI, sorted by id."""
+    found: SearchResult
+    """``(modality, year or None)`` -> items found (slim, without links), sorted by id."""
+    index: dict[tuple[str, int | None], ItemIndex]
+    """The same items, indexed by footprint."""
+    warnings: tuple[str, ...] = ()
+    """One-line warnings for the user (e.g. synthetic demo weights on real scenes)."""
+
+    def key(self, modality: str, year: int) -> tuple[str, int | None]:
+        """The search key of a modality in a year (None for static modalities)."""
+        return (modality, year if self.modalities[modality].per_year else None)
+
+    def chunk_items(self, chunk: Chunk, year: int) -> dict[str, list[pystac.Item]]:
+        """Modality -> the items (search order) whose footprint meets the chunk's read window."""
+        out = {}
+        for modality in self.modalities:
+            index = self.index.get(self.key(modality, year))
+            out[modality] = [] if index is None else [index.items[i] for i in index.covering(chunk)]
+        return out
+
+    def item_ids(self) -> dict[str, list[str]]:
+        """``"modality:year"`` (or ``"modality:None"``) -> the ids found, sorted."""
+        return {f"{m}:{y}": sorted(it.id for it in items) for (m, y), items in self.found.items()}
+
+
+def is_demo_model(path: str | Path) -> bool:
+    """Whether ``path`` is the shipped demo model (weights trained on synthetic scenes only)."""
+    try:
+        return Path(path).resolve() == DEMO_MODEL.resolve()
+    except OSError:
+        return False
+
+
+def plan_chunks(config: RunConfig, *, page_size: int = 100) -> Planned:
+    """The shared planning path: model, profile, catalog, AOI, grid, search, checks.
+
+    Parameters
+    ----------
+    config
+        The run configuration (``profile`` None means: chosen by the rule).
+    page_size
+        Items per STAC API page.
+
+    Returns
+    -------
+    Planned
+
+    Raises
+    ------
+    RtsmapError
+        For a bad AOI, model, profile or years, a catalog that cannot be searched, a model that
+        does not match the profile, or a modality the model needs with no item at all.
+    """
+    years = sorted(set(int(y) for y in config.years))
+    if not years:
+        raise ConfigError("no years given: pass e.g. --years 2021-2023")
+    if not config.aoi:
+        raise ConfigError("--aoi is required (or `aoi:` in the configuration file)")
+    info = read_model_info(config.model)
+    catalog, profile = open_profile_catalog(config.catalog, config.profile)
+    missing = [m for m in info.modalities if m not in profile.modalities]
+    if missing:
+        raise ModelError(f"the model needs {', '.join(missing)} but profile {profile.name} has no such modality")
+    modalities = {m: profile.modalities[m] for m in info.modalities}
+    aoi = read_aoi(config.aoi, crs=config.grid.crs)
+    spec = grid_spec(info, config)
+    check_compatible(info, {m: list(p.band_names) for m, p in modalities.items()}, spec.resolution, spec.tile_px)
+    chunks = plan_grid(aoi.geometry, spec)
+    found = search_modalities(catalog, aoi, years, profile, modalities=list(modalities), page_size=page_size)
+    check_found(found, modalities, catalog, profile)
+    index = {key: ItemIndex(items, spec.crs) for key, items in found.items()}
+    warnings = []
+    if is_demo_model(config.model) and profile.name != "demo":
+        warnings.append(
+            f"the demo model's weights are synthetic (trained on the synthetic demo region only); "
+            f"with profile {profile.name} give --model with real weights to map real slumps"
+        )
+    return Planned(config, info, profile, catalog, modalities, aoi, spec, chunks, found, index, tuple(warnings))
+
+
+def check_found(found: SearchResult, modalities: dict[str, ModalityProfile], catalog: Catalog,
+                profile: CatalogProfile) -> None:
+    """Refuse a search that found no item at all (in any year) for a modality the model needs.
+
+    Raises
+    ------
+    ConfigError
+        Naming the collections searched and the ones the catalog holds.
+    """
+    empty = [m for m in modalities if not any(items for (name, _), items in found.items() if name == m)]
+    if not empty:
+        return
+    searched = sorted({c for m in empty for c in modalities[m].collections})
+    held = catalog.collection_ids()
+    holds = ", ".join(held) if held else ("none" if held is not None else "(the API does not list them)")
+    raise ConfigError(
+        f"no {' or '.join(empty)} item in any year: searched collection(s) {', '.join(searched)} of profile "
+        f"{profile.name} in {catalog.source}, which holds: {holds}; give the --profile that fits the catalog"
+    )
+
+
+# --- checks before work starts ------------------------------------------------------------------
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(folder: str | Path, what: str) -> None:
+    """Refuse a folder that is neither a writable directory nor creatable in one.
+
+    Raises
+    ------
+    OutputError
+    """
+    folder = Path(folder)
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise OutputError(f"{what} {folder} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {folder} cannot be written: {existing} is not writable")
+
+
+def check_output_file(path: str | Path, *, suffix: str, overwrite: bool) -> None:
+    """Refuse an output file with the wrong suffix, an existing one (without overwrite), or an unwritable folder.
+
+    Raises
+    ------
+    OutputError
+    """
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise OutputError(f"--out {path} must end in {suffix}")
+    if path.is_dir():
+        raise OutputError(f"--out {path} is a folder; give a file name ending in {suffix}")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+    check_writable_dir(path.parent, "the output folder")
+
+
+def check_readable(path: str | Path | None, what: str) -> None:
+    """Refuse an input file that does not exist or cannot be read.
+
+    Raises
+    ------
+    ConfigError
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    if path.is_dir() and path.suffix.lower() != ".gdb":  # a FileGDB is a folder
+        raise ConfigError(f"{what} {path} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{what} {path} cannot be read (permission denied)")
+
+
+def check_workers(workers: int | None) -> None:
+    """Refuse a worker count that is given and not positive.
+
+    Raises
+    ------
+    ConfigError
+    """
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+
+
+def profile_given(profile_flag: str | None, config_path: str | Path | None) -> bool:
+    """Whether the user chose a profile (flag or configuration file), or left it to the rule."""
+    if profile_flag is not None:
+        return True
+    if config_path is None:
+        return False
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(config_path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_run_config reports the file's problem
+    return isinstance(data, dict) and data.get("profile") is not None
+
+
+def describe(planned: Planned) -> dict[str, Any]:
+    """Plain facts of a plan shared by the plan report and the run metadata."""
+    return {
+        "profile": planned.profile.name,
+        "catalog": planned.catalog.source,
+        "grid": {
+            "crs": planned.spec.crs,
+            "resolution": planned.spec.resolution,
+            "tile_px": planned.spec.tile_px,
+            "overlap_px": planned.spec.overlap_px,
+            "tiles_per_chunk": planned.spec.tiles_per_chunk,
+        },
+        "chunk_ids": [c.id for c in planned.chunks],
+    }
