@@ -43,6 +43,18 @@ reach a block border are passed on to a pass with blocks twice as large (see the
 Each group becomes one slump: the union of its members (``shapely.union_all``, made valid,
 parts and holes below ``min_part_px`` pixels dropped), the max score, every tile, chunk and
 source item, area and perimeter recomputed, and a stable ``rts_id`` from the rounded centroid.
+
+No overlapping slumps
+---------------------
+Polygons the merge does not join (distinct by its rules, but overlapping: a detection bleeding
+over its neighbour across a seam, or two copies whose views disagree) must not both claim the
+same ground in a year's layer. :func:`resolve_overlaps` applies the rule the vectorizer applies
+to one tile's masks (pipeline/vectorize.py): slumps are ranked by score (ties: larger area, then
+geometry), and for every pair overlapping by more than ``overlap_tolerance`` (default
+:data:`OVERLAP_TOLERANCE`, 1 % of the smaller one's area) the overlap goes to the higher-ranked
+slump; a slump left with less than ``min_kept_fraction`` (:data:`MIN_KEPT_FRACTION`, one half)
+of its area is a duplicate and is dropped (and claims nothing). After it, no two output slumps
+overlap by more than the tolerance (tests/test_merge.py checks it on random scenes).
 """
 
 from __future__ import annotations
@@ -69,6 +81,14 @@ MERGED_COLUMNS = (
 )
 
 _TILE_ID_PATTERN = r"_t(-?\d+)_(-?\d+)$"
+
+#: Two slumps of one year may overlap by at most this share of the smaller one's area; larger
+#: overlaps are resolved by :func:`resolve_overlaps`.
+OVERLAP_TOLERANCE = 0.01
+
+#: A slump (or a tile's instance mask, pipeline/vectorize.py) that keeps less than this share of
+#: its area after higher-scored ones took the overlap is dropped as a duplicate.
+MIN_KEPT_FRACTION = 0.5
 
 
 class _UnionFind:
@@ -371,6 +391,115 @@ def _empty(crs: Any) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries([], crs=crs), crs=crs)[list(MERGED_COLUMNS)]
 
 
+def overlapping_pairs(geoms: Any, tolerance: float = OVERLAP_TOLERANCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of polygons overlapping by more than ``tolerance`` of the smaller one's area.
+
+    Parameters
+    ----------
+    geoms : array-like of shapely geometries
+        Polygons of one year, in a projected CRS.
+    tolerance : float
+        Share of the smaller polygon's area an overlap may have without counting.
+
+    Returns
+    -------
+    left, right : ndarray of int
+        Positions of each pair (``left < right``).
+    share : ndarray of float
+        Intersection area over the smaller polygon's area.
+    """
+    geoms = np.asarray(geoms, dtype=object)
+    if len(geoms) < 2:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0)
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    keep = left < right
+    left, right = left[keep], right[keep]
+    area = shapely.area(geoms)
+    inter = shapely.area(shapely.intersection(geoms[left], geoms[right]))
+    smaller = np.minimum(area[left], area[right])
+    share = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+    hit = share > tolerance
+    return left[hit], right[hit], share[hit]
+
+
+def resolve_overlaps(
+    slumps: gpd.GeoDataFrame,
+    *,
+    overlap_tolerance: float = OVERLAP_TOLERANCE,
+    min_kept_fraction: float = MIN_KEPT_FRACTION,
+    min_part_area: float = 0.0,
+) -> gpd.GeoDataFrame:
+    """Give each contested area to the higher-scored slump, so no two slumps overlap.
+
+    Slumps are ranked by ``score`` (ties: larger area, then WKB, so the input order never
+    matters). Each slump overlapping higher-ranked ones by more than ``overlap_tolerance`` of
+    the smaller area loses that area to them (to their already trimmed shapes); one left with
+    less than ``min_kept_fraction`` of its area is dropped. Only slumps in such pairs are
+    touched: a Python step per contested slump (rare), never per pair of the layer.
+
+    Parameters
+    ----------
+    slumps : geopandas.GeoDataFrame
+        One year's slumps (or several years: each year is resolved on its own when a ``year``
+        column is present) with ``score`` and polygon geometry in a projected CRS.
+    overlap_tolerance : float
+        Overlaps up to this share of the smaller slump's area are left alone.
+    min_kept_fraction : float
+        A slump keeping less than this share of its area is dropped.
+    min_part_area : float
+        Parts and holes smaller than this (map units squared) left by the cut are dropped.
+
+    Returns
+    -------
+    geopandas.GeoDataFrame
+        The same rows and columns less the dropped slumps, trimmed geometries, ``area_m2`` and
+        ``perimeter_m`` recomputed where those columns exist; index reset.
+    """
+    if len(slumps) < 2:
+        return slumps.reset_index(drop=True)
+    if "year" in slumps.columns and slumps["year"].nunique() > 1:
+        parts = [resolve_overlaps(g, overlap_tolerance=overlap_tolerance, min_kept_fraction=min_kept_fraction,
+                                  min_part_area=min_part_area)
+                 for _, g in slumps.groupby("year", sort=True)]
+        return gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=slumps.crs)
+    geoms = np.asarray(slumps.geometry.values, dtype=object)
+    left, right, _ = overlapping_pairs(geoms, overlap_tolerance)
+    if len(left) == 0:
+        return slumps.reset_index(drop=True)
+    area = shapely.area(geoms)
+    key = pd.DataFrame({"score": -slumps["score"].to_numpy(np.float64), "area": -area,
+                        "wkb": shapely.to_wkb(geoms, hex=True)})
+    rank = np.empty(len(geoms), np.int64)
+    rank[key.sort_values(["score", "area", "wkb"], kind="mergesort").index.to_numpy()] = np.arange(len(geoms))
+    winner = np.where(rank[left] < rank[right], left, right)
+    loser = np.where(rank[left] < rank[right], right, left)
+    beaten_by: dict[int, list[int]] = {}
+    for w, lo in zip(winner.tolist(), loser.tolist()):
+        beaten_by.setdefault(lo, []).append(w)
+    current = geoms.copy()
+    dropped = np.zeros(len(geoms), bool)
+    # Higher-ranked slumps first, so each winner's shape is final when a loser is cut by it.
+    for lo in sorted(beaten_by, key=lambda k: rank[k]):
+        winners = [w for w in beaten_by[lo] if not dropped[w]]
+        if not winners:
+            continue
+        rest = _clean(shapely.difference(current[lo], shapely.union_all(current[winners])), min_part_area)
+        if rest.is_empty or rest.area < min_kept_fraction * area[lo]:
+            dropped[lo] = True
+        else:
+            current[lo] = rest
+    log.debug("resolve_overlaps: %d contested slumps, %d dropped", len(beaten_by), int(dropped.sum()))
+    out = slumps.copy()
+    out = out.set_geometry(gpd.GeoSeries(current, index=slumps.index, crs=slumps.crs))
+    out = out[~dropped]
+    if "area_m2" in out.columns:
+        out["area_m2"] = shapely.area(out.geometry.values)
+    if "perimeter_m" in out.columns:
+        out["perimeter_m"] = shapely.length(out.geometry.values)
+    return out.reset_index(drop=True)
+
+
 def assign_rts_ids(merged: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """Stable ids from the geometry: ``<epsg>_<year>_x<cx>_y<cy>`` (centroid rounded to 1 m).
 
@@ -435,6 +564,8 @@ def merge_detections(
     view_iou_threshold: float = 0.5,
     min_overlap_px: float = 0.0,
     min_part_px: float = 1.0,
+    overlap_tolerance: float | None = OVERLAP_TOLERANCE,
+    min_kept_fraction: float = MIN_KEPT_FRACTION,
 ) -> gpd.GeoDataFrame:
     """Merge the copies of each slump that overlapping tiles return into one polygon.
 
@@ -457,13 +588,19 @@ def merge_detections(
         view check, not by this, because a one-pixel truncated copy is a real copy.
     min_part_px : float
         Parts and holes of a merged polygon smaller than this many pixels are dropped.
+    overlap_tolerance : float or None
+        After merging, slumps still overlapping by more than this share of the smaller one's
+        area are resolved by :func:`resolve_overlaps` (None: left overlapping).
+    min_kept_fraction : float
+        :func:`resolve_overlaps` drops a slump left with less than this share of its area.
 
     Returns
     -------
     geopandas.GeoDataFrame
         One row per slump, sorted by ``rts_id``, columns ``rts_id, year, score, area_m2,
         perimeter_m, n_detections, tile_ids, chunk_ids, source_items, geometry`` (the id lists
-        comma-joined and sorted). The same detections in any order give the same result.
+        comma-joined and sorted). The same detections in any order give the same result; no
+        two slumps of a year overlap by more than ``overlap_tolerance``.
 
     Raises
     ------
@@ -476,7 +613,17 @@ def merge_detections(
     df = _sorted_detections(gdf)
     merged, _ = _merge_sorted(df, spec, ios_threshold=ios_threshold, view_iou_threshold=view_iou_threshold,
                               min_overlap_px=min_overlap_px, min_part_px=min_part_px)
+    merged = _resolve(merged, spec, overlap_tolerance, min_kept_fraction, min_part_px)
     return assign_rts_ids(merged)
+
+
+def _resolve(merged: gpd.GeoDataFrame, spec: Any, overlap_tolerance: float | None, min_kept_fraction: float,
+             min_part_px: float) -> gpd.GeoDataFrame:
+    if overlap_tolerance is None or len(merged) < 2:
+        return merged
+    res, _, _ = _grid_numbers(spec)
+    return resolve_overlaps(merged, overlap_tolerance=overlap_tolerance, min_kept_fraction=min_kept_fraction,
+                            min_part_area=min_part_px * res * res)
 
 
 def merge_block(
@@ -557,7 +704,7 @@ def merge_by_blocks(
     block_chunks : int
         Side of the first-pass blocks, in chunks.
     **kwargs
-        Thresholds as for :func:`merge_detections`.
+        Thresholds and overlap options as for :func:`merge_detections`.
 
     Returns
     -------
@@ -565,6 +712,8 @@ def merge_by_blocks(
         As :func:`merge_detections`.
     """
     _check_detections(gdf)
+    overlap_tolerance = kwargs.pop("overlap_tolerance", OVERLAP_TOLERANCE)
+    min_kept_fraction = kwargs.pop("min_kept_fraction", MIN_KEPT_FRACTION)
     opts = _thresholds(kwargs)
     if len(gdf) == 0:
         return _empty(gdf.crs)
@@ -595,4 +744,7 @@ def merge_by_blocks(
     done = [d for d in done if len(d)]
     if not done:
         return _empty(gdf.crs)
-    return assign_rts_ids(gpd.GeoDataFrame(pd.concat(done, ignore_index=True), crs=gdf.crs))
+    merged = gpd.GeoDataFrame(pd.concat(done, ignore_index=True), crs=gdf.crs)
+    # Overlaps are resolved once, on the whole layer: the ranking does not depend on blocks.
+    merged = _resolve(merged, spec, overlap_tolerance, min_kept_fraction, opts["min_part_px"])
+    return assign_rts_ids(merged)

@@ -3,10 +3,23 @@
 Each detection becomes one row: its mask is polygonized with GDAL (``rasterio.features.shapes``),
 holes kept, then simplified without breaking validity. The geometry is in the grid CRS, through
 the chunk's read-window transform shifted by the mask's (row0, col0).
+
+Overlapping instances of one tile
+---------------------------------
+The model's box NMS lets through instances whose masks overlap (a big instance around two small
+ones, two copies of one slump in shifted boxes). Before polygonizing, each tile's masks are made
+disjoint by :func:`suppress_overlaps`, the rule of panoptic merging: instances are taken by
+score, highest first (ties: the model's order); each keeps the pixels no kept instance above it
+holds; an instance left with less than ``min_kept_fraction`` (default
+:data:`rtsmap.pipeline.merge.MIN_KEPT_FRACTION`, one half) of its own mask is a duplicate or a
+part of a better one and is dropped, and claims nothing. So no two polygons of one tile share a
+pixel. Overlaps across tiles are the seam merge's (pipeline/merge.py), which applies the same
+rule to the polygons it could not join.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 import geopandas as gpd
@@ -18,6 +31,7 @@ from affine import Affine
 from rasterio.features import shapes
 
 from rtsmap.pipeline.infer import TileDetections
+from rtsmap.pipeline.merge import MIN_KEPT_FRACTION
 
 COLUMNS = (
     "geometry",
@@ -79,6 +93,60 @@ def mask_to_geometry(mask: np.ndarray, transform: Affine, *, min_part_area: floa
     return keep[0] if len(keep) == 1 else shapely.MultiPolygon(keep)
 
 
+def suppress_overlaps(tile: TileDetections, min_kept_fraction: float = MIN_KEPT_FRACTION) -> TileDetections:
+    """Make a tile's instance masks disjoint: higher score wins its pixels.
+
+    Parameters
+    ----------
+    tile : TileDetections
+        One tile's detections (masks cropped to their boxes, offsets in chunk pixels).
+    min_kept_fraction : float
+        An instance keeping less than this share of its mask's pixels, after the instances
+        scoring above it took theirs, is dropped (0 keeps every instance that keeps a pixel).
+
+    Returns
+    -------
+    TileDetections
+        The same tile with trimmed masks, in score order (highest first, ties in the input
+        order); dropped instances removed. Boxes, offsets and invalid fractions are those of the
+        kept instances (the box still bounds the trimmed mask).
+    """
+    n = len(tile.masks)
+    if n < 2:
+        return tile
+    sizes = [np.asarray(m, bool).shape for m in tile.masks]
+    rows0 = np.array([o[0] for o in tile.offsets], np.int64)
+    cols0 = np.array([o[1] for o in tile.offsets], np.int64)
+    r_min, c_min = int(rows0.min()), int(cols0.min())
+    height = int(max(r + h for r, (h, _) in zip(rows0.tolist(), sizes))) - r_min
+    width = int(max(c + w for c, (_, w) in zip(cols0.tolist(), sizes))) - c_min
+    taken = np.zeros((height, width), bool)  # the tile's pixels held by a kept instance
+    order = np.argsort(-np.asarray(tile.scores, np.float64), kind="stable")
+    kept, masks = [], []
+    # One pass over at most max_detections instances of one tile, each a numpy operation on
+    # its own box: not a pairwise loop.
+    for d in order.tolist():
+        mask = np.asarray(tile.masks[d], bool)
+        r, c = int(rows0[d]) - r_min, int(cols0[d]) - c_min
+        window = taken[r : r + mask.shape[0], c : c + mask.shape[1]]
+        own = mask & ~window
+        total = int(mask.sum())
+        if total == 0 or not own.any() or own.sum() < min_kept_fraction * total:
+            continue
+        window |= own
+        kept.append(d)
+        masks.append(own)
+    index = np.asarray(kept, np.int64)
+    return dataclasses.replace(
+        tile,
+        boxes=np.asarray(tile.boxes)[index],
+        scores=np.asarray(tile.scores)[index],
+        masks=tuple(masks),
+        offsets=tuple(tile.offsets[d] for d in kept),
+        invalid_fractions=np.asarray(tile.invalid_fractions)[index],
+    )
+
+
 def _join_items(source_items: str | Mapping[str, Iterable[str]] | Iterable[str]) -> str:
     """Comma-join STAC item ids (a mapping of modality -> ids is flattened in order)."""
     if isinstance(source_items, str):
@@ -113,8 +181,9 @@ def vectorize_detections(
     min_area_m2: float = 0.0,
     simplify_tolerance_m: float | None = None,
     source_items: str | Mapping[str, Iterable[str]] | Iterable[str] = (),
+    min_kept_fraction: float | None = MIN_KEPT_FRACTION,
 ) -> gpd.GeoDataFrame:
-    """Polygons of a chunk's detections, one row per detection.
+    """Polygons of a chunk's detections, one row per detection, disjoint within each tile.
 
     Parameters
     ----------
@@ -135,6 +204,10 @@ def vectorize_detections(
     source_items : str, mapping or iterable of str
         STAC item ids the chunk was loaded from (``ChunkStack.item_ids`` works), comma-joined
         into the ``source_items`` column.
+    min_kept_fraction : float or None
+        Overlapping masks of one tile are made disjoint first (:func:`suppress_overlaps`): an
+        instance keeping less than this share of its pixels is dropped. None leaves the masks
+        as the model returned them (overlaps included).
 
     Returns
     -------
@@ -150,6 +223,8 @@ def vectorize_detections(
     # a quarter of the time for small masks.
     with rasterio.Env():
         for tile in detections:
+            if min_kept_fraction is not None:
+                tile = suppress_overlaps(tile, min_kept_fraction)
             for d, mask in enumerate(tile.masks):
                 row0, col0 = tile.offsets[d]
                 mask_transform = transform @ Affine.translation(col0, row0)

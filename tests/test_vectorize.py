@@ -10,7 +10,8 @@ from affine import Affine
 from rtsmap.pipeline.grid import GridSpec, chunk_by_id
 from rtsmap.pipeline.infer import TileDetections, infer_chunk, load_model
 from rtsmap.pipeline.load import ChunkStack
-from rtsmap.pipeline.vectorize import COLUMNS, mask_to_geometry, vectorize_detections
+from rtsmap.pipeline.merge import overlapping_pairs
+from rtsmap.pipeline.vectorize import COLUMNS, mask_to_geometry, suppress_overlaps, vectorize_detections
 from onnx_models import BANDS, make_label_detector, model_metadata
 
 CRS = "EPSG:3413"
@@ -113,10 +114,13 @@ def test_simplification_keeps_random_blobs_valid():
         # Smooth a little so the blobs are ragged shapes with holes, not salt and pepper.
         blob = (noise[:-2, :-2].astype(int) + noise[1:-1, 1:-1] + noise[2:, 2:] + noise[1:-1, :-2]) >= 2
         masks.append((blob, (int(rng.integers(0, 50)), int(rng.integers(0, 50)))))
-    gdf = vectorize_detections([detections(masks)], TRANSFORM, CRS, year=2022, simplify_tolerance_m=RES)
+    # The blobs overlap; keep them all (no suppression): this test is about the outlines.
+    gdf = vectorize_detections([detections(masks)], TRANSFORM, CRS, year=2022, simplify_tolerance_m=RES,
+                               min_kept_fraction=None)
     assert len(gdf) == 40
     assert shapely.is_valid(gdf.geometry.values).all()
-    raw = vectorize_detections([detections(masks)], TRANSFORM, CRS, year=2022, simplify_tolerance_m=0.0)
+    raw = vectorize_detections([detections(masks)], TRANSFORM, CRS, year=2022, simplify_tolerance_m=0.0,
+                               min_kept_fraction=None)
     # Simplified outlines have fewer vertices and about the same area.
     assert shapely.get_num_coordinates(gdf.geometry.values).sum() < shapely.get_num_coordinates(raw.geometry.values).sum()
     assert np.allclose(gdf.area_m2, raw.area_m2, rtol=0.15)
@@ -167,3 +171,65 @@ def test_chunk_inference_to_polygons(tmp_path):
     iou = geom.intersection(truth).area / geom.union(truth).area
     assert iou > 0.95
     assert gdf.source_items.iloc[0] == "S2A_X,S1A_Y,DEM" and gdf.year.iloc[0] == 2023
+
+
+# ---- overlapping instances of one tile (suppress_overlaps) ----
+
+def nested_output():
+    """What the model returned on one tile: a big instance around two small slumps, and the two."""
+    big = np.zeros((30, 50), bool)
+    big[2:28, 2:48] = True
+    small_a = np.ones((20, 18), bool)  # at chunk (5, 5)
+    small_b = np.ones((20, 18), bool)  # at chunk (5, 28)
+    return [(big, (3, 3)), (small_a, (5, 5)), (small_b, (5, 28))]
+
+
+def test_big_instance_nesting_two_small_ones_scoring_lower_is_dropped():
+    masks = nested_output()
+    gdf = vectorize_detections([detections(masks, scores=[0.6, 0.9, 0.8])], TRANSFORM, CRS, year=2022,
+                               simplify_tolerance_m=0.0)
+    # The small ones keep their pixels; the big one keeps 1196 - 720 of 1196 px (40 %): dropped.
+    assert len(gdf) == 2
+    assert sorted(gdf.area_m2) == pytest.approx([360 * RES * RES] * 2)
+    assert list(gdf.score) == pytest.approx([0.9, 0.8])
+    # Without suppression all three come out, overlapping.
+    raw = vectorize_detections([detections(masks, scores=[0.6, 0.9, 0.8])], TRANSFORM, CRS, year=2022,
+                               min_kept_fraction=None)
+    assert len(raw) == 3 and len(overlapping_pairs(raw.geometry.values)[0]) == 2
+
+
+def test_big_instance_nesting_two_small_ones_scoring_higher_wins():
+    masks = nested_output()
+    gdf = vectorize_detections([detections(masks, scores=[0.9, 0.8, 0.7])], TRANSFORM, CRS, year=2022,
+                               simplify_tolerance_m=0.0)
+    assert len(gdf) == 1 and gdf.area_m2.iloc[0] == pytest.approx(26 * 46 * RES * RES)
+
+
+def test_partial_overlap_is_cut_by_score_and_pixels_are_never_shared():
+    a = np.ones((10, 10), bool)
+    b = np.ones((10, 10), bool)
+    tile = detections([(a, (0, 0)), (b, (0, 4))], scores=[0.7, 0.9])  # overlap: 10 x 6 px
+    assert len(suppress_overlaps(tile)) == 1  # a would keep 40 % (< one half): dropped
+    kept = suppress_overlaps(tile, min_kept_fraction=0.3)
+    assert list(kept.scores) == pytest.approx([0.9, 0.7])  # score order
+    assert kept.masks[0].sum() == 100 and kept.masks[1].sum() == 40
+    assert not kept.masks[1][:, 4:].any()  # a lost exactly the shared columns
+    assert len(suppress_overlaps(tile, min_kept_fraction=0.0)) == 2
+
+
+def test_random_overlapping_instances_give_disjoint_polygons():
+    rng = np.random.default_rng(4)
+    masks, scores = [], []
+    for _ in range(30):
+        h, w = rng.integers(5, 30, 2)
+        m = rng.random((h, w)) < 0.9
+        masks.append((m, (int(rng.integers(0, 40)), int(rng.integers(0, 40)))))
+        scores.append(float(rng.random()))
+    gdf = vectorize_detections([detections(masks, scores=scores)], TRANSFORM, CRS, year=2022,
+                               simplify_tolerance_m=0.0)
+    assert 0 < len(gdf) < 30
+    left, right, share = overlapping_pairs(gdf.geometry.values, tolerance=0.0)
+    assert len(left) == 0  # pixel outlines: not one shared pixel
+    # Simplified outlines may overlap along shared edges by a sliver, within the tolerance.
+    simple = vectorize_detections([detections(masks, scores=scores)], TRANSFORM, CRS, year=2022)
+    assert len(overlapping_pairs(simple.geometry.values, tolerance=0.01)[0]) == 0

@@ -1,0 +1,383 @@
+"""Link the per-year slump layers into tracks: one identity per slump through the years.
+
+The rules (docs/tracking.md has the reasoning and the measured figures):
+
+- **Link.** A slump of year ``t`` is linked to a track when it overlaps the track's last mapped
+  polygon by at least ``link_ios`` (0.5) of the smaller of the two (intersection over the
+  smaller). Slumps grow by headwall retreat, so last year's footprint lies inside this year's
+  and the measure stays near 1 however fast the slump grows, where IoU would fall; distinct
+  neighbours share at most an edge. Candidate pairs come from one ``shapely.STRtree`` query per
+  year; every measure is a vectorised shapely call.
+- **Gaps.** A track whose last polygon lies (for at least ``seen_fraction`` of its area) in
+  ground that was not processed in year ``t`` (coverage ``no_data``/``failed``, or outside the
+  coverage) stays open and can link in a later year. A track whose ground *was* processed and
+  where no slump links has ended: "not seen".
+- **Identity.** Each track continues into at most one slump and each slump continues at most one
+  track: linked pairs are taken by intersection area, largest first
+  (:func:`rtsmap.contract.match_one_to_one`). A track's ``track_id`` is uuid5 of the ``UID`` of
+  its first polygon, so reruns give the same ids.
+- **Relations (the ARTS generated fields, UIDs of last year's polygons).** A slump linked to
+  two or more tracks lists them in ``MergedRTS`` (the track with the largest overlap continues,
+  the others end as "merged"); one of two or more slumps linked to one track lists it in
+  ``SplitRTS`` (the largest overlap continues it, the others start tracks); a slump that
+  continues its track without growing lists its predecessor in ``StabilizedRTS``; a slump with
+  no link whose ground was processed in an earlier year is new, and ``NewRTS`` lists the ended
+  tracks' polygons (scars) it intersects; polygons it overlaps below the link rule go to
+  ``UnknownRelationship``.
+- **Grown vs stable.** ``area_change_m2`` is the area minus the predecessors' area (a split
+  track's area shared among its pieces by their overlap). Grown: the change exceeds both
+  ``grown_relative`` (10 %) of the previous area and ``grown_absolute_m2`` (500 m2, five 10 m
+  pixels, about what half a pixel of boundary noise gives on a 100 m slump); otherwise stable.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+
+from rtsmap.contract import match_one_to_one
+from rtsmap.pipeline.errors import RtsmapError
+
+#: Namespace of track ids: ``uuid5(TRACK_NAMESPACE, first UID)``.
+TRACK_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/rtsmap/rtsmap/track_id")
+
+#: ARTS relation fields filled by :func:`link_years` (UIDs, comma-separated, sorted).
+RELATION_FIELDS = ("MergedRTS", "SplitRTS", "NewRTS", "StabilizedRTS", "UnknownRelationship")
+
+#: Values of the per-slump ``change`` column.
+CHANGES = ("first_seen", "new", "grown", "stable", "merged", "split")
+
+#: Values of the ``status`` column of the tracks table (in the last year).
+STATUSES = ("active", "stabilised", "not_seen", "no_data", "merged")
+
+
+@dataclass(frozen=True)
+class TrackRules:
+    """Thresholds of the linking and change rules."""
+
+    link_ios: float = 0.5
+    """Least intersection over the smaller polygon for a slump to link to a track."""
+    grown_relative: float = 0.10
+    """Grown: area change above this share of the previous area (and above the absolute one)."""
+    grown_absolute_m2: float = 500.0
+    """Grown: area change above this many square metres (and above the relative one)."""
+    seen_fraction: float = 0.5
+    """A polygon's ground counts as processed in a year when this share of it lies in processed coverage."""
+
+
+def track_id_of(uid: str) -> str:
+    """The track id of a track whose first polygon has ARTS ``UID`` ``uid`` (uuid5)."""
+    return str(uuid.uuid5(TRACK_NAMESPACE, str(uid)))
+
+
+def processed_fraction(geoms: Any, coverage: gpd.GeoDataFrame | None) -> np.ndarray:
+    """Share of each polygon's area inside the ``processed`` rows of a coverage layer.
+
+    Parameters
+    ----------
+    geoms : array-like of shapely geometries
+        Polygons in the coverage's CRS.
+    coverage : geopandas.GeoDataFrame or None
+        A ``coverage_<year>`` layer (``status`` processed / no_data / failed). None: all ground
+        was processed (every fraction 1).
+
+    Returns
+    -------
+    numpy.ndarray
+        float ``[N]`` in 0..1. Coverage rows do not overlap (chunk cores tile the AOI), so the
+        pieces are summed without a union of the coverage.
+    """
+    geoms = np.asarray(geoms, dtype=object)
+    if coverage is None:
+        return np.ones(len(geoms))
+    if len(geoms) == 0:
+        return np.zeros(0)
+    done = coverage[coverage["status"].astype(str) == "processed"]
+    cov = np.asarray(done.geometry.values, dtype=object)
+    if len(cov) == 0:
+        return np.zeros(len(geoms))
+    gi, ci = shapely.STRtree(cov).query(geoms, predicate="intersects")
+    inter = shapely.area(shapely.intersection(geoms[gi], cov[ci]))
+    area = shapely.area(geoms)
+    got = np.bincount(gi, weights=inter, minlength=len(geoms))
+    return np.clip(np.divide(got, area, out=np.zeros(len(geoms)), where=area > 0), 0.0, 1.0)
+
+
+def _uids(gdf: gpd.GeoDataFrame) -> np.ndarray:
+    if "UID" in gdf.columns:
+        return gdf["UID"].astype(str).to_numpy(dtype=object)
+    if "rts_id" in gdf.columns:
+        from rtsmap.pipeline.inventory import rts_uid
+
+        return np.array([rts_uid(str(r)) for r in gdf["rts_id"]], dtype=object)
+    raise RtsmapError("tracks: a year's slumps have neither a UID nor an rts_id column; "
+                      "give the merged layers (pipeline.merge) or the inventory's rts_<year> layers")
+
+
+def _join(values: pd.Series, index: np.ndarray, n: int) -> np.ndarray:
+    """Comma-joined sorted unique strings per position ``index`` (0..n-1), '' where none."""
+    out = np.full(n, "", dtype=object)
+    if len(index):
+        joined = pd.Series(np.asarray(values, dtype=object)).groupby(np.asarray(index)).agg(
+            lambda v: ",".join(sorted(set(v))))
+        out[joined.index.to_numpy()] = joined.to_numpy()
+    return out
+
+
+@dataclass
+class _Tracks:
+    """Growing arrays of every track's state (one entry per track)."""
+
+    track_id: list
+    last_geom: list
+    last_uid: list
+    last_year: list
+    open: list
+    end: list  # '' while open or seen; 'merged' / 'not_seen' when ended
+    merged_into: list
+    split_from: list
+    first_year: list
+    first_geom: list
+    areas: list  # dict year -> area
+    changes: list  # dict year -> area change
+    last_change: list
+    first_uid: list
+
+
+def link_years(
+    layers: Mapping[int, gpd.GeoDataFrame],
+    coverage: Mapping[int, gpd.GeoDataFrame | None] | None = None,
+    *,
+    rules: TrackRules = TrackRules(),
+) -> tuple[dict[int, gpd.GeoDataFrame], pd.DataFrame]:
+    """Give each slump its track and fill the ARTS relation fields; build the tracks table.
+
+    Parameters
+    ----------
+    layers : mapping of int to geopandas.GeoDataFrame
+        One year's slumps each (pipeline.merge output, or an inventory's ``rts_<year>`` layer),
+        in one projected CRS (the grid CRS), with ``UID`` or ``rts_id``.
+    coverage : mapping of int to geopandas.GeoDataFrame, optional
+        ``coverage_<year>`` layers (``status`` processed / no_data / failed). A year without one
+        counts as processed everywhere; without the mapping every year does.
+    rules : TrackRules
+        Thresholds (see the module docstring).
+
+    Returns
+    -------
+    layers : dict of int to geopandas.GeoDataFrame
+        Each year's frame (rows in the given order) with ``UID``, ``track_id``, ``change``
+        (one of :data:`CHANGES`), ``area_change_m2`` (NaN without a predecessor),
+        ``prev_year`` (year of the predecessors; -1 without) and the :data:`RELATION_FIELDS`.
+    tracks : pandas.DataFrame
+        One row per track, sorted by ``track_id``: ``track_id, first_year, last_year`` (last
+        seen), ``years_seen`` (comma-separated), ``n_years``, ``status`` (in the last year, one
+        of :data:`STATUSES`), ``merged_into``, ``split_from``, ``first_uid``, ``last_uid``,
+        ``area_m2_<year>`` and ``area_change_m2_<year>`` per year (NaN where not seen),
+        ``growth_m2_per_yr`` (first to last seen), ``retreat_m`` (Hausdorff distance between the
+        first and the last polygon: how far the outline moved at most) and
+        ``growth_azimuth_deg`` (grid azimuth, clockwise from grid north, from the first
+        polygon's centroid to the centroid of the ground gained; NaN unless the track grew).
+
+    Raises
+    ------
+    RtsmapError
+        A layer lacks UID and rts_id, or the layers' CRSs differ.
+    """
+    years = sorted(int(y) for y in layers)
+    crs = {str(layers[y].crs) for y in years if len(layers[y])}
+    if len(crs) > 1:
+        raise RtsmapError(f"tracks: the yearly layers are in different CRSs {sorted(crs)}; reproject them to the grid CRS")
+    coverage = coverage or {}
+    T = _Tracks(*([] for _ in range(14)))
+    out: dict[int, gpd.GeoDataFrame] = {}
+    for year in years:
+        frame = layers[year].reset_index(drop=True).copy()
+        geoms = np.asarray(frame.geometry.values, dtype=object)
+        n = len(frame)
+        uid = _uids(frame)
+        area = shapely.area(geoms) if n else np.zeros(0)
+        cov = coverage.get(year)
+
+        open_idx = np.array([k for k, o in enumerate(T.open) if o], dtype=np.int64)
+        last = np.asarray([T.last_geom[k] for k in open_idx.tolist()], dtype=object)
+        # Pairs (open track, slump) that overlap at all.
+        if len(open_idx) and n:
+            ti, ci = shapely.STRtree(geoms).query(last, predicate="intersects")
+            inter = shapely.area(shapely.intersection(last[ti], geoms[ci]))
+            smaller = np.minimum(shapely.area(last[ti]), area[ci])
+            ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+        else:
+            ti = ci = np.zeros(0, np.int64)
+            inter = ios = np.zeros(0)
+        linked = ios >= rules.link_ios
+        unknown = (~linked) & (inter > 0)
+        lt, lc, li = ti[linked], ci[linked], inter[linked]
+        # Continuations: one-to-one, largest shared area first.
+        mc, mt, _ = match_one_to_one(lc, lt, li, 0.0)
+        cont_of_slump = np.full(n, -1, np.int64)
+        cont_of_slump[mc] = open_idx[mt]
+        n_pred = np.bincount(lc, minlength=n)
+        n_succ = np.bincount(lt, minlength=len(open_idx))
+
+        # Predecessor area, a split track's area shared by overlap among its pieces.
+        if len(lt):
+            last_area = np.asarray([T.areas[k][T.last_year[k]] for k in open_idx.tolist()], np.float64)
+            succ_total = np.bincount(lt, weights=li, minlength=len(open_idx))
+            share = li / succ_total[lt]
+            prev_area = np.bincount(lc, weights=last_area[lt] * share, minlength=n)
+            prev_year = np.full(n, -1, np.int64)
+            np.maximum.at(prev_year, lc, np.asarray([T.last_year[k] for k in open_idx[lt].tolist()], np.int64))
+        else:
+            prev_area = np.zeros(n)
+            prev_year = np.full(n, -1, np.int64)
+        has_pred = n_pred > 0
+        change_m2 = np.where(has_pred, area - prev_area, np.nan)
+        grown = has_pred & (change_m2 > np.maximum(rules.grown_relative * prev_area, rules.grown_absolute_m2))
+
+        last_uid = np.asarray([T.last_uid[k] for k in open_idx.tolist()], dtype=object)
+        split_track = n_succ >= 2
+        merged_rts = _join(last_uid[lt], lc, n)
+        merged_rts[n_pred < 2] = ""
+        sl = split_track[lt]
+        split_rts = _join(last_uid[lt][sl], lc[sl], n)
+        unknown_rts = _join(last_uid[ti[unknown]], ci[unknown], n)
+
+        # Ground seen before: new (processed earlier, nothing linked) vs first seen.
+        lone = np.flatnonzero(~has_pred)
+        seen_before = np.zeros(n, bool)
+        for earlier in (y for y in years if y < year):
+            if len(lone):
+                seen_before[lone] |= processed_fraction(geoms[lone], coverage.get(earlier)) >= rules.seen_fraction
+        # NewRTS: scars (ended tracks' last polygons) under a new slump.
+        new_rts = np.full(n, "", dtype=object)
+        ended = np.array([k for k, e in enumerate(T.end) if e == "not_seen"], dtype=np.int64)
+        is_new = (~has_pred) & seen_before
+        if len(ended) and is_new.any():
+            scars = np.asarray([T.last_geom[k] for k in ended.tolist()], dtype=object)
+            si, ni = shapely.STRtree(scars).query(geoms[is_new], predicate="intersects")
+            targets = np.flatnonzero(is_new)[si]
+            new_rts = _join(np.asarray([T.last_uid[k] for k in ended[ni].tolist()], dtype=object), targets, n)
+
+        change = np.where(grown, "grown", "stable").astype(object)
+        change[~has_pred] = np.where(seen_before[~has_pred], "new", "first_seen")
+        child = has_pred & (cont_of_slump < 0)  # a piece of a split that does not continue the track
+        cont_split = np.zeros(n, bool)
+        if len(mt):
+            cont_split[mc] = split_track[mt]
+        change[child | cont_split] = "split"
+        change[n_pred >= 2] = "merged"
+        stabilized_rts = np.full(n, "", dtype=object)
+        plain = change == "stable"
+        if plain.any():
+            stabilized_rts[plain] = [T.last_uid[cont_of_slump[c]] for c in np.flatnonzero(plain).tolist()]
+
+        # Track bookkeeping: continued tracks, tracks that ended, new tracks.
+        track_of = np.full(n, "", dtype=object)
+        for c, k in zip(mc.tolist(), open_idx[mt].tolist()):
+            track_of[c] = T.track_id[k]
+            T.last_geom[k], T.last_uid[k], T.last_year[k] = geoms[c], uid[c], year
+            T.areas[k][year] = float(area[c])
+            T.changes[k][year] = float(change_m2[c])
+            T.last_change[k] = change[c]
+        continued = set(open_idx[mt].tolist())
+        linked_tracks = set(open_idx[lt].tolist())
+        if len(open_idx):
+            frac = processed_fraction(last, cov)
+            for pos, k in enumerate(open_idx.tolist()):
+                if k in continued:
+                    continue
+                if k in linked_tracks:  # its slump was continued by another track: merged
+                    T.open[k], T.end[k] = False, "merged"
+                    into = cont_of_slump[lc[lt == pos]]
+                    into = into[into >= 0]
+                    T.merged_into[k] = T.track_id[int(into[0])] if len(into) else ""
+                elif frac[pos] >= rules.seen_fraction:
+                    T.open[k], T.end[k] = False, "not_seen"
+                # else: no data over it this year; the track stays open
+        for c in np.flatnonzero(track_of == "").tolist():
+            k = len(T.track_id)
+            T.track_id.append(track_id_of(uid[c]))
+            T.last_geom.append(geoms[c]); T.last_uid.append(uid[c]); T.last_year.append(year)
+            T.open.append(True); T.end.append(""); T.merged_into.append("")
+            parents = lt[lc == c]
+            T.split_from.append(T.track_id[int(open_idx[parents[0]])] if len(parents) else "")
+            T.first_year.append(year); T.first_geom.append(geoms[c])
+            T.areas.append({year: float(area[c])}); T.changes.append({year: float(change_m2[c])})
+            T.last_change.append(change[c])
+            T.first_uid.append(uid[c])
+            track_of[c] = T.track_id[k]
+
+        frame["UID"] = uid
+        frame["track_id"] = track_of
+        frame["change"] = change
+        frame["area_change_m2"] = change_m2
+        frame["prev_year"] = prev_year
+        for name, values in (("MergedRTS", merged_rts), ("SplitRTS", split_rts), ("NewRTS", new_rts),
+                             ("StabilizedRTS", stabilized_rts), ("UnknownRelationship", unknown_rts)):
+            frame[name] = np.asarray(values, dtype=object)
+        out[year] = frame
+    return out, _table(T, years, rules)
+
+
+def _table(T: _Tracks, years: list[int], rules: TrackRules) -> pd.DataFrame:
+    """The tracks table (see :func:`link_years`)."""
+    n = len(T.track_id)
+    final = years[-1] if years else None
+    status = []
+    for k in range(n):
+        if T.end[k] == "merged":
+            status.append("merged")
+        elif T.last_year[k] == final:
+            status.append("stabilised" if T.last_change[k] == "stable" else "active")
+        elif T.end[k] == "not_seen":
+            status.append("not_seen")
+        else:
+            status.append("no_data")
+    table = pd.DataFrame({
+        "track_id": pd.Series(T.track_id, dtype=object),
+        "first_year": np.asarray(T.first_year, np.int64),
+        "last_year": np.asarray(T.last_year, np.int64),
+        "years_seen": [",".join(str(y) for y in sorted(a)) for a in T.areas],
+        "n_years": np.asarray([len(a) for a in T.areas], np.int64),
+        "status": pd.Series(status, dtype=object),
+        "merged_into": pd.Series(T.merged_into, dtype=object),
+        "split_from": pd.Series(T.split_from, dtype=object),
+        "first_uid": pd.Series(T.first_uid, dtype=object),
+        "last_uid": pd.Series(T.last_uid, dtype=object),
+    })
+    for y in years:
+        table[f"area_m2_{y}"] = [a.get(y, np.nan) for a in T.areas]
+    for y in years:
+        table[f"area_change_m2_{y}"] = [c.get(y, np.nan) for c in T.changes]
+    first = np.asarray(T.first_geom, dtype=object)
+    last = np.asarray(T.last_geom, dtype=object)
+    span = table["last_year"].to_numpy() - table["first_year"].to_numpy()
+    a_first = np.array([a[f] for a, f in zip(T.areas, T.first_year)], np.float64) if n else np.zeros(0)
+    a_last = np.array([a[l] for a, l in zip(T.areas, T.last_year)], np.float64) if n else np.zeros(0)
+    table["growth_m2_per_yr"] = np.divide(a_last - a_first, span, out=np.full(n, np.nan), where=span > 0)
+    retreat = np.full(n, np.nan)
+    azimuth = np.full(n, np.nan)
+    moved = span > 0
+    if moved.any():
+        retreat[moved] = shapely.hausdorff_distance(first[moved], last[moved])
+    # Direction only where the track grew by the grown rule: a noise ring has no direction.
+    grew = moved & ((a_last - a_first) > np.maximum(rules.grown_relative * a_first, rules.grown_absolute_m2))
+    if grew.any():
+        gained = shapely.difference(last[grew], first[grew])
+        ok = ~shapely.is_empty(gained)
+        c0 = shapely.centroid(first[grew][ok])
+        c1 = shapely.centroid(gained[ok])
+        dx, dy = shapely.get_x(c1) - shapely.get_x(c0), shapely.get_y(c1) - shapely.get_y(c0)
+        where = np.flatnonzero(grew)[ok]
+        azimuth[where] = np.degrees(np.arctan2(dx, dy)) % 360.0
+    table["retreat_m"] = retreat
+    table["growth_azimuth_deg"] = azimuth
+    return table.sort_values("track_id", kind="mergesort").reset_index(drop=True)
