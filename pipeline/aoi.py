@@ -19,6 +19,7 @@ WGS84 version of it for STAC searches. Pan-Arctic AOIs bring two traps that a na
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,9 @@ import pyogrio
 import pyogrio.errors
 import shapely
 import shapely.affinity
+import shapely.errors
 from pyproj import CRS, Transformer
-from pyproj.exceptions import CRSError
+from pyproj.exceptions import CRSError, ProjError
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
@@ -70,18 +72,20 @@ class AOI:
     """The file the AOI was read from."""
 
 
-def read_aoi(path: str | Path, crs: str = "EPSG:3413") -> AOI:
+def read_aoi(path: str | Path, crs: str = "EPSG:3413", *, layer: str | None = None) -> AOI:
     """Read an AOI file and bring it into the grid CRS.
 
     Parameters
     ----------
     path : str or Path
-        Any vector file GDAL opens (GeoJSON, GeoPackage, Shapefile, ...). Only the **first
-        layer** is read (a GeoPackage with several layers: move the AOI to the first layer or
-        into its own file). All its features are dissolved into one geometry. Features with a
+        Any vector file GDAL opens (GeoJSON, GeoPackage, Shapefile, ...). A file with several
+        layers needs one chosen: ``layer``, or ``path.gpkg:layer`` (used when ``path`` itself is
+        not a file). All features of the layer are dissolved into one geometry. Features with a
         null or empty geometry are ignored.
     crs : str
         The grid CRS (projected, e.g. ``"EPSG:3413"``).
+    layer : str, optional
+        The layer to read (default: the file's only layer).
 
     Returns
     -------
@@ -91,7 +95,9 @@ def read_aoi(path: str | Path, crs: str = "EPSG:3413") -> AOI:
     Raises
     ------
     AOIError
-        The file is missing or unreadable; it has no features or only empty geometries; a
+        The file is missing or unreadable; it has several layers and none was chosen, or the
+        chosen layer does not exist; it has no features or only empty geometries; a vertex is
+        not a finite number (NaN, infinity); a
         geometry is not polygonal (points and lines are refused: buffer them first); nothing
         polygonal remains after repairing invalid geometries; the file has no CRS (GeoJSON
         without one is taken as WGS84, per RFC 7946); the AOI has zero area or cannot be
@@ -106,13 +112,37 @@ def read_aoi(path: str | Path, crs: str = "EPSG:3413") -> AOI:
     that never reaches latitude +/-90 (not valid GeoJSON) is not supported: write the cap with
     its pole edge (e.g. ``-180,85 180,85 180,90 -180,90``).
     """
-    path = Path(path)
+    path, layer = _split_layer(Path(path), layer)
     grid_crs = _grid_crs(crs)
     if not path.exists():
         raise AOIError(f"AOI file {path} does not exist; give the path of a GeoJSON, "
                        "GeoPackage or Shapefile with the AOI polygon(s)")
-    geoms, src_crs = _read_polygons(path)
+    if path.is_dir() and path.suffix.lower() != ".gdb":
+        raise AOIError(f"AOI {path} is a folder; give the path of a GeoJSON, GeoPackage or "
+                       "Shapefile with the AOI polygon(s)")
+    geoms, src_crs = _read_polygons(path, layer)
+    try:
+        return _build(path, crs, grid_crs, geoms, src_crs)
+    except (shapely.errors.GEOSException, ProjError, ValueError, TypeError, OverflowError) as exc:
+        # GEOS, PROJ and numpy refuse some degenerate geometries after our own checks; the
+        # file is still the problem, not the program.
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise AOIError(f"AOI file {path}: the geometry cannot be used ({message}); check "
+                       "its rings (finite coordinates, at least 3 distinct corners)") from None
 
+
+def _split_layer(path: Path, layer: str | None) -> tuple[Path, str | None]:
+    """``file.gpkg:layer`` -> (file.gpkg, layer), when the whole string is not a file itself."""
+    text = str(path)
+    if layer is None and not path.exists() and ":" in text:
+        head, _, tail = text.rpartition(":")
+        if head and tail and Path(head).is_file():
+            return Path(head), tail
+    return path, layer
+
+
+def _build(path: Path, crs: str, grid_crs: CRS, geoms: list[BaseGeometry], src_crs: CRS) -> AOI:
+    """The AOI from its polygons in their source CRS (see :func:`read_aoi`)."""
     if src_crs.is_geographic:
         lonlat = _lonlat_from_geographic(geoms, src_crs, path)
         grid_geom = _project(shapely.segmentize(lonlat, DENSIFY_DEGREES),
@@ -163,27 +193,41 @@ def _grid_crs(crs: str) -> CRS:
     return grid_crs
 
 
-def _read_polygons(path: Path) -> tuple[list[BaseGeometry], CRS]:
-    """Read the first layer's non-empty geometries, check they are polygonal, and its CRS."""
+def _read_polygons(path: Path, layer: str | None = None) -> tuple[list[BaseGeometry], CRS]:
+    """Read a layer's non-empty geometries, check they are polygonal and finite, and its CRS."""
     try:
-        layers = pyogrio.list_layers(path)
+        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
         if len(layers) == 0:
             raise AOIError(f"AOI file {path} has no layers; it must hold AOI polygon(s)")
-        layer = layers[0][0]
+        if layer is None:
+            if len(layers) > 1:
+                raise AOIError(f"AOI file {path} has {len(layers)} layers ({', '.join(layers[:10])}"
+                               f"{', ...' if len(layers) > 10 else ''}); choose one as {path}:LAYER")
+            layer = layers[0]
+        elif layer not in layers:
+            raise AOIError(f"AOI file {path} has no layer {layer!r}; its layers: {', '.join(layers[:10])}")
         driver = pyogrio.read_info(path, layer=layer)["driver"]
-        # Attributes are not needed and can fail to parse; read geometries only.
-        frame = pyogrio.read_dataframe(path, layer=layer, columns=[])
+        # Attributes are not needed and can fail to parse; read geometries only. GDAL's and
+        # shapely's warnings on broken input would print beside our own one-line error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            frame = pyogrio.read_dataframe(path, layer=layer, columns=[])
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError,
             pyogrio.errors.GeometryError, pyogrio.errors.FeatureError,
-            pyogrio.errors.FieldError, OSError) as exc:
-        raise AOIError(f"cannot read AOI file {path}: {exc}. Give a GeoJSON, GeoPackage or "
-                       "Shapefile that GDAL can open") from exc
+            pyogrio.errors.FieldError, pyogrio.errors.CRSError, OSError, ValueError,
+            shapely.errors.GEOSException) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise AOIError(f"cannot read AOI file {path}: {message}. Give a GeoJSON, GeoPackage or "
+                       "Shapefile that GDAL can open") from None
 
     if len(frame) == 0:
         raise AOIError(f"AOI file {path} has no features; it must hold AOI polygon(s)")
 
     if frame.crs is not None:
-        src_crs = CRS.from_user_input(frame.crs)
+        try:
+            src_crs = CRS.from_user_input(frame.crs)
+        except CRSError as exc:
+            raise AOIError(f"AOI file {path}: its CRS is not one PROJ knows ({exc})") from None
     elif driver in _GEOJSON_DRIVERS:
         src_crs = CRS.from_user_input(WGS84)  # RFC 7946: GeoJSON is lon/lat WGS84
     else:
@@ -197,6 +241,10 @@ def _read_polygons(path: Path) -> tuple[list[BaseGeometry], CRS]:
         raise AOIError(f"AOI file {path}: all {len(values)} features have empty or null "
                        "geometries; it must hold AOI polygon(s)")
 
+    for index in np.flatnonzero(keep):
+        if not np.isfinite(shapely.get_coordinates(values[index])).all():
+            raise AOIError(f"AOI file {path}: feature {index} has a vertex that is not a finite "
+                           "number (NaN or infinity); fix or remove it")
     polygons = []
     for index in np.flatnonzero(keep):
         for part in shapely.get_parts(values[index]):

@@ -15,8 +15,14 @@ Layout (docs/contracts.md, "Detections, polygons, fragments, inventory"):
 - ``run_metadata``: a table without geometry, one row per key, the value as JSON
   (configuration, model hash and metadata, software version, STAC item ids, times).
 
-The file is written under a temporary name in the target directory and renamed over the
-target with ``os.replace``: a crash leaves the old file or the new one, never a broken one.
+The file is written under a temporary name in the target directory (GeoPackage version 1.2,
+which every GDAL >= 2.0 and QGIS release opens without a warning) and then renamed: with
+``overwrite`` over the target (``os.replace``), without it by a rename that fails if the target
+appeared meanwhile (``os.link`` then ``unlink``), so of two runs with one output the first to
+finish wins and the other keeps its file elsewhere. A crash leaves the old file or the new one,
+never a broken one; the temporary files of a killed writer are removed by the next write
+(:func:`remove_stale_temporaries`). Strings in ``run_metadata`` pass through
+:func:`rtsmap.pipeline.stac.redact_text`, so no URL credential or token is written.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
+import socket
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +46,17 @@ import pyogrio
 import shapely
 
 from rtsmap.pipeline.errors import OutputError
+from rtsmap.pipeline.stac import redact_text
+
+#: GeoPackage version written: 1.2 is read cleanly by every GDAL >= 2.0 (GDAL 3.6 and the QGIS of
+#: its generation warn "may only be partially supported" on the 1.4 that newer GDAL writes).
+GPKG_VERSION = "1.2"
+
+#: A temporary file of a writer on another host (whose life cannot be checked) is stale after this.
+STALE_AFTER_S = 24 * 3600.0
+
+_TMP_SUFFIX = ".tmp.gpkg"
+_SQLITE_SIDECARS = ("", "-journal", "-wal", "-shm")
 
 #: Namespace of the inventory UIDs: uuid5(RTSMAP_NAMESPACE, rts_id) is the same on every run.
 RTSMAP_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/rtsmap/rtsmap/rts_id")
@@ -161,10 +181,45 @@ def _coverage_layer(gdf: gpd.GeoDataFrame, year: int, crs: Any) -> gpd.GeoDataFr
     return gpd.GeoDataFrame(out, geometry=gpd.GeoSeries(multi, crs=crs), crs=crs)
 
 
+#: Keys whose string values are secrets whatever they look like (HTTP headers, tokens, passwords).
+_SECRET_KEY = re.compile(r"(api|access|secret|private|subscription|auth|sas)[-_]?key|^key$|token|secret|passw"
+                         r"|authori[sz]ation|signature|credential|cookie|^sig$", re.IGNORECASE)
+
+
+def redact_metadata(value: Any) -> Any:
+    """A copy of JSON-able metadata with credentials removed from every string (keys too).
+
+    The string value of a key that names a secret (``api_key``, ``*token*``, ``*secret*``,
+    ``*password*``, ``authorization``, ``signature``, ``*credential*``, ``cookie``) is replaced by
+    ``<redacted>`` whole: header values carry no recognisable shape.
+
+    Parameters
+    ----------
+    value
+        Nested mappings, lists and scalars (anything else is turned into its string first).
+
+    Returns
+    -------
+    Any
+        The same structure; URLs lose user:password, query strings and fragments, and stray
+        SAS token fields are replaced (:func:`rtsmap.pipeline.stac.redact_text`).
+    """
+    if isinstance(value, Mapping):
+        return {redact_text(str(k)): "<redacted>" if (_SECRET_KEY.search(str(k)) and isinstance(v, str) and v)
+                else redact_metadata(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [redact_metadata(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    return redact_text(str(value))
+
+
 def _metadata_table(run_metadata: Mapping[str, Any]) -> pd.DataFrame:
-    keys = sorted(str(k) for k in run_metadata)
-    values = [json.dumps(run_metadata[k] if k in run_metadata else run_metadata[int(k)], sort_keys=True, default=str)
-              for k in keys]
+    clean = redact_metadata(run_metadata)
+    keys = sorted(clean)
+    values = [json.dumps(clean[k], sort_keys=True, default=str) for k in keys]
     return pd.DataFrame({"key": pd.Series(keys, dtype=object), "value": pd.Series(values, dtype=object)})
 
 
@@ -176,6 +231,7 @@ def write_inventory(
     *,
     crs: Any = "EPSG:3413",
     overwrite: bool = False,
+    keep_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write the inventory GeoPackage atomically.
 
@@ -192,11 +248,17 @@ def write_inventory(
         JSON-able run facts: ``config``, ``model`` (name, version, weights_sha256, ...),
         ``software_version``, ``stac_items``, ``started``, ``finished``; optional ARTS values
         ``region_name``, ``creator_lab``, ``base_map_source``, ``base_map_resolution``,
-        ``base_map_dates`` ({year: "YYYY-MM-DD,YYYY-MM-DD"}).
+        ``base_map_dates`` ({year: "YYYY-MM-DD,YYYY-MM-DD"}). Credentials in its strings are
+        removed before writing (:func:`redact_metadata`).
     crs : str or pyproj.CRS
         CRS of the layers (inputs are reprojected to it).
     overwrite : bool
-        Replace an existing file.
+        Replace an existing file. Without it the target is checked twice: before writing, and
+        again by the rename itself (a file that appeared meanwhile, e.g. from a second run with
+        the same output, is never replaced).
+    keep_dir : path-like, optional
+        Where the finished file goes when the target appeared while it was written (e.g. the
+        run's work directory); without it the finished file is deleted.
 
     Returns
     -------
@@ -206,14 +268,18 @@ def write_inventory(
     Raises
     ------
     OutputError
-        The file exists and ``overwrite`` is False, the directory is missing or not writable, a
-        layer does not follow the schema, or GDAL fails to write.
+        The file exists and ``overwrite`` is False (before or at the final rename; the message
+        says where the finished file was kept), the directory is missing or not writable, a
+        layer does not follow the schema, or GDAL fails to write (disk full, ...). The previous
+        file, if any, is left as it was.
     """
     path = Path(path)
     if path.suffix.lower() != ".gpkg":
         raise OutputError(f"inventory {path}: the file name must end in .gpkg")
     if path.exists() and not overwrite:
         raise OutputError(f"inventory {path} already exists; pass overwrite (--overwrite) or choose another path")
+    if path.is_dir():
+        raise OutputError(f"inventory {path} is a directory; give a .gpkg file path")
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise OutputError(f"inventory {path}: directory {directory} does not exist; create it first")
@@ -224,19 +290,150 @@ def write_inventory(
     frames += [(f"coverage_{y}", _coverage_layer(coverage[y], y, crs)) for y in sorted(int(k) for k in coverage)]
     table = _metadata_table(run_metadata)
 
-    tmp = directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.gpkg"
+    remove_stale_temporaries(path)
+    tmp = directory / f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
     try:
-        for name, frame in frames:
-            pyogrio.write_dataframe(frame, tmp, layer=name, driver="GPKG", geometry_type="MultiPolygon",
-                                    promote_to_multi=True)
-        pyogrio.write_dataframe(table, tmp, layer="run_metadata", driver="GPKG")
-        os.replace(tmp, path)
-    except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
-        raise OutputError(f"inventory {path}: cannot write ({exc}); check the disk and permissions") from exc
+        try:
+            first = True
+            for name, frame in frames:
+                pyogrio.write_dataframe(frame, tmp, layer=name, driver="GPKG", geometry_type="MultiPolygon",
+                                        promote_to_multi=True,
+                                        dataset_options={"VERSION": GPKG_VERSION} if first else None)
+                first = False
+            pyogrio.write_dataframe(table, tmp, layer="run_metadata", driver="GPKG",
+                                    dataset_options={"VERSION": GPKG_VERSION} if first else None)
+        except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError,
+                pyogrio.errors.FieldError, pyogrio.errors.GeometryError, pyogrio.errors.FeatureError) as exc:
+            raise OutputError(f"inventory {path}: cannot write ({_first_line(exc)}); "
+                              "check the free disk space and permissions") from None
+        _rename(tmp, path, overwrite=overwrite, keep_dir=keep_dir)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for suffix in _SQLITE_SIDECARS:
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
     return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _host() -> str:
+    # In the temporary name, so that a later run on the same host can tell a dead writer's file.
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _rename(tmp: Path, path: Path, *, overwrite: bool, keep_dir: str | os.PathLike | None) -> None:
+    """Move the finished file to ``path``; without overwrite, never over a file that exists."""
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            # A hard link fails with FileExistsError if the target exists: a rename that never replaces.
+            os.link(tmp, path)
+        except FileExistsError:
+            raise _conflict(tmp, path, keep_dir) from None
+        except OSError:
+            # A file system without hard links (some network and FAT mounts): check, then rename;
+            # the gap between the two is small but not zero.
+            if path.exists():
+                raise _conflict(tmp, path, keep_dir) from None
+            os.replace(tmp, path)
+            return
+        tmp.unlink()
+    except OSError as exc:
+        raise OutputError(f"inventory {path}: cannot move the finished file into place "
+                          f"({exc.strerror or exc}); check the disk and permissions") from None
+
+
+def _conflict(tmp: Path, path: Path, keep_dir: str | os.PathLike | None) -> OutputError:
+    """The error for a target that appeared while writing; keeps the finished file in keep_dir."""
+    message = (f"inventory {path} appeared while this run was writing (another run with the same "
+               "output?); it was not replaced")
+    if keep_dir is None:
+        return OutputError(message + "; rerun with --overwrite or another --out")
+    kept = Path(keep_dir) / path.name
+    try:
+        Path(keep_dir).mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(kept))
+    except OSError as exc:
+        return OutputError(message + f"; this run's file could not be kept in {keep_dir} ({exc.strerror or exc})")
+    return OutputError(message + f"; this run's inventory is kept as {kept}")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that killed writers of ``path`` left beside it.
+
+    A writer names its temporary file ``.<name>.<host>.<pid>.<random>.tmp.gpkg`` (SQLite adds
+    ``-journal``, ``-wal``, ``-shm``). One is stale when its writer is a process of this host
+    that no longer runs, or, for another host (a shared file system), when it has not changed for
+    :data:`STALE_AFTER_S`. A live writer's files are left alone.
+
+    Parameters
+    ----------
+    path : path-like
+        The inventory path (the file itself need not exist).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        return []
+    host = _host()
+    prefix = f".{path.name}."
+    removed = []
+    for candidate in directory.iterdir():
+        name = candidate.name
+        if not name.startswith(prefix):
+            continue
+        stem = next((name[: -len(s)] if s else name for s in _SQLITE_SIDECARS[::-1]
+                     if name.endswith(_TMP_SUFFIX + s)), None)
+        if stem is None:
+            continue
+        fields = stem[len(prefix): -len(_TMP_SUFFIX)].split(".")
+        if not _writer_dead(fields, host, candidate):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue  # not ours to remove (permissions): leave it
+    return removed
+
+
+def _writer_dead(fields: list[str], host: str, candidate: Path) -> bool:
+    """Whether the writer of a temporary file is gone: by its pid on this host, else by age."""
+    if len(fields) == 3:
+        writer_host, pid = fields[0], fields[1]
+    elif len(fields) == 2:  # files of older versions: <pid>.<random>, host unknown
+        writer_host, pid = None, fields[0]
+    else:
+        return False
+    if writer_host == host and pid.isdigit():
+        return not _pid_alive(int(pid))
+    try:
+        return time.time() - candidate.stat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _open_layers(path: str | os.PathLike) -> list[str]:

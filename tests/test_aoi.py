@@ -67,12 +67,18 @@ def test_shapefile_in_grid_crs_is_kept_as_is(tmp_path):
     assert aoi.geometry_wgs84.contains(Point(lon, lat))
 
 
-def test_geopackage_in_utm_uses_first_layer(tmp_path):
+def test_geopackage_with_two_layers_needs_a_chosen_one(tmp_path):
     path = tmp_path / "aoi.gpkg"
     utm = gpd.GeoSeries([PEEL], crs="EPSG:4326").to_crs("EPSG:32608")
     gpd.GeoDataFrame(geometry=utm).to_file(path, layer="aoi")
     gpd.GeoDataFrame(geometry=[Point(0, 0).buffer(1)], crs="EPSG:3413").to_file(path, layer="other")
-    aoi = read_aoi(path)
+    # Silently taking the first layer could map the wrong area: the error names the layers.
+    with pytest.raises(AOIError, match=r"2 layers \(aoi, other\).*aoi.gpkg:LAYER"):
+        read_aoi(path)
+    with pytest.raises(AOIError, match="no layer 'nope'"):
+        read_aoi(path, layer="nope")
+    assert read_aoi(f"{path}:other").geometry.area == pytest.approx(Point(0, 0).buffer(1).area, rel=1e-6)
+    aoi = read_aoi(path, layer="aoi")
     assert aoi.geometry.area == pytest.approx(projected_area(PEEL), rel=1e-3)
     assert aoi.geometry_wgs84.symmetric_difference(PEEL).area < 1e-3 * PEEL.area
     assert aoi.bbox_wgs84 == pytest.approx(PEEL.bounds, abs=1e-3)
@@ -214,3 +220,74 @@ def test_grid_crs_must_be_projected(tmp_path, crs):
     path = write_geojson(tmp_path / "aoi.geojson", PEEL)
     with pytest.raises(ConfigError):
         read_aoi(path, crs=crs)
+
+
+# --- hostile input: property-based ------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from rtsmap.pipeline.errors import RtsmapError  # noqa: E402
+
+_NUMBER = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.floats(-200, 200),
+    st.sampled_from([0.0, 90.0, -90.0, 180.0, -180.0, 1e300, -1e300]),
+    st.integers(-10**6, 10**6),
+)
+_POSITION = st.lists(_NUMBER, min_size=0, max_size=4)
+_RING = st.lists(_POSITION, min_size=0, max_size=7)
+_GEOMETRY = st.one_of(
+    st.fixed_dictionaries({"type": st.just("Polygon"), "coordinates": st.lists(_RING, max_size=3)}),
+    st.fixed_dictionaries({"type": st.just("MultiPolygon"),
+                           "coordinates": st.lists(st.lists(_RING, max_size=2), max_size=2)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["Point", "LineString", "GeometryCollection", "Nonsense"]),
+                           "coordinates": st.one_of(_POSITION, _RING)}),
+    st.none(),
+    st.text(max_size=5),
+)
+_FEATURE = st.fixed_dictionaries({"type": st.sampled_from(["Feature", "Feature", "feature"]),
+                                  "properties": st.one_of(st.none(), st.dictionaries(st.text(max_size=3), _NUMBER, max_size=2)),
+                                  "geometry": _GEOMETRY})
+_DOCUMENT = st.one_of(
+    st.fixed_dictionaries({"type": st.just("FeatureCollection"), "features": st.lists(_FEATURE, max_size=3)}),
+    _FEATURE,
+    _GEOMETRY,
+    st.lists(_NUMBER, max_size=3),
+)
+
+
+def _read_or_refuse(path):
+    """read_aoi either returns a usable AOI or raises the project's error: nothing else."""
+    try:
+        aoi = read_aoi(path)
+    except RtsmapError as exc:
+        assert "\n" not in str(exc).strip(), "the message must be one line"
+        return None
+    assert aoi.geometry.is_valid and aoi.geometry.area > 0
+    assert all(math.isfinite(v) for v in aoi.bbox_wgs84)
+    return aoi
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=_DOCUMENT)
+def test_random_geojson_never_raises_anything_but_aoierror(tmp_path, document):
+    path = tmp_path / "random.geojson"
+    path.write_text(json.dumps(document))  # NaN and Infinity as JS literals, as sloppy writers do
+    _read_or_refuse(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_random_bytes_never_raise_anything_but_aoierror(tmp_path, data):
+    path = tmp_path / "random.geojson"
+    path.write_bytes(data)
+    _read_or_refuse(path)
+
+
+def test_nan_vertex_is_an_aoierror(tmp_path):
+    path = tmp_path / "nan.geojson"
+    path.write_text('{"type": "Polygon", "coordinates": [[[-135.4, 67.3], [-135.2, NaN], '
+                    '[-135.2, 67.5], [-135.4, 67.5], [-135.4, 67.3]]]}')
+    with pytest.raises(AOIError, match="not a finite number"):
+        read_aoi(path)

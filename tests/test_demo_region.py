@@ -300,8 +300,11 @@ def test_cli_writes_everything_and_generation_is_deterministic(tmp_path):
     assert b["truth_2021"] != a_fp["truth_2021"]
     dem_key = next(k for k in a_fp if k.endswith("dem.tif"))
     assert not np.array_equal(a_fp[dem_key], b[dem_key])
-    # running again into the same directory replaces the region
-    res = runner.invoke(dr.demo_data_command, ["--out", str(root), "--seed", "1", "--years", "2021-2022", "--size-km", "1.5"])
+    # running again into the same directory is refused without --overwrite, replaces the region with it
+    args = ["--out", str(root), "--seed", "1", "--years", "2021-2022", "--size-km", "1.5"]
+    res = runner.invoke(dr.demo_data_command, args)
+    assert isinstance(res.exception, OutputError) and "--overwrite" in str(res.exception)
+    res = runner.invoke(dr.demo_data_command, [*args, "--overwrite"])
     assert res.exit_code == 0, res.output
 
 
@@ -368,3 +371,43 @@ def test_bad_input_raises_clear_errors(tmp_path):
         shp.read_footprints(tmp_path / "bad.geojson")
     with pytest.raises(ConfigError, match="--years"):
         dr._parse_years("2021..2023")
+
+
+def _fake_region(folder):
+    """An earlier region's marker and a file of it (the checks look at region.json only)."""
+    folder.mkdir()
+    (folder / "region.json").write_text('{"generator": "rtsmap demo_region"}')
+    (folder / "truth.gpkg").write_bytes(b"the user's earlier region")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"seed": -1}, ConfigError, "seed"),
+    ({"size_m": (float("nan"), float("nan"))}, ConfigError, "finite"),
+    ({"size_m": (float("inf"), 2000.0)}, ConfigError, "finite"),
+    ({"years": (2021, 20222)}, ConfigError, "years"),
+    ({"years": ()}, ConfigError, "years"),
+    ({"fine_resolution": 0.0}, ConfigError, "fine_resolution"),
+    ({"center_lonlat": (float("nan"), 67.0)}, ConfigError, "centre"),
+    ({}, OutputError, "--overwrite"),  # valid arguments, but no --overwrite
+])
+def test_bad_arguments_never_touch_an_existing_region(tmp_path, kwargs, error, match):
+    before = _fake_region(tmp_path / "region")
+    args = {"size_m": (1500.0, 1500.0), **kwargs}
+    with pytest.raises(error, match=match):
+        dr.generate_region(tmp_path / "region", **args)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "region").iterdir()} == before
+
+
+def test_out_under_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        dr.generate_region(tmp_path / "file" / "region", size_m=(1500.0, 1500.0))
+    with pytest.raises(OutputError, match="is a file"):
+        dr.generate_region(tmp_path / "file", size_m=(1500.0, 1500.0))
+
+
+def test_parse_years_refuses_huge_ranges():
+    with pytest.raises(ConfigError, match="--years"):
+        dr._parse_years("1-1000000000")
+    assert dr._parse_years("2021-2023") == (2021, 2022, 2023)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import os
 import shutil
 import time
 import uuid
@@ -53,6 +55,10 @@ from rtsmap.workflows import shapes as shp
 # --- what the demo region is: names the `demo` profile (workflows/profiles/demo.yaml) relies on ---
 
 REGION_CENTER_LONLAT = (-135.3, 67.4)
+MIN_YEAR, MAX_YEAR = 1950, 2100
+"""Years a synthetic region may carry (a typo such as 20211 is refused, not generated)."""
+MAX_YEARS = 30
+"""Most years in one region (each year writes several scenes)."""
 """Peel Plateau, NW Canada: thousands of real slumps on valley sides of glaciated terrain."""
 REGION_NAME = "Synthetic Peel Plateau (rtsmap demo)"
 
@@ -699,11 +705,28 @@ def _write_stac(stac_dir: Path, by_collection: dict[str, tuple[str, list[pystac.
 # ------------------------------------------------------------------------------------------------
 
 
-def _prepare_out_dir(out: Path) -> None:
-    """Refuse a non-empty directory unless it holds an earlier demo region (then replace it)."""
-    if out.exists() and any(out.iterdir()):
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before anything is deleted, an output that is a file, a foreign folder, or an earlier
+    region without ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file; give a new or empty directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputError(f"{out}: the directory {parent} is not writable")
+            break
+    if out.is_dir() and any(out.iterdir()):
         if not (out / "region.json").exists():
             raise OutputError(f"{out} exists and is not an rtsmap demo region (no region.json); give an empty or new directory")
+        if not overwrite:
+            raise OutputError(f"{out} already holds a demo region; pass --overwrite to replace it, or give a new directory")
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Remove an earlier demo region's files (call only after every check has passed)."""
+    if out.exists() and any(out.iterdir()):
         for name in ("cogs", "stac"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("aoi.geojson", "truth.gpkg", "region.json"):
@@ -720,13 +743,15 @@ def generate_region(
     shapes: str | Path | None = None,
     center_lonlat: tuple[float, float] = REGION_CENTER_LONLAT,
     fine_resolution: float = 5.0,
+    overwrite: bool = False,
 ) -> DemoRegion:
     """Generate the synthetic demo region (rasters, truth, STAC) under ``out_dir``.
 
     Parameters
     ----------
     out_dir : str or pathlib.Path
-        Output directory: new, empty, or an earlier demo region (replaced).
+        Output directory: new, empty, or an earlier demo region (replaced only with
+        ``overwrite``; every argument is checked before any of its files is removed).
     seed : int
         Seed; the same seed gives the same truth and the same pixels.
     years : tuple of int
@@ -741,6 +766,8 @@ def generate_region(
     fine_resolution : float
         Pixel size of the EPSG:3413 canvas the scene is drawn on before resampling to each
         native grid (finer than every native grid).
+    overwrite : bool
+        Replace an earlier demo region in ``out_dir``.
 
     Returns
     -------
@@ -750,21 +777,39 @@ def generate_region(
     Raises
     ------
     ConfigError
-        If years, size or the shapes file are unusable.
+        If the seed, years, size, centre, resolution or the shapes file are unusable.
     OutputError
-        If ``out_dir`` is a non-empty directory that is not a demo region.
+        If ``out_dir`` is a file, a non-empty directory that is not a demo region, or an
+        earlier demo region and ``overwrite`` is False.
     """
-    years = tuple(int(y) for y in years)
+    # Every check comes before _prepare_out_dir: a bad argument never costs an existing region.
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    try:
+        years = tuple(int(y) for y in years)
+    except (TypeError, ValueError):
+        raise ConfigError(f"years must be integers, got {years!r}") from None
     if not years or any(b <= a for a, b in zip(years, years[1:])):
         raise ConfigError(f"years must be a non-empty, strictly increasing list, got {years}")
+    if years[0] < MIN_YEAR or years[-1] > MAX_YEAR or len(years) > MAX_YEARS:
+        raise ConfigError(f"years must lie in {MIN_YEAR}-{MAX_YEAR}, at most {MAX_YEARS} of them, got "
+                          f"{years[0]}..{years[-1]} ({len(years)} years)")
+    if len(size_m) != 2 or not all(math.isfinite(float(v)) for v in size_m):
+        raise ConfigError(f"region size must be two finite numbers of metres, got {size_m!r}")
     if min(size_m) < 1000.0 or max(size_m) > 50_000.0:
         raise ConfigError(f"region size must be 1-50 km per side, got {size_m[0] / 1000:g} x {size_m[1] / 1000:g} km")
+    lon, lat = (float(v) for v in center_lonlat)
+    if not (math.isfinite(lon) and math.isfinite(lat) and -180 <= lon <= 180 and 50 <= lat <= 85):
+        raise ConfigError(f"centre must be a longitude in -180..180 and a latitude in 50..85, got {center_lonlat!r}")
+    if not (math.isfinite(fine_resolution) and 0.5 <= fine_resolution <= DEM_RES):
+        raise ConfigError(f"fine_resolution must be 0.5-{DEM_RES:g} m, got {fine_resolution!r}")
+    out = Path(out_dir).resolve()
+    _check_out_dir(out, overwrite)
     pool = None
     if shapes is not None:
         pool = [p for p in shp.read_footprints(shapes) if shp.MIN_AREA_M2 <= p.area <= shp.MAX_AREA_M2]
         if not pool:
             raise ConfigError(f"--shapes file {shapes} has no footprints between {shp.MIN_AREA_M2:g} and {shp.MAX_AREA_M2:g} m2")
-    out = Path(out_dir).resolve()
     _prepare_out_dir(out)
 
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
@@ -947,6 +992,13 @@ def _parse_years(text: str) -> tuple[int, ...]:
     try:
         if "-" in text:
             a, b = (int(v) for v in text.split("-"))
+            if not (MIN_YEAR <= a <= b <= MAX_YEAR):  # before range(): 1-10**9 would fill memory
+                raise ValueError
+    except ValueError:
+        raise ConfigError(f"--years {text!r}: expected a range like 2021-2023 within {MIN_YEAR}-{MAX_YEAR}") from None
+    try:
+        if "-" in text:
+            a, b = (int(v) for v in text.split("-"))
             years = tuple(range(a, b + 1))
         else:
             years = tuple(int(v) for v in text.split(","))
@@ -962,11 +1014,17 @@ def _parse_years(text: str) -> tuple[int, ...]:
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives the same region.")
 @click.option("--shapes", type=click.Path(dir_okay=False, path_type=Path), default=None, help="ARTS-schema GeoJSON/GPKG whose real footprints replace the synthetic ones.")
 @click.option("--years", "years_text", default="2021-2023", show_default=True, help="Years, as a range (2021-2023) or a list (2021,2023).")
-@click.option("--size-km", default=6.0, show_default=True, type=float, help="Side of the square region in km.")
-def demo_data_command(out_dir: Path, seed: int, shapes: Path | None, years_text: str, size_km: float) -> None:
-    """Generate the synthetic multimodal demo region (COGs, STAC, truth) into --out."""
+@click.option("--size-km", default=6.0, show_default=True, type=float, help="Side of the square region in km (1-50).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo region in --out.")
+def demo_data_command(out_dir: Path, seed: int, shapes: Path | None, years_text: str, size_km: float, overwrite: bool) -> None:
+    """Generate the synthetic multimodal demo region (COGs, STAC, truth) into --out.
+
+    Every option is checked before anything is written; an earlier region in --out is replaced
+    only with --overwrite.
+    """
     t0 = time.perf_counter()
-    region = generate_region(out_dir, seed=seed, years=_parse_years(years_text), size_m=(size_km * 1000.0, size_km * 1000.0), shapes=shapes)
+    region = generate_region(out_dir, seed=seed, years=_parse_years(years_text),
+                             size_m=(size_km * 1000.0, size_km * 1000.0), shapes=shapes, overwrite=overwrite)
     counts = json.loads(region.region_json.read_text())["counts"]
     click.echo(f"demo region written to {region.root} in {time.perf_counter() - t0:.1f} s")
     click.echo(f"  STAC items: {region.items}")

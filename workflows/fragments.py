@@ -12,6 +12,11 @@ first and the marker last: a marker means the fragment beside it is complete; a 
 the two leaves a parquet without marker, which the next run simply rewrites. A writer killed
 mid-write leaves a hidden ``.<name>.<random>.tmp`` file; a run whose every chunk-year is done
 removes such leftovers (no writer of its own can still be running then).
+
+Writing never ends in a bare OSError: a full disk, a denied permission, a read-only work
+directory or a path under a file become one :class:`~rtsmap.pipeline.errors.OutputError`
+that names the work directory; fragments already written stay. Records pass through
+:func:`rtsmap.pipeline.inventory.redact_metadata` (no URL credential or token is written).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 from affine import Affine
 
 from rtsmap.pipeline.errors import OutputError
+from rtsmap.pipeline.inventory import redact_metadata
 
 
 def run_key(model_sha256: str, settings: dict[str, Any]) -> str:
@@ -49,6 +55,14 @@ def _atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def _write_error(root: Path, exc: OSError) -> OutputError:
+    """One clear line for an OS error in the work directory (disk full, permission, read-only)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return OutputError(f"cannot write to the work directory {root}: {what}{where}; free disk space or "
+                       "choose a writable --workdir; finished chunk-years are kept")
+
+
 def _save_npz(path: str, **arrays: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path
         np.savez(f, **arrays)
@@ -61,6 +75,22 @@ class FragmentStore:
     root: Path
     """``<workdir>/<run key>``."""
 
+    def prepare(self) -> None:
+        """Create the work directory and check that a file can be written there, before work starts.
+
+        Raises
+        ------
+        OutputError
+            The directory cannot be created (a path component is a file, no permission, a
+            read-only file system) or a file cannot be written in it (disk full).
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _atomic_write_bytes(self.root / ".write-check", lambda tmp: Path(tmp).write_bytes(b"ok"))
+            (self.root / ".write-check").unlink(missing_ok=True)
+        except OSError as exc:
+            raise _write_error(self.root, exc) from None
+
     def _base(self, year: int, chunk_id: str) -> Path:
         return self.root / str(year) / chunk_id
 
@@ -71,19 +101,22 @@ class FragmentStore:
     def write(self, year: int, chunk_id: str, detections: gpd.GeoDataFrame, record: dict[str, Any]) -> None:
         """Write the detections, then the marker, each atomically; clear an old failure record."""
         base = self._base(year, chunk_id)
+        text = json.dumps(redact_metadata(record), sort_keys=True)
         try:
             _atomic_write_bytes(base.with_suffix(".parquet"), lambda tmp: detections.to_parquet(tmp, index=False))
-            _atomic_write_bytes(
-                base.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, sort_keys=True))
-            )
+            _atomic_write_bytes(base.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+            base.with_suffix(".failed.json").unlink(missing_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot write to the work directory {self.root}: {exc.strerror or exc}") from None
-        base.with_suffix(".failed.json").unlink(missing_ok=True)
+            raise _write_error(self.root, exc) from None
 
     def write_failure(self, year: int, chunk_id: str, record: dict[str, Any]) -> None:
         """Record a failure; it is not a done marker, so the next run tries the chunk again."""
         path = self._base(year, chunk_id).with_suffix(".failed.json")
-        _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(record, sort_keys=True)))
+        text = json.dumps(redact_metadata(record), sort_keys=True)
+        try:
+            _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+        except OSError as exc:
+            raise _write_error(self.root, exc) from None
 
     def read_record(self, year: int, chunk_id: str) -> dict[str, Any]:
         """The done marker's record."""
@@ -100,7 +133,10 @@ class FragmentStore:
     def write_thumbnail(self, chunk_id: str, image: np.ndarray, transform: Affine) -> None:
         """Keep a small image of a chunk (for the quick-look maps), atomically."""
         path = self.root / "hillshade" / f"{chunk_id}.npz"
-        _atomic_write_bytes(path, lambda tmp: _save_npz(tmp, image=image, transform=np.array(transform)[:6]))
+        try:
+            _atomic_write_bytes(path, lambda tmp: _save_npz(tmp, image=image, transform=np.array(transform)[:6]))
+        except OSError as exc:
+            raise _write_error(self.root, exc) from None
 
     def read_thumbnails(self, chunk_ids) -> list[tuple[np.ndarray, Affine]]:
         """The kept thumbnails of these chunks, with their transforms."""

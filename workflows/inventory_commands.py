@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import click
 
+from rtsmap.pipeline.errors import ConfigError
 from rtsmap.pipeline.evaluation import evaluate_inventory
 
 
@@ -19,6 +22,11 @@ from rtsmap.pipeline.evaluation import evaluate_inventory
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate_inventory_command(inventory: str, truth: str, iou_threshold: float, as_json: bool) -> None:
     """Match inventory and true polygons one-to-one by IoU; print precision, recall, F1 per year."""
+    if not math.isfinite(iou_threshold):  # click's FloatRange lets NaN through (NaN compares false)
+        raise ConfigError(f"--iou {iou_threshold}: give a number between 0 and 1")
+    for option, path in (("--inventory", inventory), ("--truth", truth)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{option} {path} does not exist or is not a file")
     results = evaluate_inventory(inventory, truth, iou_threshold=iou_threshold)
     if as_json:
         click.echo(json.dumps({"inventory": str(inventory), "truth": str(truth), "iou_threshold": iou_threshold,

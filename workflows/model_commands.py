@@ -8,14 +8,84 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import uuid
 from pathlib import Path
 
 import click
 
-from rtsmap.pipeline.errors import ConfigError, ModelError
+from rtsmap.pipeline.errors import ConfigError, ModelError, OutputError
 
 # Also reachable from here; the CLI registers it from workflows.training_data (no torch there).
 from rtsmap.workflows.training_data import training_data_command  # noqa: F401
+
+
+def check_checkpoint(path: Path) -> Path:
+    """Resolve a checkpoint and read it once, so a broken file is refused before work starts.
+
+    Parameters
+    ----------
+    path
+        A ``.safetensors`` file, its ``.json`` sidecar, or a stage folder.
+
+    Returns
+    -------
+    pathlib.Path
+        The weights file.
+
+    Raises
+    ------
+    ModelError
+        Missing, not a safetensors file (text, truncated), or not an rtsmap checkpoint.
+    """
+    from safetensors import SafetensorError
+
+    from rtsmap.models.train import read_weights, resolve_checkpoint
+
+    if not path.exists():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        weights = resolve_checkpoint(path)
+        read_weights(weights)
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(f"checkpoint {path} cannot be read as an rtsmap checkpoint ({detail}); "
+                         "give a .safetensors file or stage folder written by `rtsmap train`") from None
+    return weights
+
+
+def check_output_file(path: Path, *, overwrite: bool, suffix: str) -> None:
+    """Refuse an output path before work starts: wrong suffix, a folder, a missing folder, or existing.
+
+    Raises
+    ------
+    OutputError
+        Any of the above (an existing file only without ``overwrite``).
+    """
+    if path.suffix.lower() != suffix:
+        raise OutputError(f"--out {path}: the file name must end in {suffix}")
+    if path.is_dir():
+        raise OutputError(f"--out {path} is a folder; give a {suffix} file path")
+    if path.exists() and not overwrite:
+        raise OutputError(f"--out {path} already exists; pass --overwrite to replace it, or choose another path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"--out {path}: the folder {parent} does not exist (or is not a folder); create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {path}: the folder {parent} is not writable")
+
+
+def _place(staged: Path, path: Path, *, overwrite: bool) -> None:
+    """Move a finished file into place; without overwrite never over a file that appeared meanwhile."""
+    if overwrite:
+        os.replace(staged, path)
+        return
+    try:
+        os.link(staged, path)  # fails if the target exists: a rename that never replaces
+    except FileExistsError:
+        raise OutputError(f"--out {path} appeared while exporting; it was not replaced") from None
+    staged.unlink()
 
 
 @click.command("train")
@@ -35,6 +105,16 @@ def train_command(config_path: Path, resume: bool, stage: str, seed: int | None,
     overrides = {"seed": seed, "out": out_dir and str(out_dir.resolve())}
     try:
         tc = load_train_config(config_path, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_device(tc.device, config_path)
+    out = Path(tc.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"training output {out} is a file; give a folder (`out:` in {config_path} or --out)")
+    if not Path(tc.data).is_dir():
+        raise ConfigError(f"training config {config_path}: data folder {tc.data} does not exist; "
+                          "cut chips with `rtsmap training-data` first")
+    try:
         run = train(tc, stage=stage, resume=resume)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -42,6 +122,21 @@ def train_command(config_path: Path, resume: bool, stage: str, seed: int | None,
         val = (record.get("metrics") or {}).get("val") or {}
         click.echo(f"{name}: {record['steps']} steps, {record['seconds_per_step']} s/step, "
                    f"val segm AP {val.get('segm_AP')}, F1 {val.get('f1')} -> {record['weights']}")
+
+
+def _check_threshold(value: float | None) -> None:
+    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"--score-threshold {value}: give a number between 0 and 1")
+
+
+def _check_device(device: str, config_path: Path) -> None:
+    """Refuse ``device: cuda`` where torch sees no GPU (torch would fail mid-way with a traceback)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training config {config_path}: device 'cuda' but torch sees no CUDA GPU here; "
+                          "use device: cpu (or auto), or run on a GPU machine with a CUDA build of torch")
 
 
 @click.command("evaluate")
@@ -57,8 +152,18 @@ def evaluate_command(model_path: Path, data_dir: Path, split: str, score_thresho
     """COCO box/mask AP, AP50, AP75 and F1 at IoU 0.5 of a model on a chip split."""
     from rtsmap.models.evaluate import evaluate_model
 
+    _check_threshold(score_threshold)
+
     if not model_path.exists():
         raise ModelError(f"model {model_path} does not exist")
+    if not data_dir.is_dir():
+        raise ConfigError(f"--data {data_dir} is not a folder; cut chips with `rtsmap training-data` first")
+    if model_path.suffix.lower() == ".onnx":
+        from rtsmap.pipeline.model_file import read_model_info
+
+        read_model_info(model_path)  # ModelError for a text, truncated or foreign file
+    else:
+        check_checkpoint(model_path)
     try:
         metrics = evaluate_model(model_path, data_dir, split, score_threshold=score_threshold)
     except ValueError as exc:
@@ -73,36 +178,52 @@ def evaluate_command(model_path: Path, data_dir: Path, split: str, score_thresho
 @click.command("export")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="A checkpoint (.safetensors, or a stage folder such as out/fusion).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="The .onnx file to write (never replaced without --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--opset", default=17, show_default=True, type=int)
 @click.option("--trained-on", default=None,
               help="What the model was trained on, for its metadata (default: the chip folder and steps).")
 @click.option("--score-threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="Operating point stored in the file (default: the checkpoint's, 0.5); "
                    "pick it with `rtsmap evaluate --split val --score-threshold ...`.")
-def export_command(checkpoint: Path, out_path: Path, opset: int, trained_on: str | None,
+def export_command(checkpoint: Path, out_path: Path, overwrite: bool, opset: int, trained_on: str | None,
                    score_threshold: float | None) -> None:
     """Export a checkpoint to the ONNX model file the pipeline runs."""
     from rtsmap.models.export import export_onnx
-    from rtsmap.models.train import load_detector, read_weights, resolve_checkpoint
+    from rtsmap.models.train import load_detector, read_weights
 
+    _check_threshold(score_threshold)
+    check_output_file(out_path, overwrite=overwrite, suffix=".onnx")
+    if not 7 <= opset <= 23:
+        raise ConfigError(f"--opset {opset}: use an ONNX opset between 7 and 23 (default 17)")
+    weights = check_checkpoint(checkpoint)
     try:
-        weights = resolve_checkpoint(checkpoint)
         model = load_detector(weights)
         _, _, meta = read_weights(weights)
-    except ValueError as exc:
-        raise ModelError(str(exc)) from None
+    except (ValueError, RuntimeError, KeyError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelError(f"checkpoint {checkpoint} does not fit its own model config ({detail})") from None
     if score_threshold is not None:
         model.config = dataclasses.replace(model.config, score_threshold=score_threshold)
     sidecar = weights.parent / "record.json"
     if trained_on is None:
         trained_on = "untrained"
         if sidecar.is_file():
-            record = json.loads(sidecar.read_text())
-            trained_on = f"chips {record['train_config']['data']}, {record['steps']} steps ({record['stage']})"
+            try:
+                record = json.loads(sidecar.read_text())
+                trained_on = f"chips {record['train_config']['data']}, {record['steps']} steps ({record['stage']})"
+            except (ValueError, KeyError, TypeError):
+                trained_on = "unknown (unreadable record.json)"
+    # Exported beside the target under a hidden name, then moved into place: a failed or killed
+    # export never leaves a partial file under --out, and never replaces one without --overwrite.
+    staged = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.onnx")
     try:
-        export_onnx(model, model.config, out_path, opset=opset, trained_on=trained_on,
+        export_onnx(model, model.config, staged, opset=opset, trained_on=trained_on,
                     metadata_extra={"checkpoint": str(weights), "step": int(meta.get("step", 0))})
+        _place(staged, out_path, overwrite=overwrite)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
+    finally:
+        staged.unlink(missing_ok=True)
     click.echo(f"wrote {out_path} ({model.config.name}, fusion {model.config.fusion}, {model.config.tile_size} px)")

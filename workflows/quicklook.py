@@ -6,11 +6,15 @@ hillshade of the DEM underneath where the run kept one (see ``workflows.tasks``)
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 from affine import Affine
+
+from rtsmap.pipeline.errors import OutputError
 
 COVERAGE_STYLE = {
     "processed": {"facecolor": "#e8efe4", "edgecolor": "none", "label": "processed"},
@@ -37,11 +41,65 @@ def mosaic_thumbnails(thumbnails: list[tuple[np.ndarray, Affine]]) -> tuple[np.n
     return canvas, (left, right, bottom, top)
 
 
+def quicklook_paths(out: str | os.PathLike, years) -> list[Path]:
+    """The PNG paths the quick-looks of ``out`` take: ``<out stem>_<year>.png`` beside it.
+
+    Parameters
+    ----------
+    out
+        The GeoPackage path.
+    years
+        The years of the run.
+
+    Returns
+    -------
+    list of pathlib.Path
+    """
+    out = Path(out)
+    return [out.with_name(f"{out.stem}_{int(year)}.png") for year in sorted(years)]
+
+
+def check_quicklooks(out: str | os.PathLike, years, *, overwrite: bool) -> None:
+    """Refuse, before work starts, quick-look paths that exist (unless ``overwrite``).
+
+    Raises
+    ------
+    OutputError
+        A PNG of one of the years exists (e.g. the user's own ``OUT_2021.png``) or is a folder.
+    """
+    for path in quicklook_paths(out, years):
+        if path.is_dir() or (path.exists() and not overwrite):
+            raise OutputError(f"quick-look {path} already exists; pass --overwrite to replace it, "
+                              "or choose another --out")
+
+
+def _save_png(fig, path: Path, overwrite: bool) -> None:
+    """Save under a temporary name, then rename; without overwrite never over an existing file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if the file appeared meanwhile: never replaced
+            except FileExistsError:
+                raise OutputError(f"quick-look {path} appeared while writing; it was not replaced") from None
+    except OSError as exc:
+        raise OutputError(f"quick-look {path}: cannot write ({exc.strerror or exc}); "
+                          "check the free disk space and permissions") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def write_quicklooks(
     out: Path,
     layers: dict[int, gpd.GeoDataFrame],
     coverage: dict[int, gpd.GeoDataFrame],
     hillshade: tuple[np.ndarray, tuple[float, float, float, float]] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write ``<out stem>_<year>.png`` for each year and return the paths.
 
@@ -55,7 +113,21 @@ def write_quicklooks(
         Year -> coverage polygons with a ``status`` column.
     hillshade
         Optional (array, (left, right, bottom, top)) drawn underneath every year's map.
+    overwrite
+        Replace PNGs that exist; without it an existing PNG is an error (checked for every
+        year before any is written) and is never replaced.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The PNGs written.
+
+    Raises
+    ------
+    OutputError
+        A PNG exists and ``overwrite`` is False, or one cannot be written.
     """
+    check_quicklooks(out, layers, overwrite=overwrite)
     import matplotlib
     import matplotlib.ticker
 
@@ -102,7 +174,9 @@ def write_quicklooks(
         ax.yaxis.set_major_formatter(km)
         fig.tight_layout()
         path = out.with_name(f"{out.stem}_{year}.png")
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            _save_png(fig, path, overwrite)
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths
