@@ -69,6 +69,8 @@ def _workspace(root: Path) -> None:
     (root / "truncated.onnx").write_bytes(model[: len(model) // 3])
     (root / "truncated.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"__metadata__\":")
     (root / "chips").mkdir()
+    (root / "chips" / "annotations.json").write_text('{"images": [], "annotations": []}')  # an earlier chip set
+    (root / "chips" / "dataset.json").write_text('{"format": "earlier"}')
     (root / "aoi.geojson").write_text(gpd.GeoSeries([AOI_POLYGON], crs="EPSG:4326").to_json())
     (root / "nan.geojson").write_text(
         '{"type": "Polygon", "coordinates": [[[-135.3, 67.3], [-135.2, NaN], [-135.2, 67.5], [-135.3, 67.3]]]}')
@@ -195,6 +197,13 @@ CASES = [
                                            "--catalog", BAD_CATALOG), 2, ""),
     # --- training-data --------------------------------------------------------------------
     Case("training-data-region-missing", ("training-data", "--region", "{w}/nope", "--out", "{w}/c"), 2, "nope"),
+    Case("training-data-tile-size-huge", ("training-data", "--region", "{w}/region", "--out", "{w}/c", "--tile-size", "100000"),
+         2, "--tile-size"),
+    Case("training-data-resolution-nan", ("training-data", "--region", "{w}/region", "--out", "{w}/c", "--resolution", "nan"),
+         2, "--resolution"),
+    Case("training-data-over-chip-set", ("training-data", "--aoi", "{w}/aoi.geojson", "--truth", "{w}/region/truth.gpkg",
+                                         "--catalog", "{w}/notes.txt", "--out", "{w}/chips"),
+         2, "already holds a chip set", ("chips/annotations.json", "chips/dataset.json")),
 ]
 
 

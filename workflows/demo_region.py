@@ -51,11 +51,12 @@ from shapely.geometry import LineString, Polygon, box, mapping
 
 from rtsmap.pipeline.errors import ConfigError, OutputError
 from rtsmap.workflows import shapes as shp
+from rtsmap.workflows.config import YEAR_MAX, YEAR_MIN, parse_years
 
 # --- what the demo region is: names the `demo` profile (workflows/profiles/demo.yaml) relies on ---
 
 REGION_CENTER_LONLAT = (-135.3, 67.4)
-MIN_YEAR, MAX_YEAR = 1950, 2100
+MIN_YEAR, MAX_YEAR = YEAR_MIN, YEAR_MAX  # the bounds of the one year parser
 """Years a synthetic region may carry (a typo such as 20211 is refused, not generated)."""
 MAX_YEARS = 30
 """Most years in one region (each year writes several scenes)."""
@@ -988,25 +989,8 @@ def _write_truth(path: Path, scene: _Scene, years: tuple[int, ...], plans: list[
 
 
 def _parse_years(text: str) -> tuple[int, ...]:
-    """``2021-2023`` or ``2021,2023`` -> a tuple of years."""
-    try:
-        if "-" in text:
-            a, b = (int(v) for v in text.split("-"))
-            if not (MIN_YEAR <= a <= b <= MAX_YEAR):  # before range(): 1-10**9 would fill memory
-                raise ValueError
-    except ValueError:
-        raise ConfigError(f"--years {text!r}: expected a range like 2021-2023 within {MIN_YEAR}-{MAX_YEAR}") from None
-    try:
-        if "-" in text:
-            a, b = (int(v) for v in text.split("-"))
-            years = tuple(range(a, b + 1))
-        else:
-            years = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--years {text!r}: expected a range like 2021-2023 or a list like 2021,2023") from None
-    if not years:
-        raise ConfigError(f"--years {text!r} holds no year; expected e.g. 2021-2023")
-    return years
+    """``2021-2023`` or ``2021,2023`` -> a tuple of years (the one year parser of every command)."""
+    return tuple(parse_years(text, name="--years"))
 
 
 @click.command("demo-data")

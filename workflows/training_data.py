@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ ID_COLUMNS = ("slump_id", "UID", "id")
 
 SPLITS = ("train", "val", "test")
 
+#: Chip sides accepted (the model variants use 128-512 px; 4096 px chunks of 8 tiles stay < 1 GiB).
+MIN_TILE_PX, MAX_TILE_PX = 32, 2048
+
+#: What a finished chip folder holds; an existing one is replaced only with ``overwrite``.
+OUTPUT_FILES = ("annotations.json", "dataset.json")
+
 
 @dataclass(frozen=True)
 class ChipOptions:
@@ -88,6 +95,11 @@ class ChipOptions:
     """Chips where no modality has at least this share of valid pixels are dropped."""
 
     def __post_init__(self) -> None:
+        # Bounds before any allocation: a chunk holds (tiles_per_chunk * tile_px)^2 pixels per band.
+        if not MIN_TILE_PX <= self.tile_px <= MAX_TILE_PX:
+            raise ConfigError(f"--tile-size must be between {MIN_TILE_PX} and {MAX_TILE_PX} pixels, got {self.tile_px}")
+        if not (math.isfinite(self.resolution) and 0.1 <= self.resolution <= 1000.0):
+            raise ConfigError(f"--resolution must be between 0.1 and 1000 m, got {self.resolution}")
         if len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or sum(self.split_fractions) <= 0:
             raise ConfigError(f"split_fractions must be three non-negative shares, got {self.split_fractions}")
         if self.block_tiles < 1:
@@ -322,6 +334,7 @@ def build_training_chips(
     options: ChipOptions = ChipOptions(),
     years: Sequence[int] | None = None,
     region_name: str | None = None,
+    overwrite: bool = False,
 ) -> ChipDataset:
     """Cut training chips with instance masks and a leak-free split.
 
@@ -334,7 +347,8 @@ def build_training_chips(
     catalog
         STAC catalog path or URL holding optical, SAR and DEM scenes (``pipeline.stac.open_catalog``).
     out_dir
-        Output directory (created; chips of an earlier run are replaced).
+        Output directory (created). One that already holds a chip set (``annotations.json`` or
+        ``dataset.json``) is refused unless ``overwrite``, before any work.
     profile
         Catalog profile name or YAML path; None: chosen by the rule of ``workflows.planning``
         (the same as ``rtsmap run``), and the catalog is opened with its signing and headers.
@@ -344,6 +358,8 @@ def build_training_chips(
         Years to cut (default: every year of the truth file).
     region_name
         Name stored with each chip (default: the AOI file's parent folder name).
+    overwrite
+        Replace the chip set already in ``out_dir``.
 
     Returns
     -------
@@ -352,11 +368,15 @@ def build_training_chips(
     Raises
     ------
     RtsmapError
-        If the truth or AOI cannot be read, the output cannot be written, the truth has none of
-        the requested years, or no chip can be cut.
+        If the truth or AOI cannot be read, the output cannot be written or holds a chip set
+        (without ``overwrite``), the truth has none of the requested years, or no chip can be cut.
     """
     check_readable(truth_path, "--truth")
     check_writable_dir(out_dir, "--out")
+    existing = [name for name in OUTPUT_FILES if (Path(out_dir) / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"--out {out_dir} already holds a chip set ({', '.join(existing)}): "
+                          "choose another folder or pass --overwrite")
     aoi = read_aoi(aoi_path, crs=options.crs)
     truth = _read_truth_years(truth_path, options.crs, years)
     years = sorted(truth)
@@ -439,7 +459,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def chips_from_region(region_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      options: ChipOptions = ChipOptions()) -> ChipDataset:
+                      options: ChipOptions = ChipOptions(), overwrite: bool = False) -> ChipDataset:
     """:func:`build_training_chips` on a demo region (``aoi.geojson``, ``truth.gpkg``, ``stac/items.json``).
 
     Parameters
@@ -450,6 +470,8 @@ def chips_from_region(region_dir: str | os.PathLike, out_dir: str | os.PathLike,
         Output directory.
     options
         Chip size, grid and split settings.
+    overwrite
+        Replace the chip set already in ``out_dir``.
 
     Returns
     -------
@@ -465,7 +487,8 @@ def chips_from_region(region_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if not (root / name).is_file():
             raise ConfigError(f"{root} is not a demo region: {name} is missing (make one with `rtsmap demo-data`)")
     return build_training_chips(root / "aoi.geojson", root / "truth.gpkg", root / "stac/items.json", out_dir,
-                                profile="demo", options=options, region_name=root.resolve().name)
+                                profile="demo", options=options, region_name=root.resolve().name,
+                                overwrite=overwrite)
 
 
 @click.command("training-data")
@@ -480,13 +503,14 @@ def chips_from_region(region_dir: str | os.PathLike, out_dir: str | os.PathLike,
 @click.option("--tile-size", default=256, show_default=True, type=int, help="Chip side in pixels (the model's tile size).")
 @click.option("--resolution", default=10.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/val/test split.")
-def training_data_command(region_dir, aoi, truth, catalog, profile, out_dir, tile_size, resolution, seed) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the chip set already in --out.")
+def training_data_command(region_dir, aoi, truth, catalog, profile, out_dir, tile_size, resolution, seed, overwrite) -> None:
     """Cut training chips (npz + COCO JSON, leak-free split) from scenes and true polygons."""
     options = ChipOptions(tile_px=tile_size, resolution=resolution, seed=seed)
     if region_dir is not None:
-        result = chips_from_region(region_dir, out_dir, options=options)
+        result = chips_from_region(region_dir, out_dir, options=options, overwrite=overwrite)
     elif aoi and truth and catalog:
-        result = build_training_chips(aoi, truth, catalog, out_dir, profile=profile, options=options)
+        result = build_training_chips(aoi, truth, catalog, out_dir, profile=profile, options=options, overwrite=overwrite)
     else:
         raise ConfigError("give --region DIR, or all of --aoi, --truth and --catalog")
     click.echo(f"{sum(result.counts.values())} chips ({', '.join(f'{k} {v}' for k, v in result.counts.items())}), "
