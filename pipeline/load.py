@@ -45,6 +45,7 @@ import numpy as np
 import odc.stac
 import pystac
 import rasterio
+import rasterio.crs
 import rasterio.errors
 from affine import Affine
 from odc.geo.geobox import GeoBox
@@ -351,7 +352,9 @@ def _read_item(
     if sign is not None:
         hrefs = {key: sign(href, item.collection_id) for key, href in hrefs.items()}
     try:
-        return _read_signed(item, assets, geobox, hrefs)
+        values = _read_signed(item, assets, geobox, hrefs)
+        _warn_if_georeferencing_disagrees(item, next(iter(hrefs.values())))
+        return values
     except _ReadFailure as failure:
         resign = getattr(sign, "resign", None)
         if failure.status != 403 or resign is None:
@@ -363,6 +366,33 @@ def _read_item(
             return _read_signed(item, assets, geobox, hrefs)
         except _ReadFailure as again:
             raise _asset_error(item, again.asset, again.reason) from None
+
+
+# Items already warned about in this process: one warning per item, not per chunk and band.
+_GEOREF_WARNED: set[str] = set()
+
+
+def _warn_if_georeferencing_disagrees(item: pystac.Item, href: str) -> None:
+    """Warn once per item whose declared ``proj:code``/``proj:epsg`` is not its file's CRS.
+
+    The read itself already trusts the file: odc-stac reprojects from the georeferencing GDAL
+    reads in the file, so a wrong declaration only earns this warning (it would mislead any
+    tool that plans from the metadata, and often means a broken catalog).
+    """
+    props = item.properties
+    declared = props.get("proj:code") or (f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else None)
+    if not declared or item.id in _GEOREF_WARNED:
+        return
+    try:
+        with rasterio.open(href) as src:  # the header is in GDAL's cache after the read
+            actual = src.crs
+        if actual is None or rasterio.crs.CRS.from_user_input(declared) == actual:
+            return
+    except (rasterio.errors.RasterioError, ValueError):
+        return  # an unreadable file was reported by the read; an unparsable code is no evidence
+    _GEOREF_WARNED.add(item.id)
+    log.warning("item %s declares %s but its file %s is in %s: the file's georeferencing is used",
+                item.id, declared, redact(href), actual.to_string())
 
 
 def _read_signed(

@@ -448,3 +448,27 @@ def test_load_a_demo_chunk_end_to_end(demo):
     assert -40 < sar.mean(axis=1).min() and sar.mean(axis=1).max() < 5 and sar[0].mean() > sar[1].mean()  # vv > vh
     slope, shade, _ = stack.data["dem"][:, stack.valid["dem"] & inside]
     assert 0 <= slope.min() and slope.max() < 90 and 0 <= shade.min() and shade.max() <= 1
+
+
+def test_item_whose_declared_crs_disagrees_with_its_file_is_read_from_the_file(tmp_path, caplog):
+    """proj:code says one UTM zone, the file is in another: the pixels land where the file says,
+    and one warning per item names both CRSs (not one per read)."""
+    import logging
+
+    cx, cy = centre_3413()
+    square = (cx + 3.0, cy - 7.0)
+    transform = native_grid("EPSG:32608", square, 10.0, 60)
+    path = write_tif(tmp_path / "a.tif", square_image("EPSG:32608", transform, 120, square, side_m=120.0),
+                     "EPSG:32608", transform)
+    chunk = make_chunk(cx - 320.0, cy + 320.0, (64, 64))
+    profiles = {"a": profile("a", [BandSpec("b", "b")])}
+    right = make_item("right-1", {"b": str(path)}, dt.datetime(YEAR, 7, 20), "test-a")
+    wrong = make_item("wrong-1", {"b": str(path)}, dt.datetime(YEAR, 7, 20), "test-a")
+    wrong.properties["proj:code"] = "EPSG:32633"
+    expected = load_chunk(chunk, {"a": [right]}, profiles, YEAR).data["a"]
+    with caplog.at_level(logging.WARNING, logger="rtsmap.pipeline.load"):
+        got = load_chunk(chunk, {"a": [wrong]}, profiles, YEAR).data["a"]
+        load_chunk(chunk, {"a": [wrong]}, profiles, YEAR)
+    np.testing.assert_array_equal(got, expected)
+    warnings = [r.getMessage() for r in caplog.records if "declares" in r.getMessage()]
+    assert len(warnings) == 1 and "wrong-1" in warnings[0] and "EPSG:32633" in warnings[0] and "32608" in warnings[0]
