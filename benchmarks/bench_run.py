@@ -107,11 +107,11 @@ def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, 
     detector = load_model(plan.config.model, providers=("cpu",), intra_op_threads=threads)
     t = detector.info.tile_size
     batches = []
-    for task in plan.tasks:
-        items = {m: [pystac.Item.from_dict(d) for d in task.items[m]] for m in task.profiles}
+    for task, year in ((t, y) for t in plan.tasks for y in t.years):
+        items = {m: [pystac.Item.from_dict(json.loads(d)) for d in task.items[year][m]] for m in task.profiles}
         if any(not v for v in items.values()):
             continue
-        stack = load_chunk(task.chunk, items, task.profiles, task.year)
+        stack = load_chunk(task.chunk, items, task.profiles, year)
         any_valid = np.zeros(stack.shape, bool)
         for valid in stack.valid.values():
             any_valid |= valid
@@ -209,14 +209,16 @@ def main(argv: list[str] | None = None) -> dict:
             cluster=ClusterConfig(n_workers=1, timeout_s=120),
         )
         plan = make_plan(config)
+        tasks = plan.tasks
+        n_chunk_years = sum(len(t.years) for t in tasks)
         ort_1, n_tiles, n_calls = onnxruntime_alone(plan, args.batch_size, threads=1)
         most = max(args.workers)
         ort_n = onnxruntime_alone(plan, args.batch_size, threads=most)[0] if most > 1 else ort_1
         figures = {
             "machine_cpus": os.cpu_count(),
             "model": str(model),
-            "chunks": len(plan.chunks),
-            "chunk_years": len(plan.tasks),
+            "chunks": len(tasks),
+            "chunk_years": n_chunk_years,
             "tiles": n_tiles,
             "model_calls": n_calls,
             "batch_size": args.batch_size,
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             "runs": [],
         }
         print(
-            f"plan: {len(plan.chunks)} chunks, {len(plan.tasks)} chunk-years, {n_tiles} tiles in {n_calls} calls "
+            f"plan: {len(tasks)} chunks, {n_chunk_years} chunk-years, {n_tiles} tiles in {n_calls} calls "
             f"of <= {args.batch_size}"
         )
         print(f"onnxruntime alone: {ort_1:.2f} s with 1 thread, {ort_n:.2f} s with {most} threads")

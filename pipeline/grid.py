@@ -337,3 +337,159 @@ def _make_chunk(spec: GridSpec, col: int, row: int, tiles_colrow) -> Chunk:
     transform = Affine(spec.resolution, 0.0, bounds[0], 0.0, -spec.resolution, bounds[3])
     return Chunk(id=chunk_id, col=col, row=row, spec=spec, bounds=bounds, transform=transform,
                  shape=(spec.window_px, spec.window_px), tiles=tiles)
+
+
+# --- blocks: the grid planned a piece at a time ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """A square of ``block_chunks x block_chunks`` chunks, anchored at the grid origin.
+
+    Pan-Arctic AOIs hold ~10^5 chunks and ~10^7 tiles: planning, searching and scheduling go a
+    block at a time so that no list of every chunk (or tile) ever exists.
+    """
+
+    col: int
+    """Block column: chunks with ``chunk.col // block_chunks == col``."""
+
+    row: int
+    """Block row: chunks with ``chunk.row // block_chunks == row``."""
+
+    block_chunks: int
+    """Chunks along each side of the block."""
+
+    bounds: Bounds
+    """(minx, miny, maxx, maxy) of the union of its chunks' read windows, in the grid CRS."""
+
+
+def _block_bounds(spec: GridSpec, col: int, row: int, n: int) -> Bounds:
+    minx, _, _, maxy = spec.chunk_bounds(col * n, row * n)
+    _, miny, maxx, _ = spec.chunk_bounds(col * n + n - 1, row * n + n - 1)
+    return (minx, miny, maxx, maxy)
+
+
+def plan_blocks(aoi_geometry: BaseGeometry, spec: GridSpec, block_chunks: int = 16) -> list[Block]:
+    """The blocks whose chunk windows share area with the AOI, in row-major order.
+
+    Parameters
+    ----------
+    aoi_geometry : shapely geometry
+        The AOI in ``spec.crs``.
+    spec : GridSpec
+        The grid.
+    block_chunks : int
+        Chunks along a block side.
+
+    Returns
+    -------
+    list of Block
+        Every chunk :func:`plan_grid` returns lies in one of them (a block may hold no chunk
+        when the AOI only grazes its windows' overlap).
+
+    Raises
+    ------
+    ConfigError
+        ``block_chunks`` is not a positive integer.
+    """
+    if isinstance(block_chunks, bool) or not isinstance(block_chunks, (int, np.integer)) or block_chunks < 1:
+        raise ConfigError(f"block_chunks must be a positive integer, got {block_chunks!r}")
+    if aoi_geometry is None or aoi_geometry.is_empty:
+        return []
+    n = int(block_chunks)
+    shapely.prepare(aoi_geometry)
+    minx, miny, maxx, maxy = aoi_geometry.bounds
+    step = spec.chunk_px * spec.resolution
+    window = spec.window_px * spec.resolution
+    # Chunk index range from the AOI bounds (generous by one; the predicate decides).
+    c0, c1 = math.floor((minx - window) / step), math.floor(maxx / step)
+    r0, r1 = math.floor((-maxy - window) / step), math.floor(-miny / step)
+    bcols = np.arange(c0 // n, c1 // n + 1)
+    brows = np.arange(r0 // n, r1 // n + 1)
+    bc, br = (a.ravel() for a in np.meshgrid(bcols, brows))
+    bounds = [_block_bounds(spec, int(c), int(r), n) for c, r in zip(bc, br)]
+    boxes = shapely.box(*np.array(bounds).T) if bounds else np.array([])
+    hit = _shares_area(aoi_geometry, boxes) if len(bounds) else np.zeros(0, bool)
+    blocks = [Block(int(c), int(r), n, b) for c, r, b, h in zip(bc, br, bounds, hit) if h]
+    blocks.sort(key=lambda b: (b.row, b.col))
+    return blocks
+
+
+def chunks_of_block(aoi_geometry: BaseGeometry, spec: GridSpec, block: Block) -> list[Chunk]:
+    """The chunks of one block that :func:`plan_grid` would return, sorted by id.
+
+    The AOI is first cut to the block (with a margin of one read window), so the predicates
+    test a small geometry; a chunk or tile lying inside the cut meets the cut AOI exactly as it
+    meets the whole one, so the chunks and tiles are the same as :func:`plan_grid`'s.
+
+    Parameters
+    ----------
+    aoi_geometry : shapely geometry
+        The AOI in ``spec.crs``.
+    spec : GridSpec
+        The grid.
+    block : Block
+        From :func:`plan_blocks`.
+
+    Returns
+    -------
+    list of Chunk
+    """
+    margin = spec.window_px * spec.resolution
+    minx, miny, maxx, maxy = block.bounds
+    cut = shapely.intersection(aoi_geometry, shapely.box(minx - margin, miny - margin, maxx + margin, maxy + margin))
+    if cut.is_empty:
+        return []
+    n = block.block_chunks
+    return plan_grid_cells(cut, spec, range(block.col * n, block.col * n + n),
+                           range(block.row * n, block.row * n + n))
+
+
+def plan_grid_cells(geom: BaseGeometry, spec: GridSpec, cols: range, rows: range) -> list[Chunk]:
+    """The chunks among columns ``cols`` and rows ``rows`` with a tile sharing area with ``geom``.
+
+    The same test as :func:`plan_grid`, on a given range of chunks (sorted by id).
+    """
+    shapely.prepare(geom)
+    n = spec.tiles_per_chunk
+    ccol, crow = (a.ravel() for a in np.meshgrid(np.asarray(cols), np.asarray(rows)))
+    windows = _boxes(ccol * spec.chunk_px, crow * spec.chunk_px, spec.window_px, spec.resolution)
+    hit = _shares_area(geom, windows)
+    inside = hit & shapely.contains(geom, windows)
+    trow, tcol = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    chunks = []
+    for cc, cr, is_inside in zip(ccol[hit], crow[hit], inside[hit]):
+        tc, tr = cc * n + tcol, cr * n + trow
+        if not is_inside:
+            keep = _shares_area(geom, _boxes(tc * spec.stride_px, tr * spec.stride_px, spec.tile_px,
+                                             spec.resolution))
+            tc, tr = tc[keep], tr[keep]
+        if len(tc):
+            chunks.append(_make_chunk(spec, int(cc), int(cr), zip(tc.tolist(), tr.tolist())))
+    chunks.sort(key=lambda chunk: chunk.id)
+    return chunks
+
+
+def iter_chunks(aoi_geometry: BaseGeometry, spec: GridSpec, block_chunks: int = 16):
+    """Yield ``(block, chunks of the block)`` for every block of the AOI, one block at a time.
+
+    Together the blocks' chunks are exactly :func:`plan_grid`'s (in block order, each block's
+    sorted by id); only one block's chunks and tiles exist at a time.
+    """
+    for block in plan_blocks(aoi_geometry, spec, block_chunks):
+        chunks = chunks_of_block(aoi_geometry, spec, block)
+        if chunks:
+            yield block, chunks
+
+
+
+def estimate_chunks(aoi_geometry: BaseGeometry, spec: GridSpec) -> int:
+    """An upper estimate of the chunks of an AOI from its area and perimeter, computed in no time.
+
+    Used to refuse an AOI whose plan would not fit in memory before anything is allocated.
+    """
+    if aoi_geometry is None or aoi_geometry.is_empty:
+        return 0
+    step = spec.chunk_px * spec.resolution
+    # Area in chunk cells, plus a ring of cells along the boundary.
+    return int(math.ceil(aoi_geometry.area / step ** 2 + 2 * aoi_geometry.length / step + 4))

@@ -21,6 +21,7 @@ import os
 import re
 import threading
 import warnings
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -248,25 +249,58 @@ def _time_ok(item: pystac.Item, start: dt.datetime | None, end: dt.datetime | No
 
 
 class LocalCatalog(Catalog):
-    """Items read from a local file or static catalog, filtered in memory."""
+    """Items of a local file or static catalog.
 
-    def __init__(self, path: Path, items: list[pystac.Item]):
+    A stac-geoparquet file (or folder of them) and an NDJSON file are never read whole by
+    :meth:`iter_dicts`: stac-geoparquet is searched with pyarrow pushdown
+    (:mod:`rtsmap.pipeline.geoparquet`), NDJSON is streamed line by line. :attr:`items` (every
+    item as a ``pystac.Item``, for :meth:`search`) is read on first use only.
+    """
+
+    def __init__(self, path: Path, items: list[pystac.Item] | None = None):
+        self.path = Path(path)
         self.source = str(path)
-        self.items = items
-        # Item footprints once, so repeated searches (one per modality and year) are cheap.
-        self._geoms = [None if it.geometry is None else shape(it.geometry) for it in items]
+        self._items = items
+        self._geoms: list | None = None
+        self._holdings: dict[str, frozenset[str]] | None = None
+
+    @property
+    def items(self) -> list[pystac.Item]:
+        """Every item, read whole on first use (small catalogs and :meth:`search` only)."""
+        if self._items is None:
+            self._items = read_items(self.path)
+        return self._items
 
     def collection_ids(self) -> list[str]:
         """Ids of the collections the items belong to, sorted."""
-        return sorted({it.collection_id for it in self.items if it.collection_id})
+        return sorted(self.holdings())
 
     def holdings(self) -> dict[str, frozenset[str]]:
         """Collection id -> the asset keys its items carry (for matching a catalog to a profile)."""
-        keys: dict[str, set[str]] = {}
-        for item in self.items:
-            if item.collection_id:
-                keys.setdefault(item.collection_id, set()).update(item.assets)
-        return {c: frozenset(k) for c, k in sorted(keys.items())}
+        if self._holdings is None:
+            if self._items is not None:
+                keys: dict[str, set[str]] = {}
+                for item in self._items:
+                    if item.collection_id:
+                        keys.setdefault(item.collection_id, set()).update(item.assets)
+                self._holdings = {c: frozenset(k) for c, k in sorted(keys.items())}
+            else:
+                self._holdings = local_holdings(self.path)
+        return self._holdings
+
+    def iter_dicts(
+        self,
+        collections: Sequence[str],
+        bbox: Sequence[float] | None = None,
+        datetime: tuple[dt.datetime | None, dt.datetime | None] | None = None,
+    ) -> Iterable[dict]:
+        """Item dictionaries of ``collections`` whose bbox overlaps ``bbox`` (lon/lat) in the window.
+
+        A coarse filter, read a batch at a time; the caller intersects footprints and applies the
+        cloud filter (:func:`item_dict_ok`).
+        """
+        start, end = (None, None) if datetime is None else (_utc(datetime[0]), _utc(datetime[1]))
+        return iter_local_dicts(self.path, collections=collections, bbox=bbox, start=start, end=end)
 
     def search(
         self,
@@ -277,6 +311,9 @@ class LocalCatalog(Catalog):
         max_cloud: float | None = None,
         page_size: int = 100,
     ) -> list[pystac.Item]:
+        if self._geoms is None:
+            # Item footprints once, so repeated searches (one per modality and year) are cheap.
+            self._geoms = [None if it.geometry is None else shape(it.geometry) for it in self.items]
         aoi = _as_geometry(intersects)
         start, end = (None, None) if datetime is None else (_utc(datetime[0]), _utc(datetime[1]))
         wanted = set(collections)
@@ -414,7 +451,7 @@ def open_catalog(
     if re.match(r"^https?://", text):
         catalog: Catalog = _open_api(text, timeout=timeout, retries=retries, backoff=backoff, headers=headers)
     else:
-        catalog = LocalCatalog(Path(text), read_items(text))
+        catalog = open_local(Path(text))
     if signing is not None and signing not in SIGNING_SCHEMES:
         raise ConfigError(f"unknown signing scheme {signing!r}: use planetary-computer or none")
     catalog.signing = signing
@@ -522,6 +559,237 @@ def _read_geoparquet(path: Path) -> list[pystac.Item]:
     return [pystac.Item.from_dict(f, preserve_dict=False) for f in features]
 
 
+# --- local catalogs, streamed ---------------------------------------------------------------------
+
+_NDJSON_SUFFIXES = (".ndjson", ".jsonl")
+
+
+def _is_geoparquet(path: Path) -> bool:
+    from rtsmap.pipeline.geoparquet import PARQUET_SUFFIXES
+
+    if path.is_file():
+        return path.suffix.lower() in PARQUET_SUFFIXES
+    return path.is_dir() and not (path / "catalog.json").is_file() and any(
+        p.suffix.lower() in PARQUET_SUFFIXES for p in path.rglob("*"))
+
+
+def open_local(path: Path) -> LocalCatalog:
+    """A local catalog: stac-geoparquet and NDJSON opened lazily, other formats read whole.
+
+    Raises
+    ------
+    CatalogError
+        If the path does not exist or is not STAC.
+    """
+    if _is_geoparquet(path):
+        from rtsmap.pipeline.geoparquet import geoparquet_files
+
+        geoparquet_files(path)  # raises for a folder without parquet files
+        return LocalCatalog(path)
+    if path.is_file() and path.suffix.lower() in _NDJSON_SUFFIXES:
+        return LocalCatalog(path)
+    return LocalCatalog(path, read_items(path))
+
+
+def _ndjson_dicts(path: Path) -> Iterable[dict]:
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CatalogError(f"catalog {path} line {number} is not valid JSON: {exc}") from None
+            if not isinstance(data, dict) or data.get("type") != "Feature":
+                raise CatalogError(f"catalog {path} line {number} is not a STAC item")
+            yield data
+
+
+def _dict_bbox(data: dict) -> tuple[float, float, float, float] | None:
+    bbox = data.get("bbox")
+    if bbox and len(bbox) >= 4:
+        if len(bbox) == 6:
+            return (bbox[0], bbox[1], bbox[3], bbox[4])
+        return tuple(bbox[:4])
+    if data.get("geometry"):
+        return shape(data["geometry"]).bounds
+    return None
+
+
+def _dict_time_ok(props: dict, start: dt.datetime | None, end: dt.datetime | None) -> bool:
+    lo, hi = _utc(props.get("start_datetime")), _utc(props.get("end_datetime"))
+    if lo is None or hi is None:
+        lo = hi = _utc(props.get("datetime"))
+    if lo is None or hi is None:
+        return False
+    return not ((start is not None and hi < start) or (end is not None and lo > end))
+
+
+def iter_local_dicts(
+    path: str | Path,
+    *,
+    collections: Sequence[str] | None = None,
+    bbox: Sequence[float] | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+) -> Iterable[dict]:
+    """Stream the item dictionaries of a local catalog that match collections, bbox and time.
+
+    stac-geoparquet is searched with pushdown; NDJSON is read a line at a time; other formats
+    are read whole (they are small by nature). Footprints and clouds are the caller's to test.
+
+    Raises
+    ------
+    CatalogError
+        If the file cannot be read as STAC.
+    """
+    path = Path(path)
+    if _is_geoparquet(path):
+        from rtsmap.pipeline.geoparquet import search_geoparquet
+
+        for data in search_geoparquet(path, collections=collections, bbox=bbox, start=start, end=end):
+            # pyarrow's filter is on the stored datetimes; re-check with STAC API semantics.
+            if (start is None and end is None) or _dict_time_ok(data.get("properties", {}), start, end):
+                yield data
+        return
+    if path.is_file() and path.suffix.lower() in _NDJSON_SUFFIXES:
+        source: Iterable[dict] = _ndjson_dicts(path)
+    else:
+        source = (it.to_dict(include_self_link=False, transform_hrefs=False) for it in read_items(path))
+    wanted = None if collections is None else set(collections)
+    for data in source:
+        if wanted is not None and data.get("collection") not in wanted:
+            continue
+        if bbox is not None:
+            box = _dict_bbox(data)
+            if box is None or box[0] > bbox[2] or box[2] < bbox[0] or box[1] > bbox[3] or box[3] < bbox[1]:
+                continue
+        if (start is not None or end is not None) and not _dict_time_ok(data.get("properties", {}), start, end):
+            continue
+        yield data
+
+
+def local_holdings(path: str | Path) -> dict[str, frozenset[str]]:
+    """Collection id -> asset keys of a local catalog, read without holding its items.
+
+    stac-geoparquet: the ``collection`` column and the fields of the ``assets`` struct; NDJSON:
+    one streamed pass.
+
+    Raises
+    ------
+    CatalogError
+        If the file cannot be read as STAC.
+    """
+    path = Path(path)
+    if _is_geoparquet(path):
+        import pyarrow
+        import pyarrow.parquet as pq
+
+        from rtsmap.pipeline.geoparquet import geoparquet_files
+
+        keys: dict[str, set[str]] = {}
+        for file in geoparquet_files(path):
+            try:
+                handle = pq.ParquetFile(file)
+                names = handle.schema_arrow.names
+                assets = handle.schema_arrow.field("assets").type if "assets" in names else None
+                asset_keys = {f.name for f in assets} if isinstance(assets, pyarrow.StructType) else set()
+                if "collection" in names:
+                    collections = pq.read_table(file, columns=["collection"])["collection"].unique().to_pylist()
+                else:
+                    collections = []
+            except (OSError, pyarrow.ArrowException, KeyError) as exc:
+                raise CatalogError(f"catalog {file} is not readable stac-geoparquet: {str(exc)[:200]}") from None
+            for c in collections:
+                if c:
+                    keys.setdefault(c, set()).update(asset_keys)
+        return {c: frozenset(k) for c, k in sorted(keys.items())}
+    found: dict[str, set[str]] = {}
+    for data in iter_local_dicts(path):
+        if data.get("collection"):
+            # stac-geoparquet written from mixed items carries null assets; keep the keys present.
+            found.setdefault(data["collection"], set()).update(k for k, v in (data.get("assets") or {}).items() if v)
+    return {c: frozenset(k) for c, k in sorted(found.items())}
+
+
+def item_dict_ok(data: dict, geometry: BaseGeometry | None, cloud_property: str | None,
+                 max_cloud: float | None) -> bool:
+    """Whether an item dictionary meets a (prepared) WGS84 geometry and the cloud limit."""
+    if max_cloud is not None and cloud_property is not None:
+        value = (data.get("properties") or {}).get(cloud_property)
+        if value is None or float(value) > max_cloud:
+            return False
+    if geometry is not None:
+        if not data.get("geometry"):
+            return False
+        return bool(shapely.intersects(geometry, shape(data["geometry"])))
+    return True
+
+
+# --- compact item records -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """What the planning and the loader need of one item, compact (a pystac.Item is ~20x larger).
+
+    The footprint is kept in the grid CRS (projected once); the rest is the slim item (the
+    assets the modality reads with their hrefs and projection, the datetimes, cloud cover and
+    processing baseline: :func:`slim_dict`) as compact JSON bytes, turned into a
+    ``pystac.Item`` only on the worker that reads it.
+    """
+
+    id: str
+    """Item id."""
+    collection: str
+    """Collection id."""
+    datetime: str | None
+    """Acquisition time (``datetime``, else ``start_datetime``), ISO 8601 in UTC."""
+    cloud_cover: float | None
+    """The modality's cloud property, if it has one."""
+    footprint_wkb: bytes
+    """Footprint in the grid CRS (WKB), densified before projection."""
+    data: bytes
+    """The slim item as JSON (UTF-8)."""
+
+    def to_dict(self) -> dict:
+        """The slim item as a dictionary (no links)."""
+        return json.loads(self.data)
+
+    def to_item(self) -> pystac.Item:
+        """The slim item as a ``pystac.Item`` (what :func:`rtsmap.pipeline.load.load_chunk` takes)."""
+        return pystac.Item.from_dict(self.to_dict(), preserve_dict=False)
+
+
+def record_from_dict(data: dict, modality: ModalityProfile, footprint_wkb: bytes) -> ItemRecord:
+    """The compact record of an item dictionary searched for ``modality``.
+
+    Parameters
+    ----------
+    data
+        A STAC item dictionary (from a local catalog or an API page).
+    modality
+        The modality it was searched for (which assets and properties to keep).
+    footprint_wkb
+        Its footprint in the grid CRS (WKB).
+
+    Returns
+    -------
+    ItemRecord
+    """
+    slim = slim_dict(data, modality)
+    props = slim["properties"]
+    cloud = props.get(modality.cloud_property) if modality.cloud_property else None
+    return ItemRecord(
+        id=str(slim["id"]),
+        collection=str(slim.get("collection") or ""),
+        datetime=props.get("datetime") or props.get("start_datetime"),
+        cloud_cover=None if cloud is None else float(cloud),
+        footprint_wkb=footprint_wkb,
+        data=json.dumps(slim, separators=(",", ":")).encode(),
+    )
+
+
 # --- per-modality search ------------------------------------------------------------------------
 
 
@@ -613,6 +881,39 @@ def _iso(value: Any) -> str | None:
     return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def slim_dict(data: dict, modality: ModalityProfile) -> dict:
+    """The part of an item dictionary the pipeline reads, with no links (see :func:`slim_item`)."""
+    props = data.get("properties") or {}
+    wanted = set(_KEPT_PROPERTIES)
+    wanted.update(k for k in (modality.cloud_property, getattr(modality.offset_rule, "property", None)) if k)
+    kept = {k: v for k, v in props.items() if k in wanted or k.startswith("proj:")}
+    for key in ("datetime", "start_datetime", "end_datetime"):
+        if key in kept:
+            kept[key] = _iso(kept[key])
+    kept.setdefault("datetime", None)
+    keys = {band.asset for band in modality.bands}
+    if modality.mask is not None:
+        keys.add(modality.mask.asset)
+    source_assets = data.get("assets") or {}
+    assets = {}
+    for key in sorted(keys & {k for k, v in source_assets.items() if v}):
+        asset = {k: v for k, v in source_assets[key].items() if v is not None}
+        asset.pop("alternate", None)  # other hrefs (s3://...) the loader never reads
+        assets[key] = asset
+    return {
+        "type": "Feature",
+        "stac_version": data.get("stac_version") or pystac.get_stac_version(),
+        "stac_extensions": list(data.get("stac_extensions") or []),
+        "id": data["id"],
+        "collection": data.get("collection"),
+        "geometry": data.get("geometry"),
+        "bbox": list(data["bbox"]) if data.get("bbox") is not None else None,
+        "properties": kept,
+        "links": [],
+        "assets": assets,
+    }
+
+
 def slim_item(item: pystac.Item, modality: ModalityProfile) -> pystac.Item:
     """The part of an item the pipeline reads, with no links, so nothing is ever resolved.
 
@@ -634,35 +935,17 @@ def slim_item(item: pystac.Item, modality: ModalityProfile) -> pystac.Item:
     pystac.Item
         A new item without links.
     """
-    props = item.properties
-    wanted = set(_KEPT_PROPERTIES)
-    wanted.update(k for k in (modality.cloud_property, getattr(modality.offset_rule, "property", None)) if k)
-    kept = {k: v for k, v in props.items() if k in wanted or k.startswith("proj:")}
-    for key in ("datetime", "start_datetime", "end_datetime"):
-        if key in kept:
-            kept[key] = _iso(kept[key])
-    kept.setdefault("datetime", None)
-    keys = {band.asset for band in modality.bands}
-    if modality.mask is not None:
-        keys.add(modality.mask.asset)
-    assets = {}
-    for key in sorted(keys & set(item.assets)):
-        asset = dict(item.assets[key].to_dict())
-        asset.pop("alternate", None)  # other hrefs (s3://...) the loader never reads
-        assets[key] = asset
     data = {
-        "type": "Feature",
-        "stac_version": pystac.get_stac_version(),
-        "stac_extensions": list(item.stac_extensions),
         "id": item.id,
         "collection": item.collection_id,
         "geometry": item.geometry,
         "bbox": item.bbox,
-        "properties": kept,
-        "links": [],
-        "assets": assets,
+        "stac_extensions": list(item.stac_extensions),
+        "stac_version": pystac.get_stac_version(),
+        "properties": item.properties,
+        "assets": {k: a.to_dict() for k, a in item.assets.items()},
     }
-    return pystac.Item.from_dict(data, preserve_dict=False)
+    return pystac.Item.from_dict(slim_dict(data, modality), preserve_dict=False)
 
 
 # --- signing (Planetary Computer) ---------------------------------------------------------------

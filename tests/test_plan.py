@@ -119,7 +119,9 @@ def test_plan_json_counts_items_gaps_and_estimate(region):
     est = plan["estimate"]
     assert est["tile_years"] == plan["tiles"] * 2
     window_px = (2 * 120 + 8) ** 2
-    assert est["input_bytes"] == n_chunks * window_px * (9 + 8 + 4) * 2
+    # one task per chunk holds all its years: the DEM is read once per chunk, not once per year
+    assert est["input_bytes"] == n_chunks * window_px * ((9 + 8) * 2 + 4)
+    assert est["tasks"] == n_chunks and est["chunk_years"] == n_chunks * 2
     assert est["seconds"] == pytest.approx(est["tile_years"] * 0.1)
 
 

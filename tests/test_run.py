@@ -171,7 +171,7 @@ def test_end_to_end_cli(reference):
     assert "Traceback" not in proc.stderr
     assert "INFO" not in proc.stderr  # Dask's INFO logs only with -v
     # The plan line and the summary.
-    assert "4 chunks x 2 years: 8 to do, 0 already done" in proc.stderr
+    assert "8 chunk-years run, 0 already done" in proc.stderr
     assert "[rtsmap] 8/8 chunk-years done, 0 failed" in proc.stderr  # progress (log lines off a terminal)
     assert f"inventory: {out}" in proc.stdout
     for year in YEARS:
@@ -237,7 +237,8 @@ def test_worker_killed_mid_run(demo_region, model_path, reference, tmp_path):
 
     config = run_config(demo_region, model_path, tmp_path / "inv.gpkg")
     plan = make_plan(config)
-    assert len(plan.tasks) == 8
+    tasks = plan.tasks
+    assert len(tasks) == 4 and all(len(t.years) == 2 for t in tasks)  # one task per chunk, all its years
     killed: dict[str, object] = {}
 
     with open_cluster(config.cluster) as client:
@@ -269,7 +270,7 @@ def test_worker_killed_mid_run(demo_region, model_path, reference, tmp_path):
     result = finish(plan, started=time.monotonic(), started_iso="")
 
     # Every chunk-year came back once, processed, and its fragment exists exactly once.
-    assert sorted((r["chunk_id"], r["year"]) for r in records) == sorted((t.chunk.id, t.year) for t in plan.tasks)
+    assert sorted((r["chunk_id"], r["year"]) for r in records) == sorted((t.chunk.id, y) for t in tasks for y in t.years)
     # "skipped": the killed worker had written the fragment but not yet reported it; the rerun
     # found the fragment and did not compute it twice.
     assert {r["status"] for r in records} <= {"processed", "skipped"}
@@ -340,8 +341,8 @@ def test_interrupt_kill_and_resume(demo_region, model_path, reference, tmp_path)
     # 3. The same command once more: skips what is done, redoes the rest, same inventory.
     proc = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert f"8 to do, 0 already done" not in proc.stderr
-    assert f"{8 - len(done)} to do, {len(done)} already done" in proc.stderr
+    assert "8 chunk-years run, 0 already done" not in proc.stderr
+    assert f"{8 - len(done)} chunk-years run, {len(done)} already done" in proc.stderr
     assert_same_inventory(out, reference[0])
     # The half-written fragment was recomputed (a real GeoParquet now, with its marker).
     assert half.with_suffix(".json").is_file()
@@ -403,7 +404,7 @@ def test_corrupt_asset_is_partial_then_resumed(demo_region, model_path, referenc
     vv.write_bytes(good)
     proc = subprocess.run(args + ["--overwrite"], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "4 to do, 4 already done" in proc.stderr
+    assert "4 chunk-years run, 4 already done" in proc.stderr
     assert "PARTIAL" not in proc.stdout
     assert_one_fragment_each(Path(str(out) + ".work"), n_chunks=4)
     got, want = read_layers(out), read_layers(reference[0])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import shapely
 
 from rtsmap.pipeline.grid import Chunk
@@ -26,6 +27,7 @@ from rtsmap.workflows.planning import (  # noqa: F401  (re-exported: older impor
     Planned,
     describe,
     footprint_in_grid,
+    key_text,
     plan_chunks,
     profile_given,
     profile_names,
@@ -76,20 +78,41 @@ def plan_report(config: RunConfig, *, tile_seconds: float = DEFAULT_TILE_SECONDS
 
 
 def report(planned: Planned, *, tile_seconds: float = DEFAULT_TILE_SECONDS) -> dict[str, Any]:
-    """The plan report of a :class:`~workflows.planning.Planned` (see :func:`plan_report`)."""
-    chunks, aoi = planned.chunks, planned.aoi
+    """The plan report of a :class:`~workflows.planning.Planned` (see :func:`plan_report`).
+
+    Goes through the plan one block at a time: only one block's chunks, tiles and items exist
+    at once.
+    """
+    aoi = planned.aoi
     years = sorted(set(int(y) for y in planned.config.years))
-    items: dict[str, dict[str, int]] = {}
+    keys = {(m, y) for y in years for m in planned.modalities for (m, y) in [planned.key(m, y)]}
+    texts = sorted(({key_text(k): k for k in keys}).items())
     missing: dict[str, dict[str, list[str]]] = {}
     partial: dict[str, dict[str, list[str]]] = {}
-    for (modality, year), found_items in planned.found.items():
-        key = "static" if year is None else str(year)
-        items.setdefault(modality, {})[key] = len(found_items)
-        gaps, parts = _coverage(chunks, planned.index[(modality, year)], aoi.geometry)
-        missing.setdefault(modality, {})[key] = gaps
-        partial.setdefault(modality, {})[key] = parts
-    n_tiles = sum(len(c.tiles) for c in chunks)
-    facts = describe(planned)
+    for text, (modality, year) in texts:
+        label = "static" if year is None else str(year)
+        missing.setdefault(modality, {})[label] = []
+        partial.setdefault(modality, {})[label] = []
+    chunk_ids: list[str] = []
+    n_chunks = n_tiles = 0
+    for block in planned.iter_blocks():
+        chunk_ids.extend(c.id for c in block.chunks)
+        n_chunks += len(block.chunks)
+        n_tiles += sum(len(c.tiles) for c in block.chunks)
+        cut = shapely.intersection(aoi.geometry, shapely.box(*_grown(block.block.bounds, planned)))
+        for text, (modality, year) in texts:
+            label = "static" if year is None else str(year)
+            gaps, parts = block_coverage(block.chunks, block.index.get(text), cut)
+            missing[modality][label].extend(gaps)
+            partial[modality][label].extend(parts)
+    counts = planned.item_counts()
+    items: dict[str, dict[str, int]] = {}
+    for text, (modality, year) in texts:
+        items.setdefault(modality, {})["static" if year is None else str(year)] = counts.get(text, 0)
+    for per_year in (*missing.values(), *partial.values()):
+        for ids in per_year.values():
+            ids.sort()
+    facts = describe(planned, chunk_ids=sorted(chunk_ids))
     return {
         "aoi": str(aoi.source),
         "aoi_area_km2": round(aoi.geometry.area / 1e6, 3),
@@ -98,32 +121,62 @@ def report(planned: Planned, *, tile_seconds: float = DEFAULT_TILE_SECONDS) -> d
         "model": {"path": str(planned.model.path), "name": planned.model.name, "version": planned.model.version},
         "years": years,
         "grid": facts["grid"],
-        "chunks": len(chunks),
+        "chunks": n_chunks,
         "tiles": n_tiles,
         "chunk_ids": facts["chunk_ids"],
         "items": items,
         "missing": missing,
         "partial": partial,
-        "estimate": _estimate(chunks, n_tiles, years, list(planned.modalities.values()), tile_seconds),
+        "estimate": _estimate(planned.spec, n_chunks, n_tiles, years, list(planned.modalities.values()),
+                              tile_seconds),
         "warnings": list(planned.warnings),
     }
 
 
-def _coverage(chunks: list[Chunk], index: ItemIndex, aoi: shapely.Geometry) -> tuple[list[str], list[str]]:
+def _grown(bounds, planned: Planned):
+    margin = planned.spec.window_px * planned.spec.resolution
+    return (bounds[0] - margin, bounds[1] - margin, bounds[2] + margin, bounds[3] + margin)
+
+
+def block_coverage(chunks: list[Chunk], index: ItemIndex | None, aoi: shapely.Geometry) -> tuple[list[str], list[str]]:
     """Chunk ids no footprint touches, and ids whose AOI part the footprints cover only in part.
 
-    The items of a chunk are those ``rtsmap run`` gives its task (``ItemIndex.covering``).
+    The items of a chunk are those ``rtsmap run`` gives its task (``ItemIndex.covering``). One
+    union of the footprints per block (not one per chunk), then vectorised tests: a chunk whose
+    AOI part lies inside the union is covered; only the others measure what is left out.
+
+    Parameters
+    ----------
+    chunks
+        The chunks of one block.
+    index
+        The items of one modality-year meeting the block (None: no item).
+    aoi
+        The AOI (or its part around the block) in the grid CRS.
+
+    Returns
+    -------
+    (gaps, parts) : lists of chunk ids
     """
-    gaps, parts = [], []
-    for chunk in chunks:
-        hits = index.covering(chunk)
-        if not hits:
-            gaps.append(chunk.id)
+    if not chunks:
+        return [], []
+    if index is None or not len(index.items):
+        return [c.id for c in chunks], []
+    windows = shapely.box(*np.array([c.bounds for c in chunks]).T)
+    hit_chunk, hit_item = index.tree.query(windows, predicate="intersects")
+    has = np.zeros(len(chunks), dtype=bool)
+    has[hit_chunk] = True
+    gaps = [c.id for c, h in zip(chunks, has) if not h]
+    covered = shapely.union_all(index.footprints[np.unique(hit_item)])
+    shapely.prepare(covered)
+    needed = shapely.intersection(windows[has], aoi)
+    inside = shapely.contains(covered, needed)
+    parts = []
+    for chunk, need, ok in zip([c for c, h in zip(chunks, has) if h], needed, inside):
+        if ok:
             continue
-        needed = shapely.intersection(shapely.box(*chunk.bounds), aoi)
-        covered = shapely.union_all([index.footprints[i] for i in hits])
         # A sliver (< 0.1 % of the needed area) is reprojection noise, not a gap.
-        if shapely.difference(needed, covered).area > 1e-3 * max(needed.area, 1.0):
+        if shapely.difference(need, covered).area > 1e-3 * max(need.area, 1.0):
             parts.append(chunk.id)
     return gaps, parts
 
@@ -135,19 +188,22 @@ def _modality_bytes_per_pixel(modality: ModalityProfile) -> int:
     return size
 
 
-def _estimate(chunks: list[Chunk], n_tiles: int, years: list[int], modalities: list[ModalityProfile],
+def _estimate(spec, n_chunks: int, n_tiles: int, years: list[int], modalities: list[ModalityProfile],
               tile_seconds: float) -> dict:
     """Work and input size of the modalities the model reads, stated with their assumptions."""
-    pixels = sum(c.shape[0] * c.shape[1] for c in chunks)
-    per_pixel = sum(_modality_bytes_per_pixel(m) for m in modalities)
-    input_bytes = pixels * per_pixel * len(years)
+    pixels = n_chunks * spec.window_px * spec.window_px
+    per_year = sum(_modality_bytes_per_pixel(m) for m in modalities if m.per_year)
+    static = sum(_modality_bytes_per_pixel(m) for m in modalities if not m.per_year)
+    input_bytes = pixels * (per_year * len(years) + static)
     tile_years = n_tiles * len(years)
     return {
-        "chunk_years": len(chunks) * len(years),
+        "chunk_years": n_chunks * len(years),
+        "tasks": n_chunks,
         "tile_years": tile_years,
         "input_bytes": int(input_bytes),
         "input_bytes_note": "uncompressed, at grid resolution, one scene per modality and chunk-year "
-        "(the DEM is read again each year); overlapping scenes read more",
+        "(static modalities such as the DEM once per chunk: one task per chunk holds all its years); "
+        "overlapping scenes read more",
         "seconds_per_tile": tile_seconds,
         "seconds": round(tile_years * tile_seconds, 1),
         "seconds_note": f"assumed {tile_seconds:g} s per tile on one GPU worker; divide by the workers",

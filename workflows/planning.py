@@ -8,39 +8,55 @@ Everything a command decides before reading a raster is decided here, once:
   with no catalog either, ``planetary-computer`` and its URL;
 - the catalog, always opened with the profile's signing and headers;
 - the grid, from the model's tile size and resolution (:func:`grid_spec`);
-- the search, and the items that cover each chunk (:class:`ItemIndex`);
+- the search, by blocks of chunks, into compact item records kept on disk
+  (:class:`~rtsmap.workflows.item_blocks.ItemStore`), and the items that cover each chunk
+  (:class:`ItemIndex`, one block at a time), so memory does not grow with the AOI or the years;
 - the checks that end a command before work starts (no item at all for a modality the model
   needs; outputs that cannot be written; inputs that cannot be read).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyproj
-import pystac
 import shapely
 
 from rtsmap.pipeline.aoi import AOI, read_aoi
 from rtsmap.pipeline.errors import ConfigError, ModelError, OutputError
-from rtsmap.pipeline.grid import Chunk, GridSpec, plan_grid
+from rtsmap.pipeline.grid import Block, Chunk, GridSpec, chunks_of_block, estimate_chunks, plan_blocks
 from rtsmap.pipeline.infer import check_compatible
 from rtsmap.pipeline.model_file import ModelInfo, read_model_info
 from rtsmap.pipeline.profiles import CatalogProfile, ModalityProfile, load_profile
-from rtsmap.pipeline.stac import Catalog, LocalCatalog, open_catalog, redact, search_modalities
+from rtsmap.pipeline.stac import (
+    Catalog,
+    ItemRecord,
+    LocalCatalog,
+    item_dict_ok,
+    open_catalog,
+    record_from_dict,
+    redact,
+    season_window,
+)
 from rtsmap.workflows.config import DEMO_MODEL, RunConfig
+from rtsmap.workflows.item_blocks import ItemStore, key_text
+
+log = logging.getLogger(__name__)
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 DEFAULT_PROFILE = "planetary-computer"
 """The profile taken when neither a profile nor a catalog is given."""
 
-SearchResult = dict[tuple[str, int | None], list[pystac.Item]]
+DEFAULT_BLOCK_CHUNKS = 16
+"""Chunks along a block side: 256 chunks a block (~290 km square at 10 m with 256 px tiles)."""
 
 
 # --- profiles -----------------------------------------------------------------------------------
@@ -197,28 +213,62 @@ def grid_spec(info: ModelInfo, config: RunConfig) -> GridSpec:
 
 def footprint_in_grid(geometry: dict, transformer: pyproj.Transformer) -> shapely.Geometry:
     """An item footprint (GeoJSON, WGS84) in the grid CRS, densified so long edges bend right."""
-    geom = shapely.segmentize(shapely.geometry.shape(geometry), 0.01)  # degrees
-    projected = shapely.transform(geom, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+    return footprints_in_grid([geometry], transformer)[0]
+
+
+def footprints_in_grid(geometries: list[dict], transformer: pyproj.Transformer) -> np.ndarray:
+    """Footprints (GeoJSON, WGS84) in the grid CRS, densified, projected in one call per batch."""
+    geoms = shapely.segmentize(np.array([shapely.geometry.shape(g) for g in geometries], dtype=object), 0.01)
+    projected = shapely.transform(geoms, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
     return shapely.make_valid(projected)
 
 
 class ItemIndex:
-    """The items of one modality and year, their footprints projected once into the grid CRS."""
+    """Item records of one modality and year (of one block), indexed by footprint in the grid CRS."""
 
-    def __init__(self, items: list[pystac.Item], crs: str) -> None:
-        to_grid = pyproj.Transformer.from_crs("EPSG:4326", crs, always_xy=True)
-        self.items = [it for it in items if it.geometry is not None]
-        self.footprints = [footprint_in_grid(it.geometry, to_grid) for it in self.items]
+    def __init__(self, records: list[ItemRecord]) -> None:
+        self.items = list(records)
+        self.footprints = shapely.from_wkb(np.array([r.footprint_wkb for r in self.items], dtype=object))
         self.tree = shapely.STRtree(self.footprints)
 
     def covering(self, chunk: Chunk) -> list[int]:
-        """Positions (in search order) of the items whose footprint meets the chunk's read window."""
+        """Positions (in id order) of the items whose footprint meets the chunk's read window."""
         return sorted(int(i) for i in self.tree.query(shapely.box(*chunk.bounds), predicate="intersects"))
 
 
 @dataclass(frozen=True)
+class PlannedBlock:
+    """One block of the plan: its chunks and the items that meet it, by modality and year."""
+
+    block: Block
+    """The block."""
+    chunks: list[Chunk]
+    """Its chunks (with the tiles touching the AOI), sorted by id."""
+    index: dict[str, ItemIndex]
+    """``"modality:year"`` -> the items meeting the block."""
+
+    def chunk_items(self, chunk: Chunk, keys: dict[str, str]) -> dict[str, list[ItemRecord]]:
+        """Modality -> the records (id order) whose footprint meets the chunk's read window.
+
+        ``keys`` maps each modality to its ``"modality:year"`` key (see :meth:`Planned.keys_for`).
+        """
+        out = {}
+        for modality, key in keys.items():
+            index = self.index.get(key)
+            out[modality] = [] if index is None else [index.items[i] for i in index.covering(chunk)]
+        return out
+
+
+PLAN_BYTES_PER_CHUNK = 600
+"""Client memory a planned chunk costs at most (its id in the report, gap lists, task bookkeeping)."""
+
+DEFAULT_PLAN_MEMORY_GB = 1.5
+"""Memory budget of a plan, unless ``RTSMAP_PLAN_MEMORY_GB`` says otherwise."""
+
+
+@dataclass(frozen=True)
 class Planned:
-    """What plan and run both know before any raster is read."""
+    """What plan and run both know before any raster is read (items on disk, by block)."""
 
     config: RunConfig
     """The run configuration (years, grid layout, model, catalog)."""
@@ -234,12 +284,10 @@ class Planned:
     """The AOI in the grid CRS."""
     spec: GridSpec
     """The grid (from the model and the configuration)."""
-    chunks: list[Chunk]
-    """Chunks with a tile touching the AOI, sorted by id."""
-    found: SearchResult
-    """``(modality, year or None)`` -> items found (slim, without links), sorted by id."""
-    index: dict[tuple[str, int | None], ItemIndex]
-    """The same items, indexed by footprint."""
+    blocks: tuple[Block, ...]
+    """Blocks of chunks that meet the AOI, row-major."""
+    items: ItemStore
+    """The items found, as compact records by block (on disk)."""
     warnings: tuple[str, ...] = ()
     """One-line warnings for the user (e.g. synthetic demo weights on real scenes)."""
 
@@ -247,17 +295,36 @@ class Planned:
         """The search key of a modality in a year (None for static modalities)."""
         return (modality, year if self.modalities[modality].per_year else None)
 
-    def chunk_items(self, chunk: Chunk, year: int) -> dict[str, list[pystac.Item]]:
-        """Modality -> the items (search order) whose footprint meets the chunk's read window."""
-        out = {}
-        for modality in self.modalities:
-            index = self.index.get(self.key(modality, year))
-            out[modality] = [] if index is None else [index.items[i] for i in index.covering(chunk)]
-        return out
+    def keys_for(self, year: int) -> dict[str, str]:
+        """Modality -> ``"modality:year"`` key of its items in ``year``."""
+        return {m: key_text(self.key(m, year)) for m in self.modalities}
+
+    def iter_blocks(self) -> Iterator[PlannedBlock]:
+        """The blocks with chunks, one at a time, each with its chunks and items."""
+        for block in self.blocks:
+            chunks = chunks_of_block(self.aoi.geometry, self.spec, block)
+            if not chunks:
+                continue
+            records = self.items.block_records(block)
+            index = {key: ItemIndex(recs) for key, recs in records.items()}
+            yield PlannedBlock(block, chunks, index)
+
+    def iter_chunks(self) -> Iterator[Chunk]:
+        """Every chunk, block by block (the grid only; no item is read)."""
+        for block in self.blocks:
+            yield from chunks_of_block(self.aoi.geometry, self.spec, block)
+
+    def chunk_ids(self) -> list[str]:
+        """Ids of every chunk, sorted (as :func:`rtsmap.pipeline.grid.plan_grid` orders them)."""
+        return sorted(c.id for c in self.iter_chunks())
 
     def item_ids(self) -> dict[str, list[str]]:
         """``"modality:year"`` (or ``"modality:None"``) -> the ids found, sorted."""
-        return {f"{m}:{y}": sorted(it.id for it in items) for (m, y), items in self.found.items()}
+        return self.items.ids()
+
+    def item_counts(self) -> dict[str, int]:
+        """``"modality:year"`` -> number of items found."""
+        return self.items.counts()
 
 
 def is_demo_model(path: str | Path) -> bool:
@@ -268,8 +335,38 @@ def is_demo_model(path: str | Path) -> bool:
         return False
 
 
-def plan_chunks(config: RunConfig, *, page_size: int = 100) -> Planned:
-    """The shared planning path: model, profile, catalog, AOI, grid, search, checks.
+def check_plan_memory(aoi: AOI, spec: GridSpec, budget_gb: float | None = None) -> int:
+    """Refuse an AOI whose plan would not fit the memory budget, before anything is allocated.
+
+    Returns
+    -------
+    int
+        The estimated number of chunks.
+
+    Raises
+    ------
+    ConfigError
+        Naming the AOI's area, the estimated chunks and memory, and the budget.
+    """
+    if budget_gb is None:
+        try:
+            budget_gb = float(os.environ.get("RTSMAP_PLAN_MEMORY_GB", DEFAULT_PLAN_MEMORY_GB))
+        except ValueError:
+            raise ConfigError("RTSMAP_PLAN_MEMORY_GB must be a number of gigabytes") from None
+    n = estimate_chunks(aoi.geometry, spec)
+    need = n * PLAN_BYTES_PER_CHUNK / 1e9
+    if need > budget_gb:
+        raise ConfigError(
+            f"the AOI ({aoi.geometry.area / 1e6:,.0f} km2) would plan ~{n:,} chunks of "
+            f"{spec.chunk_px * spec.resolution / 1000:g} km, ~{need:,.1f} GB of plan in memory at "
+            f"{PLAN_BYTES_PER_CHUNK} bytes a chunk, over the budget of {budget_gb:g} GB "
+            "(RTSMAP_PLAN_MEMORY_GB): split the AOI or raise the budget"
+        )
+    return n
+
+
+def plan_chunks(config: RunConfig, *, page_size: int = 100, block_chunks: int = DEFAULT_BLOCK_CHUNKS) -> Planned:
+    """The shared planning path: model, profile, catalog, AOI, grid, search by blocks, checks.
 
     Parameters
     ----------
@@ -277,6 +374,8 @@ def plan_chunks(config: RunConfig, *, page_size: int = 100) -> Planned:
         The run configuration (``profile`` None means: chosen by the rule).
     page_size
         Items per STAC API page.
+    block_chunks
+        Chunks along a block side (a STAC API is searched once per block, modality and year).
 
     Returns
     -------
@@ -285,8 +384,9 @@ def plan_chunks(config: RunConfig, *, page_size: int = 100) -> Planned:
     Raises
     ------
     RtsmapError
-        For a bad AOI, model, profile or years, a catalog that cannot be searched, a model that
-        does not match the profile, or a modality the model needs with no item at all.
+        For a bad AOI, model, profile or years, an AOI too large for the memory budget, a
+        catalog that cannot be searched, a model that does not match the profile, or a
+        modality the model needs with no item at all.
     """
     years = sorted(set(int(y) for y in config.years))
     if not years:
@@ -302,20 +402,89 @@ def plan_chunks(config: RunConfig, *, page_size: int = 100) -> Planned:
     aoi = read_aoi(config.aoi, crs=config.grid.crs)
     spec = grid_spec(info, config)
     check_compatible(info, {m: list(p.band_names) for m, p in modalities.items()}, spec.resolution, spec.tile_px)
-    chunks = plan_grid(aoi.geometry, spec)
-    found = search_modalities(catalog, aoi, years, profile, modalities=list(modalities), page_size=page_size)
-    check_found(found, modalities, catalog, profile)
-    index = {key: ItemIndex(items, spec.crs) for key, items in found.items()}
+    check_plan_memory(aoi, spec)
+    blocks = plan_blocks(aoi.geometry, spec, block_chunks)
+    store = ItemStore(spec, blocks)
+    search_blocks(catalog, aoi, spec, blocks, store, years, modalities, page_size=page_size)
+    check_found(store.counts(), modalities, catalog, profile)
     warnings = []
     if is_demo_model(config.model) and profile.name != "demo":
         warnings.append(
             f"the demo model's weights are synthetic (trained on the synthetic demo region only); "
             f"with profile {profile.name} give --model with real weights to map real slumps"
         )
-    return Planned(config, info, profile, catalog, modalities, aoi, spec, chunks, found, index, tuple(warnings))
+    return Planned(config, info, profile, catalog, modalities, aoi, spec, tuple(blocks), store, tuple(warnings))
 
 
-def check_found(found: SearchResult, modalities: dict[str, ModalityProfile], catalog: Catalog,
+def _records(dicts: Iterable[dict], modality: ModalityProfile, to_grid: pyproj.Transformer,
+             batch: int = 2000) -> Iterator[ItemRecord]:
+    """Compact records of item dictionaries, footprints projected a batch at a time."""
+    chunk: list[dict] = []
+
+    def flush():
+        footprints = footprints_in_grid([d["geometry"] for d in chunk], to_grid)
+        for data, geom in zip(chunk, footprints):
+            yield record_from_dict(data, modality, shapely.to_wkb(geom))
+
+    for data in dicts:
+        if not data.get("geometry"):
+            continue
+        chunk.append(data)
+        if len(chunk) >= batch:
+            yield from flush()
+            chunk = []
+    if chunk:
+        yield from flush()
+
+
+def _block_wgs84(block: Block, aoi: AOI, to_wgs84: pyproj.Transformer) -> shapely.Geometry:
+    """The AOI's part in a block, in WGS84 (the whole AOI where the part would cross the antimeridian)."""
+    part = shapely.intersection(aoi.geometry, shapely.box(*block.bounds))
+    part = shapely.segmentize(part, (block.bounds[2] - block.bounds[0]) / 16)
+    projected = shapely.transform(part, lambda xy: np.column_stack(to_wgs84.transform(xy[:, 0], xy[:, 1])))
+    minx, _, maxx, _ = projected.bounds
+    if maxx - minx > 180 or not projected.is_valid:
+        return aoi.geometry_wgs84
+    return projected
+
+
+def search_blocks(catalog: Catalog, aoi: AOI, spec: GridSpec, blocks: list[Block], store: ItemStore,
+                  years: list[int], modalities: dict[str, ModalityProfile], *, page_size: int = 100) -> None:
+    """Search every modality-year and keep the items, as compact records, by block.
+
+    A local catalog is streamed once per modality-year (stac-geoparquet with pushdown on the
+    AOI's bounds, NDJSON line by line); a STAC API is asked once per block, modality and year,
+    so no query spans the whole AOI and no answer holds more than a block's items.
+
+    Raises
+    ------
+    CatalogError
+        If the catalog cannot be read or searched.
+    """
+    to_grid = pyproj.Transformer.from_crs("EPSG:4326", spec.crs, always_xy=True)
+    to_wgs84 = pyproj.Transformer.from_crs(spec.crs, "EPSG:4326", always_xy=True)
+    area = aoi.geometry_wgs84
+    shapely.prepare(area)
+    for name, modality in modalities.items():
+        for year in years if modality.per_year else [None]:
+            window = season_window(year, modality.season) if year is not None and modality.season else None
+            key = (name, year)
+            if isinstance(catalog, LocalCatalog):
+                dicts = (d for d in catalog.iter_dicts(modality.collections, bbox=area.bounds, datetime=window)
+                         if item_dict_ok(d, area, modality.cloud_property, modality.max_cloud))
+                n = store.add(key, _records(dicts, modality, to_grid))
+            else:
+                n = 0
+                for block in blocks:
+                    items = catalog.search(modality.collections, intersects=_block_wgs84(block, aoi, to_wgs84),
+                                           datetime=window, cloud_property=modality.cloud_property,
+                                           max_cloud=modality.max_cloud, page_size=page_size)
+                    dicts = [it.to_dict(include_self_link=False, transform_hrefs=False) for it in items]
+                    n += store.add(key, _records(dicts, modality, to_grid))
+            log.info("%s %s: %d items read", name, year if year is not None else "(static)", n)
+
+
+def check_found(counts: dict[str, int], modalities: dict[str, ModalityProfile], catalog: Catalog,
                 profile: CatalogProfile) -> None:
     """Refuse a search that found no item at all (in any year) for a modality the model needs.
 
@@ -324,7 +493,7 @@ def check_found(found: SearchResult, modalities: dict[str, ModalityProfile], cat
     ConfigError
         Naming the collections searched and the ones the catalog holds.
     """
-    empty = [m for m in modalities if not any(items for (name, _), items in found.items() if name == m)]
+    empty = [m for m in modalities if not any(n for key, n in counts.items() if key.split(":")[0] == m)]
     if not empty:
         return
     searched = sorted({c for m in empty for c in modalities[m].collections})
@@ -422,8 +591,11 @@ def profile_given(profile_flag: str | None, config_path: str | Path | None) -> b
     return isinstance(data, dict) and data.get("profile") is not None
 
 
-def describe(planned: Planned) -> dict[str, Any]:
-    """Plain facts of a plan shared by the plan report and the run metadata."""
+def describe(planned: Planned, chunk_ids: list[str] | None = None) -> dict[str, Any]:
+    """Plain facts of a plan shared by the plan report and the run metadata.
+
+    ``chunk_ids`` (sorted) when the caller has them already; else the grid is walked again.
+    """
     return {
         "profile": planned.profile.name,
         "catalog": planned.catalog.source,
@@ -434,5 +606,5 @@ def describe(planned: Planned) -> dict[str, Any]:
             "overlap_px": planned.spec.overlap_px,
             "tiles_per_chunk": planned.spec.tiles_per_chunk,
         },
-        "chunk_ids": [c.id for c in planned.chunks],
+        "chunk_ids": planned.chunk_ids() if chunk_ids is None else chunk_ids,
     }

@@ -2,10 +2,11 @@
 
 The flow (one direction):
 
-1. plan: AOI -> grid (from the model's tile size and resolution) -> STAC items per modality and
-   year -> one :class:`~workflows.tasks.ChunkTask` per chunk-year that is not done yet;
-2. execute: submit tasks in waves (at most ``max_in_flight`` at a time, so the scheduler never
-   holds a huge graph), collect them as they complete, show progress;
+1. plan: AOI -> blocks of chunks (grid from the model's tile size and resolution) -> STAC items
+   per block, modality and year, kept on disk as compact records -> one
+   :class:`~workflows.tasks.ChunkTask` per chunk holding all its years not done yet, made lazily;
+2. execute: make and submit tasks in waves (at most ``max_in_flight`` exist at a time, so neither
+   client nor scheduler holds a huge graph), collect them as they complete, show progress;
 3. finish: per year, read the fragments, seam-merge, and write the GeoPackage (atomically).
 
 Finished chunk-years live in the work directory as fragments; a rerun of the same command skips
@@ -38,37 +39,78 @@ from rtsmap.workflows.planning import (
     plan_chunks,
     profile_given,
 )
-from rtsmap.workflows.tasks import ChunkTask, process_chunk_year
+from rtsmap.workflows.tasks import ChunkTask, process_chunk
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunPlan:
-    """What a run will do."""
+    """What a run will do. Tasks are made lazily, a block of chunks at a time (:meth:`iter_tasks`)."""
 
     config: RunConfig
     """The run configuration."""
     spec: GridSpec
     """The grid (tile size and resolution from the model)."""
-    chunks: list[Chunk]
-    """Every chunk of the AOI, done or not."""
-    tasks: list[ChunkTask]
-    """The chunk-years still to do."""
-    skipped: int
-    """Chunk-years already done (fragments found)."""
     store: FragmentStore
     """The fragments of this run key."""
     model_info: Any
     """The model's :class:`~pipeline.model_file.ModelInfo`."""
     aoi: Any
     """The AOI in the grid CRS."""
-    item_ids: dict[str, list[str]] = field(default_factory=dict)
-    """``"modality:year"`` -> ids of the items found."""
-    planned: Planned | None = None
-    """The shared plan (profile, catalog, items) this run plan was made from."""
+    planned: Planned
+    """The shared plan (profile, catalog, blocks, items on disk) this run plan was made from."""
+    inference: Any = None
+    """The inference settings the tasks get (threads set for local workers)."""
     region_name: str = ""
     """ARTS ``RegionName`` of the inventory: the AOI file's stem or ``--region-name``."""
+    skipped: int = 0
+    """Chunk-years found done so far by :meth:`iter_tasks`."""
+
+    def iter_chunks(self):
+        """Every chunk of the AOI, done or not, a block at a time."""
+        return self.planned.iter_chunks()
+
+    def iter_tasks(self):
+        """One :class:`ChunkTask` per chunk with a year not done, made as the run asks for them.
+
+        A chunk whose years are all done makes no task; one partly done gets only its missing
+        years. Items are read from the plan's store one block at a time.
+        """
+        planned, years = self.planned, sorted(set(self.config.years))
+        keys = {year: planned.keys_for(year) for year in years}
+        for block in planned.iter_blocks():
+            for chunk in block.chunks:
+                todo = tuple(y for y in years if not self.store.is_done(y, chunk.id))
+                self.skipped += len(years) - len(todo)
+                if not todo:
+                    continue
+                per_key: dict[str, tuple[bytes, ...]] = {}
+                items = {}
+                for year in todo:
+                    items[year] = {}
+                    for modality, key in keys[year].items():
+                        if key not in per_key:  # a static modality's items once for all years
+                            found = block.chunk_items(chunk, {modality: key})[modality]
+                            per_key[key] = tuple(r.data for r in found)
+                        items[year][modality] = per_key[key]
+                yield ChunkTask(
+                    chunk=chunk,
+                    years=todo,
+                    items=items,
+                    profiles=planned.modalities,
+                    model_path=str(self.config.model),
+                    model_sha256=self.model_info.sha256,
+                    inference=self.inference,
+                    store=self.store,
+                    core_wkb=chunk_core(chunk, self.aoi.geometry).wkb,
+                    signing=planned.catalog.signing,
+                )
+
+    @property
+    def tasks(self) -> list[ChunkTask]:
+        """Every task at once (small AOIs and tests; a run uses :meth:`iter_tasks`)."""
+        return list(self.iter_tasks())
 
 
 def chunk_core(chunk: Chunk, aoi_geometry: shapely.Geometry) -> shapely.Geometry:
@@ -137,41 +179,14 @@ def make_plan(config: RunConfig, *, region_name: str | None = None) -> RunPlan:
         # machine; give each worker its share.
         share = max(1, (os.cpu_count() or 1) // local_worker_count(config.cluster))
         inference = replace(inference, threads=share)
-    tasks: list[ChunkTask] = []
-    skipped = 0
-    for chunk in planned.chunks:
-        core = chunk_core(chunk, planned.aoi.geometry)
-        for year in config.years:
-            if store.is_done(year, chunk.id):
-                skipped += 1
-                continue
-            items = {
-                m: tuple(it.to_dict(include_self_link=False, transform_hrefs=False) for it in found)
-                for m, found in planned.chunk_items(chunk, year).items()
-            }
-            tasks.append(
-                ChunkTask(
-                    chunk=chunk,
-                    year=year,
-                    items=items,
-                    profiles=planned.modalities,
-                    model_path=str(config.model),
-                    model_sha256=info.sha256,
-                    inference=inference,
-                    store=store,
-                    core_wkb=core.wkb,
-                    signing=planned.catalog.signing,
-                )
-            )
     region = region_name or Path(config.aoi).stem
-    return RunPlan(config, planned.spec, planned.chunks, tasks, skipped, store, info, planned.aoi,
-                   planned.item_ids(), planned, region)
+    return RunPlan(config, planned.spec, store, info, planned.aoi, planned, inference, region)
 
 
 class Progress:
     """Chunks done of total, throughput and ETA: a bar on a terminal, log lines otherwise."""
 
-    def __init__(self, total: int, *, every_s: float = 30.0, stream=None) -> None:
+    def __init__(self, total: int | None, *, every_s: float = 30.0, stream=None) -> None:
         self.total, self.done, self.failed = total, 0, 0
         self.started = time.monotonic()
         self.every_s, self.last = every_s, 0.0
@@ -192,19 +207,27 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
-            elapsed = now - self.started
-            rate = self.done / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(
-                f"[rtsmap] {self.done}/{self.total} chunk-years done, {self.failed} failed, "
-                f"{rate * 60:.1f}/min, ETA {_duration(eta)}",
-                file=self.stream,
-                flush=True,
-            )
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 and self.total else float("inf")
+        total = "" if self.total is None else f"/{self.total}"
+        print(
+            f"[rtsmap] {self.done}{total} chunk-years done, {self.failed} failed, "
+            f"{rate * 60:.1f}/min, ETA {_duration(eta)}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
+        """End the bar, or print the last line (a lazy run learns its total only at the end)."""
         if self.bar is not None:
             self.bar.close()
+        elif self.total is None and self.done:
+            self.total = self.done
+            self._line(time.monotonic())
 
 
 def _duration(seconds: float) -> str:
@@ -214,13 +237,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def execute(plan: RunPlan, client, *, stream=None) -> list[dict[str, Any]]:
-    """Run the plan's tasks on the cluster in waves; return one record per task.
+def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str, Any]]:
+    """Run the plan's tasks on the cluster in waves; return one record per chunk-year.
 
-    At most ``max_in_flight`` tasks are submitted at a time (default 4 per worker), and a new one
-    goes in as each completes, so memory on the scheduler stays bounded however large the AOI.
-    A task that raises (after Dask's own retries, e.g. for a worker that died) is recorded as
-    failed with its error; the others go on.
+    Tasks are made as they are submitted (:meth:`RunPlan.iter_tasks`): at most
+    ``max_in_flight`` exist at a time (default 4 per worker), and a new one is made and
+    submitted as each completes, so memory on the client and the scheduler stays bounded
+    however large the AOI. A task that raises (after Dask's own retries, e.g. for a worker that
+    died) is recorded as failed, for each of its years, with its error; the others go on.
+
+    Parameters
+    ----------
+    plan
+        The run plan.
+    client
+        A ``distributed.Client``.
+    stream
+        Where progress goes.
+    tasks
+        The tasks to run (default: ``plan.iter_tasks()``).
     """
     from distributed import as_completed
 
@@ -229,15 +264,15 @@ def execute(plan: RunPlan, client, *, stream=None) -> list[dict[str, Any]]:
     limit = config.max_in_flight or 4 * n_workers
     # A fraction of a GPU per task: loading (CPU, I/O) of one task overlaps the model of another.
     resources = {"GPU": 1 / config.cluster.tasks_per_gpu} if config.cluster.gpus_per_worker > 0 else None
-    progress = Progress(len(plan.tasks), stream=stream)
-    pending = iter(plan.tasks)
+    progress = Progress(None, stream=stream)
+    pending = iter(plan.iter_tasks() if tasks is None else tasks)
     records: list[dict[str, Any]] = []
 
     def submit(task: ChunkTask):
         return client.submit(
-            process_chunk_year,
+            process_chunk,
             task,
-            key=f"chunk-{task.chunk.id}-{task.year}-{plan.store.root.name}",
+            key=f"chunk-{task.chunk.id}-{'-'.join(map(str, task.years))}-{plan.store.root.name}",
             retries=config.retries,
             resources=resources,
             pure=False,
@@ -256,18 +291,18 @@ def execute(plan: RunPlan, client, *, stream=None) -> list[dict[str, Any]]:
             task = owner.pop(fut.key)
             if fut.status == "error":
                 exc = fut.exception()
-                record = {
-                    "chunk_id": task.chunk.id,
-                    "year": task.year,
-                    "status": "failed",
-                    "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
-                }
-                plan.store.write_failure(task.year, task.chunk.id, record)
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                done = []
+                for year in task.years:
+                    record = {"chunk_id": task.chunk.id, "year": year, "status": "failed", "reason": reason}
+                    plan.store.write_failure(year, task.chunk.id, record)
+                    done.append(record)
             else:
-                record = fut.result()
+                done = fut.result()
             fut.release()
-            records.append(record)
-            progress.update(record)
+            for record in done:
+                records.append(record)
+                progress.update(record)
             nxt = next(pending, None)
             if nxt is not None:
                 new = submit(nxt)
@@ -327,7 +362,7 @@ def _coverage_rows(plan: RunPlan, year: int) -> tuple[list, list[dict], list[dic
     store = plan.store
     frames, rows, failures, used = [], [], [], set()
     failed = store.failures(year)
-    for chunk in plan.chunks:
+    for chunk in plan.iter_chunks():
         if store.is_done(year, chunk.id):
             record = store.read_record(year, chunk.id)
             frames.append(store.read_detections(year, chunk.id))
@@ -375,31 +410,15 @@ def _gather_year(plan: RunPlan, year: int) -> _Year:
     return _Year(merged, cov, result, failures, used)
 
 
-def _item_dates(plan: RunPlan) -> dict[str, str]:
-    """Item id -> acquisition date (``YYYY-MM-DD``) of every item found."""
-    dates: dict[str, str] = {}
-    if plan.planned is None:
-        return dates
-    for items in plan.planned.found.values():
-        for item in items:
-            when = item.properties.get("datetime") or item.properties.get("start_datetime")
-            if when:
-                dates[item.id] = str(when)[:10]
-    return dates
-
-
 def base_map_dates(plan: RunPlan, used: dict[int, set[str]]) -> dict[str, str]:
     """ARTS ``BaseMapDate`` per year: the first and last date of the per-year scenes that gave pixels.
 
     Static scenes (the DEM) are left out: they date the terrain, not the year's map.
     """
-    dates = _item_dates(plan)
-    per_year = set()
-    if plan.planned is not None:
-        per_year = {it.id for (_, y), items in plan.planned.found.items() if y is not None for it in items}
+    dates = plan.planned.items.dates(i for ids in used.values() for i in ids)
     out = {}
     for year, ids in sorted(used.items()):
-        days = sorted(dates[i] for i in ids if i in dates and i in per_year)
+        days = sorted(dates[i] for i in ids if i in dates)
         if days:
             out[str(year)] = days[0] if days[0] == days[-1] else f"{days[0]},{days[-1]}"
     return out
@@ -429,10 +448,10 @@ def run_metadata(plan: RunPlan, years: dict[int, _Year], *, started_iso: str) ->
         "base_map_dates": base_map_dates(plan, {y: v.used_items for y, v in years.items()}),
         "base_map_resolution": plan.spec.resolution,
         "software_version": _version(),
-        "stac_items": plan.item_ids,
+        "stac_items": plan.planned.item_ids(),
         "started": started_iso,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "chunks": len(plan.chunks),
+        "chunks": sum(1 for _ in plan.iter_chunks()),
         "failures": failures,
     }
 
@@ -455,7 +474,7 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
     if config.quicklook:
         from rtsmap.workflows.quicklook import mosaic_thumbnails, write_quicklooks
 
-        thumbnails = store.read_thumbnails(chunk.id for chunk in plan.chunks)
+        thumbnails = store.read_thumbnails(chunk.id for chunk in plan.iter_chunks())
         hillshade = mosaic_thumbnails(thumbnails) if thumbnails else None
         result.quicklooks = write_quicklooks(Path(config.out), layers, coverage, hillshade, overwrite=config.overwrite)
     if config.truth:
@@ -504,17 +523,22 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
     started = time.monotonic()
     started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     plan = make_plan(config, region_name=region_name)
+    tasks = plan.iter_tasks()
+    first = next(tasks, None)
     print(
-        f"[rtsmap] {len(plan.chunks)} chunks x {len(config.years)} years: "
-        f"{len(plan.tasks)} to do, {plan.skipped} already done (work dir {plan.store.root})",
+        f"[rtsmap] {len(plan.planned.blocks)} blocks of chunks x {len(config.years)} years "
+        f"(work dir {plan.store.root}); {'nothing to do' if first is None else 'tasks made as they run'}",
         file=stream,
         flush=True,
     )
-    if plan.tasks:
+    if first is not None:
+        import itertools
+
         with open_cluster(config.cluster) as client:
             if client.dashboard_link:
                 print(f"[rtsmap] Dask dashboard: {client.dashboard_link}", file=stream, flush=True)
-            execute(plan, client, stream=stream)
+            records = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
+        print(f"[rtsmap] {len(records)} chunk-years run, {plan.skipped} already done", file=stream, flush=True)
     return finish(plan, started=started, started_iso=started_iso)
 
 

@@ -1,4 +1,5 @@
-"""What one Dask task does: load -> infer -> vectorize -> write a fragment, for one chunk-year.
+"""What one Dask task does: for one chunk and all its missing years, load -> infer -> vectorize
+-> write one fragment per chunk-year.
 
 Runs on workers. The model is loaded once per worker process (a module-level cache keyed by
 the model file, its hash and the providers), not once per task; so is the asset signer
@@ -8,6 +9,8 @@ token per collection, not one per task.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import socket
@@ -37,14 +40,15 @@ _DETECTORS: dict[tuple[str, str, tuple[str, ...]], Detector] = {}
 
 @dataclass(frozen=True)
 class ChunkTask:
-    """The inputs of one chunk-year task (plain data, cheap to send to a worker)."""
+    """The inputs of one chunk's task, all its years (plain data, cheap to send to a worker)."""
 
     chunk: Chunk
     """The chunk, with the tiles that touch the AOI."""
-    year: int
-    """Year mapped."""
-    items: dict[str, tuple[dict[str, Any], ...]]
-    """Modality -> STAC items (as dictionaries) that cover the chunk."""
+    years: tuple[int, ...]
+    """Years still to map (those whose fragment is missing), ascending."""
+    items: dict[int, dict[str, tuple[bytes, ...]]]
+    """Year -> modality -> the slim items (JSON bytes of :class:`~rtsmap.pipeline.stac.ItemRecord`)
+    that cover the chunk. A static modality's items are the same objects in every year (sent once)."""
     profiles: dict[str, ModalityProfile]
     """Modality -> profile, for every modality the model needs."""
     model_path: str
@@ -54,11 +58,29 @@ class ChunkTask:
     inference: InferenceConfig
     """Providers, batch size, minimum area."""
     store: FragmentStore
-    """Where the fragment goes."""
+    """Where the fragments go (one per chunk-year, so resume works per year)."""
     core_wkb: bytes
     """The area this chunk answers for: its tiles' cores clipped to the AOI (grid CRS, WKB)."""
     signing: str | None = None
     """Asset URL signing of the catalog (``planetary-computer``), applied on the worker at read time."""
+
+
+@dataclass(frozen=True)
+class _Year:
+    """One year of a chunk task (what the per-year helpers need)."""
+
+    chunk: Chunk
+    """The chunk."""
+    year: int
+    """The year."""
+    store: FragmentStore
+    """Where its fragment goes."""
+    inference: InferenceConfig
+    """Providers, batch size, minimum area."""
+    model_path: str
+    """The exported model."""
+    model_sha256: str
+    """Its hash."""
 
 
 def get_detector(path: str, sha256: str, inference: InferenceConfig) -> Detector:
@@ -110,13 +132,13 @@ def _keep_hillshade(store: FragmentStore, chunk_id: str, stack) -> None:
     store.write_thumbnail(chunk_id, image, stack.transform * Affine.scale(THUMBNAIL_STEP))
 
 
-def _record(task: ChunkTask, status: str, reason: str = "", **values: Any) -> dict[str, Any]:
+def _record(task: _Year, status: str, reason: str = "", **values: Any) -> dict[str, Any]:
     """The summary record of a chunk-year (what the client collects and the fragment's marker holds)."""
     base = {"chunk_id": task.chunk.id, "year": task.year, "worker": f"{socket.gethostname()}:{os.getpid()}"}
     return {**base, "status": status, "reason": reason, **values}
 
 
-def _write_no_data(task: ChunkTask, core: shapely.Geometry, missing: list[str]) -> dict[str, Any]:
+def _write_no_data(task: _Year, core: shapely.Geometry, missing: list[str]) -> dict[str, Any]:
     """Record a chunk-year lacking a modality the model needs as no_data (never run with zeros)."""
     reason = f"no {', '.join(missing)} items for {task.year}"
     record = _record(task, "no_data", reason, n_detections=0, seconds=0.0)
@@ -125,12 +147,14 @@ def _write_no_data(task: ChunkTask, core: shapely.Geometry, missing: list[str]) 
     return record
 
 
-def signed_items(task: ChunkTask) -> dict[str, list[pystac.Item]]:
-    """The task's items, their asset hrefs signed with the process's shared signer where needed.
+def signed_items(task: ChunkTask, year: int, modalities=None) -> dict[str, list[pystac.Item]]:
+    """The task's items of one year as ``pystac.Item``, hrefs signed with the process's shared signer.
 
     Signed URLs live only in this worker's memory; messages redact query strings.
     """
-    items = {m: [pystac.Item.from_dict(d) for d in task.items[m]] for m in task.profiles}
+    names = task.profiles if modalities is None else modalities
+    items = {m: [pystac.Item.from_dict(json.loads(d), preserve_dict=False) for d in task.items[year].get(m, ())]
+             for m in names}
     if task.signing:
         sign = shared_signer(task.signing)
         for modality_items in items.values():
@@ -140,7 +164,7 @@ def signed_items(task: ChunkTask) -> dict[str, list[pystac.Item]]:
     return items
 
 
-def _infer(task: ChunkTask, stack) -> Any:
+def _infer(task: _Year, stack) -> Any:
     """Detections of the chunk's tiles as polygons (the model cached per process)."""
     detector = get_detector(task.model_path, task.model_sha256, task.inference)
     detections = infer_chunk(detector, stack, task.chunk.tiles, batch_size=task.inference.batch_size)
@@ -164,54 +188,93 @@ def _coverage(stack, core: shapely.Geometry) -> list[dict[str, str]]:
     return coverage
 
 
-def process_chunk_year(task: ChunkTask) -> dict[str, Any]:
-    """Process one chunk-year and write its fragment; return a small summary record.
+def _static_stack(task: ChunkTask, static: dict[str, ModalityProfile]):
+    """The static modalities (the DEM and its derivatives) of the chunk, loaded once for all years."""
+    year = task.years[0]
+    return load_chunk(task.chunk, signed_items(task, year, static), static, year)
 
-    A chunk-year whose fragment exists is skipped. Asset errors (a missing or corrupt file, an
-    unreachable host) are recorded as this chunk's failure and returned, not raised, so the run
-    goes on; anything else raises, and Dask retries the task.
+
+def process_chunk(task: ChunkTask) -> list[dict[str, Any]]:
+    """Process one chunk for all its missing years; write one fragment per chunk-year.
+
+    The chunk's grid, its static modalities (DEM, slope, hillshade) and the model are made once
+    for the task, not once per year. A year whose fragment exists is skipped (a rerun of a
+    partly done chunk runs only the missing years). Asset errors are recorded as that
+    chunk-year's failure (a static modality's as every year's) and returned, not raised, so the
+    run goes on; anything else raises, and Dask retries the task.
 
     Parameters
     ----------
     task
-        The chunk-year.
+        The chunk and its years.
 
     Returns
     -------
-    dict
-        ``chunk_id``, ``year``, ``status`` (``skipped``, ``no_data``, ``failed``, ``processed``),
-        ``reason`` and, when processed, counts, item ids, valid fractions and timings.
+    list of dict
+        One record per year: ``chunk_id``, ``year``, ``status`` (``skipped``, ``no_data``,
+        ``failed``, ``processed``), ``reason`` and, when processed, counts, item ids, valid
+        fractions and timings.
     """
-    chunk, year, store = task.chunk, task.year, task.store
-    if store.is_done(year, chunk.id):
-        return {"chunk_id": chunk.id, "year": year, "status": "skipped"}
-    started = time.perf_counter()
+    static = {m: p for m, p in task.profiles.items() if not p.per_year}
+    per_year = {m: p for m, p in task.profiles.items() if p.per_year}
     core = shapely.from_wkb(task.core_wkb)
-    missing = [m for m in task.profiles if not task.items.get(m)]
-    if missing:
-        return _write_no_data(task, core, missing)
-    try:
-        stack = load_chunk(chunk, signed_items(task), task.profiles, year)
-    except AssetError as exc:
-        record = _record(task, "failed", str(exc))
-        store.write_failure(year, chunk.id, record)
-        return record
+    records: list[dict[str, Any]] = []
+    static_stack, static_error = None, None
+    for year in task.years:
+        one = _Year(task.chunk, year, task.store, task.inference, task.model_path, task.model_sha256)
+        if task.store.is_done(year, task.chunk.id):
+            records.append({"chunk_id": task.chunk.id, "year": year, "status": "skipped"})
+            continue
+        started = time.perf_counter()
+        missing = [m for m in task.profiles if not task.items[year].get(m)]
+        if missing:
+            records.append(_write_no_data(one, core, missing))
+            continue
+        try:
+            stack = load_chunk(task.chunk, signed_items(task, year, per_year), per_year, year)
+            if static and static_stack is None:
+                if static_error is not None:
+                    raise static_error  # the DEM failed for an earlier year: it fails every year
+                try:
+                    static_stack = _static_stack(task, static)
+                except AssetError as exc:
+                    static_error = exc
+                    raise
+        except AssetError as exc:
+            record = _record(one, "failed", str(exc))
+            task.store.write_failure(year, task.chunk.id, record)
+            records.append(record)
+            continue
+        if static_stack is not None:
+            stack = dataclasses.replace(
+                stack,
+                data={**static_stack.data, **stack.data},
+                valid={**static_stack.valid, **stack.valid},
+                item_ids={**static_stack.item_ids, **stack.item_ids},
+                band_names={**static_stack.band_names, **stack.band_names},
+            )
+        records.append(_process_stack(one, stack, core, started))
+    return records
+
+
+def _process_stack(one: _Year, stack, core: shapely.Geometry, started: float) -> dict[str, Any]:
+    """Infer, vectorize and write one chunk-year whose stack is loaded."""
     loaded = time.perf_counter()
-    _keep_hillshade(store, chunk.id, stack)
-    gdf = _infer(task, stack)
+    _keep_hillshade(one.store, one.chunk.id, stack)
+    gdf = _infer(one, stack)
     inferred = time.perf_counter()
     coverage = _coverage(stack, core)
     finished = time.perf_counter()
     record = _record(
-        task,
+        one,
         "processed",
         n_detections=int(len(gdf)),
-        n_tiles=len(chunk.tiles),
+        n_tiles=len(one.chunk.tiles),
         items={m: list(ids) for m, ids in stack.item_ids.items()},
         valid_fraction={m: _valid_fraction(stack, m) for m in stack.valid},
         seconds={"load": loaded - started, "infer": inferred - loaded, "vectorize": finished - inferred,
                  "total": finished - started},
         coverage=coverage,
     )
-    store.write(year, chunk.id, gdf, record)
+    one.store.write(one.year, one.chunk.id, gdf, record)
     return record
