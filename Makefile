@@ -2,8 +2,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Test servers with their own dependencies (moto's S3 server), kept out of the project's venv.
+# Test servers with their own dependencies (moto's S3 server; stac-fastapi-pgstac, pypgstac and
+# uvicorn for the STAC API on PostgreSQL), kept out of the project's venv.
 SERVERS_VENV ?= .venv-servers
+SERVERS_REQS := tests/servers/requirements.txt
 SERVERS_STAMP := $(SERVERS_VENV)/.installed
 
 .PHONY: install servers test demo bench clean
@@ -18,9 +20,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-$(SERVERS_STAMP):
+$(SERVERS_STAMP): $(SERVERS_REQS)
 	$(PYTHON) -m venv $(SERVERS_VENV)
-	$(SERVERS_VENV)/bin/pip install -q 'moto[server]>=5'
+	$(SERVERS_VENV)/bin/pip install -q -r $(SERVERS_REQS)
 	touch $(SERVERS_STAMP)
 
 servers: $(SERVERS_STAMP)
