@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 SERVERS_VENV ?= .venv-servers
 SERVERS_REQS := tests/servers/requirements.txt
 SERVERS_STAMP := $(SERVERS_VENV)/.installed
+# `make demo` needs only rtsmap and onnxruntime (no torch, no CUDA libraries): its own small venv,
+# unless the full one from `make install`/`make test` is already there.
+DEMO_VENV ?= .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.installed
 
 .PHONY: install servers test demo bench clean
 
@@ -30,8 +34,14 @@ servers: $(SERVERS_STAMP)
 test: $(STAMP) $(SERVERS_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-demo: $(STAMP)
-	$(BIN)/rtsmap demo
+$(DEMO_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install -q --upgrade pip
+	$(DEMO_VENV)/bin/pip install -q -e '.[cpu]'
+	touch $(DEMO_STAMP)
+
+demo:
+	@if [ -f $(STAMP) ]; then $(BIN)/rtsmap demo; else $(MAKE) --no-print-directory $(DEMO_STAMP) && $(DEMO_VENV)/bin/rtsmap demo; fi
 
 clean:
-	rm -rf $(VENV) $(SERVERS_VENV) build *.egg-info
+	rm -rf $(VENV) $(SERVERS_VENV) $(DEMO_VENV) build *.egg-info
