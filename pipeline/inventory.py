@@ -3,13 +3,19 @@
 Layout (docs/contracts.md, "Detections, polygons, fragments, inventory"):
 
 - ``rts_<year>``: one MultiPolygon per slump in the grid CRS, with the rtsmap fields
-  (``rts_id, year, score, area_m2, perimeter_m, n_detections, tile_ids, source_items``) and the
+  (``rts_id, year, score, area_m2, perimeter_m, n_detections, tile_ids, source_items``), the
+  change fields (``track_id, change, area_change_m2, prev_year``: pipeline/tracks.py) and the
   ARTS schema fields (Metadata_Format_Summary.csv of the ARTS dataset: ``CentroidLat,
   CentroidLon, RegionName, CreatorLab, BaseMapDate, BaseMapSource, BaseMapResolution,
   TrainClass, LabelType`` required; ``MergedRTS, SplitRTS, NewRTS, StabilizedRTS,
   UnknownRelationship, ContributionDate, UID`` generated; ``BaseMapID, Area, Notes``
   optional), so the layer can go back into ARTS. A processed year with no slump still gets its
-  (empty) layer: "no slump here" must never look like "not processed".
+  (empty) layer: "no slump here" must never look like "not processed". The ARTS relation
+  fields (``MergedRTS``, ...) hold ``UID`` values of earlier years' slumps.
+- ``rts_tracks``: a table without geometry, one row per slump track through the years
+  (:func:`rtsmap.pipeline.tracks.link_years`: first and last year seen, status, area per year,
+  growth rate, retreat). Layers not linked by the caller are linked here, with the coverage, so
+  every inventory carries its tracks.
 - ``coverage_<year>``: polygons with ``status`` in processed / no_data / failed and a
   ``reason``, so "no slump here" and "no data here" never look alike.
 - ``run_metadata``: a table without geometry, one row per key, the value as JSON
@@ -64,9 +70,17 @@ RTSMAP_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/rtsmap/rts
 #: Values of the coverage ``status`` field.
 COVERAGE_STATUS = ("processed", "no_data", "failed")
 
+#: Change fields of an ``rts_<year>`` layer (pipeline/tracks.py; empty/NULL where not linked).
+TRACK_FIELDS = ("track_id", "change", "area_change_m2", "prev_year")
+
+#: ARTS relation fields (UIDs of earlier slumps, comma-separated; '' where none).
+RELATION_FIELDS = ("MergedRTS", "SplitRTS", "NewRTS", "StabilizedRTS", "UnknownRelationship")
+
 #: Fields of an ``rts_<year>`` layer, in order (geometry last).
 RTS_FIELDS = (
     "rts_id", "year", "score", "area_m2", "perimeter_m", "n_detections",
+    # change through the years
+    *TRACK_FIELDS,
     # ARTS, required
     "CentroidLat", "CentroidLon", "RegionName", "CreatorLab", "BaseMapDate", "BaseMapSource",
     "BaseMapResolution", "TrainClass", "LabelType",
@@ -80,7 +94,7 @@ RTS_FIELDS = (
 
 _RTS_LAYER = re.compile(r"^rts_(\d{4})$")
 _STRING_FIELDS = {
-    "rts_id", "RegionName", "CreatorLab", "BaseMapDate", "BaseMapSource", "TrainClass", "LabelType",
+    "rts_id", "track_id", "change", "RegionName", "CreatorLab", "BaseMapDate", "BaseMapSource", "TrainClass", "LabelType",
     "MergedRTS", "SplitRTS", "NewRTS", "StabilizedRTS", "UnknownRelationship", "ContributionDate",
     "UID", "BaseMapID", "Notes", "tile_ids", "source_items",
 }
@@ -148,9 +162,12 @@ def _rts_layer(gdf: gpd.GeoDataFrame, year: int, run_metadata: Mapping[str, Any]
     for field in ("RegionName", "CreatorLab", "BaseMapDate", "BaseMapSource", "BaseMapResolution",
                   "TrainClass", "LabelType", "ContributionDate", "Notes"):
         out[field] = g[field].to_numpy() if field in g else [defaults[field]] * n
-    for field in ("MergedRTS", "SplitRTS", "NewRTS", "StabilizedRTS", "UnknownRelationship"):
+    _track_columns(out, g, year)
+    for field in RELATION_FIELDS:
         out[field] = g[field].fillna("").astype(str).to_numpy() if field in g else [""] * n
-    out["UID"] = [rts_uid(r) for r in out["rts_id"]]
+    # A frame's own UID wins (its relation fields name UIDs); else the stable one of its rts_id.
+    given = g["UID"].fillna("").astype(str).to_numpy() if "UID" in g else np.array([""] * n, dtype=object)
+    out["UID"] = [u or rts_uid(r) for u, r in zip(given, out["rts_id"])]
     items = g["source_items"].fillna("").astype(str).to_numpy() if "source_items" in g else np.array([""] * n, dtype=object)
     out["BaseMapID"] = [s if (s and "," not in s) else "" for s in items]  # ARTS: only for a single image
     out["Area"] = area
@@ -161,6 +178,24 @@ def _rts_layer(gdf: gpd.GeoDataFrame, year: int, run_metadata: Mapping[str, Any]
     out["BaseMapResolution"] = out["BaseMapResolution"].astype(np.float64)
     multi = [shapely.MultiPolygon([p]) if p.geom_type == "Polygon" else p for p in geoms]
     return gpd.GeoDataFrame(out[list(RTS_FIELDS)], geometry=gpd.GeoSeries(multi, crs=crs), crs=crs)
+
+
+def _track_columns(out: pd.DataFrame, g: gpd.GeoDataFrame, year: int) -> None:
+    """Fill the :data:`TRACK_FIELDS` of ``out`` from ``g`` (link_years output), '' / NULL where absent."""
+    from rtsmap.pipeline.tracks import CHANGES
+
+    n = len(g)
+    out["track_id"] = g["track_id"].fillna("").astype(str).to_numpy() if "track_id" in g else [""] * n
+    change = g["change"].fillna("").astype(str).to_numpy() if "change" in g else np.array([""] * n, dtype=object)
+    bad = sorted(set(change) - set(CHANGES) - {""})
+    if bad:
+        raise OutputError(f"inventory layer rts_{year}: unknown change value(s) {bad}; use one of {list(CHANGES)}")
+    out["change"] = change
+    out["area_change_m2"] = (pd.to_numeric(g["area_change_m2"], errors="coerce").astype(np.float64).to_numpy()
+                             if "area_change_m2" in g else np.full(n, np.nan))
+    # link_years writes -1 for "no predecessor"; the file says NULL, which no reader takes for a year.
+    prev = pd.to_numeric(g["prev_year"], errors="coerce").to_numpy(np.float64) if "prev_year" in g else np.full(n, np.nan)
+    out["prev_year"] = pd.array(np.where(prev > 0, prev, np.nan), dtype="Int64")
 
 
 def _coverage_layer(gdf: gpd.GeoDataFrame, year: int, crs: Any) -> gpd.GeoDataFrame:
@@ -179,6 +214,46 @@ def _coverage_layer(gdf: gpd.GeoDataFrame, year: int, crs: Any) -> gpd.GeoDataFr
             out[extra] = g[extra].astype(str).to_numpy(dtype=object)
     multi = [shapely.MultiPolygon([p]) if p.geom_type == "Polygon" else p for p in g.geometry.values]
     return gpd.GeoDataFrame(out, geometry=gpd.GeoSeries(multi, crs=crs), crs=crs)
+
+
+def _with_tracks(
+    rts: dict[int, gpd.GeoDataFrame],
+    coverage: Mapping[int, gpd.GeoDataFrame],
+    tracks: pd.DataFrame | None,
+) -> tuple[dict[int, gpd.GeoDataFrame], pd.DataFrame]:
+    """The layers with their change fields and the ``rts_tracks`` table (linked here when not given)."""
+    if tracks is None:
+        from rtsmap.pipeline.tracks import link_years
+
+        linked, table = link_years(rts, coverage)
+        out = {}
+        for year, frame in rts.items():
+            fields = pd.DataFrame(index=frame.index)
+            _track_columns(fields, linked[year], year)
+            frame = frame.copy()
+            for field in TRACK_FIELDS:
+                frame[field] = fields[field].to_numpy()
+            for field in RELATION_FIELDS:
+                frame[field] = linked[year][field].fillna("").astype(str).to_numpy(dtype=object)
+            out[year] = frame
+        return out, table
+    if not isinstance(tracks, pd.DataFrame) or "track_id" not in tracks.columns:
+        raise OutputError("inventory table rts_tracks: expected a DataFrame with a track_id column "
+                          "(the second value link_years returns)")
+    table = pd.DataFrame(tracks.drop(columns=[c for c in tracks.columns if c == "geometry"]))
+    known = set(table["track_id"].astype(str))
+    if len(known) != len(table):
+        raise OutputError("inventory table rts_tracks: track_id values repeat; give link_years' table unchanged")
+    for year, frame in rts.items():
+        ids = set(frame["track_id"].astype(str))
+        if "" in ids:
+            raise OutputError(f"inventory layer rts_{year}: slumps without track_id, but a tracks table was "
+                              "given; pass the layers that link_years returned with it, or no tracks to link here")
+        unknown = sorted(ids - known)
+        if unknown:
+            raise OutputError(f"inventory layer rts_{year}: track_id {unknown[0]} is not in the tracks table "
+                              f"({len(unknown)} such); the layers and the table come from different linkings")
+    return rts, table.reset_index(drop=True)
 
 
 #: Keys whose string values are secrets whatever they look like (HTTP headers, tokens, passwords).
@@ -232,16 +307,19 @@ def write_inventory(
     crs: Any = "EPSG:3413",
     overwrite: bool = False,
     keep_dir: str | os.PathLike | None = None,
+    tracks: pd.DataFrame | None = None,
 ) -> Path:
-    """Write the inventory GeoPackage atomically.
+    """Write the inventory GeoPackage atomically, slumps linked into tracks across the years.
 
     Parameters
     ----------
     path : path-like
         Target ``.gpkg``.
     layers : mapping of int to geopandas.GeoDataFrame
-        Merged slumps per year (pipeline.merge output: ``rts_id``, ``score``, geometry, ...).
-        A year present in ``coverage`` but not here (or with no rows) gets an empty layer.
+        Slumps per year: pipeline.merge output (``rts_id``, ``score``, geometry, ...), or that
+        after :func:`rtsmap.pipeline.tracks.link_years` (with ``track_id``, ``change``,
+        ``area_change_m2``, ``prev_year`` and the ARTS relation fields, written as given). A
+        year present in ``coverage`` but not here (or with no rows) gets an empty layer.
     coverage : mapping of int to geopandas.GeoDataFrame
         Per year, polygons with ``status`` (processed / no_data / failed) and ``reason``.
     run_metadata : mapping
@@ -259,6 +337,10 @@ def write_inventory(
     keep_dir : path-like, optional
         Where the finished file goes when the target appeared while it was written (e.g. the
         run's work directory); without it the finished file is deleted.
+    tracks : pandas.DataFrame, optional
+        The tracks table ``link_years`` returned with ``layers``, written as ``rts_tracks``.
+        Without it the layers are linked here (``link_years`` with ``coverage``; the change
+        fields the layers carry are replaced), so every inventory has its tracks.
 
     Returns
     -------
@@ -271,7 +353,8 @@ def write_inventory(
         The file exists and ``overwrite`` is False (before or at the final rename; the message
         says where the finished file was kept), the directory is missing or not writable, a
         layer does not follow the schema, or GDAL fails to write (disk full, ...). The previous
-        file, if any, is left as it was.
+        file, if any, is left as it was; or ``tracks`` does not belong to ``layers`` (a slump
+        without ``track_id``, or a ``track_id`` missing from the table).
     """
     path = Path(path)
     if path.suffix.lower() != ".gpkg":
@@ -286,8 +369,11 @@ def write_inventory(
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputError(f"inventory {path}: directory {directory} is not writable")
     years = sorted({int(y) for y in layers} | {int(y) for y in coverage})
-    frames = [(f"rts_{y}", _rts_layer(layers.get(y, layers.get(str(y))), y, run_metadata, crs)) for y in years]
-    frames += [(f"coverage_{y}", _coverage_layer(coverage[y], y, crs)) for y in sorted(int(k) for k in coverage)]
+    rts = {y: _rts_layer(layers.get(y, layers.get(str(y))), y, run_metadata, crs) for y in years}
+    cov = {int(k): _coverage_layer(v, int(k), crs) for k, v in sorted(coverage.items(), key=lambda kv: int(kv[0]))}
+    rts, track_table = _with_tracks(rts, cov, tracks)
+    frames = [(f"rts_{y}", rts[y][list(RTS_FIELDS) + ["geometry"]]) for y in years]
+    frames += [(f"coverage_{y}", frame) for y, frame in cov.items()]
     table = _metadata_table(run_metadata)
 
     remove_stale_temporaries(path)
@@ -300,8 +386,10 @@ def write_inventory(
                                         promote_to_multi=True,
                                         dataset_options={"VERSION": GPKG_VERSION} if first else None)
                 first = False
-            pyogrio.write_dataframe(table, tmp, layer="run_metadata", driver="GPKG",
+            # Tables without geometry: gpkg_contents data_type 'attributes'.
+            pyogrio.write_dataframe(track_table, tmp, layer="rts_tracks", driver="GPKG",
                                     dataset_options={"VERSION": GPKG_VERSION} if first else None)
+            pyogrio.write_dataframe(table, tmp, layer="run_metadata", driver="GPKG")
         except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError,
                 pyogrio.errors.FieldError, pyogrio.errors.GeometryError, pyogrio.errors.FeatureError) as exc:
             raise OutputError(f"inventory {path}: cannot write ({_first_line(exc)}); "
@@ -478,6 +566,20 @@ def read_coverage(path: str | os.PathLike) -> dict[int, gpd.GeoDataFrame]:
             for n in sorted(_open_layers(path)) if re.match(r"^coverage_\d{4}$", n)}
 
 
+def read_tracks(path: str | os.PathLike) -> pd.DataFrame:
+    """The ``rts_tracks`` table of an inventory (one row per track; see :func:`write_inventory`).
+
+    Raises
+    ------
+    OutputError
+        The file is missing, not a GeoPackage, or has no ``rts_tracks`` table (written before
+        tracks existed: link it with :func:`rtsmap.pipeline.tracks.link_years`).
+    """
+    if "rts_tracks" not in _open_layers(path):
+        raise OutputError(f"inventory {path} has no rts_tracks table (written before tracks existed)")
+    return pyogrio.read_dataframe(path, layer="rts_tracks", read_geometry=False)
+
+
 def read_run_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``run_metadata`` table of an inventory as a dict (values decoded from JSON)."""
     if "run_metadata" not in _open_layers(path):
@@ -518,3 +620,133 @@ def check_geopackage(path: str | os.PathLike) -> list[str]:
         if integrity != "ok":
             problems.append(f"sqlite integrity_check: {integrity}")
     return problems
+
+
+# --- change between consecutive years (the run summary and the change quick-looks) -------------
+
+#: Classes a slump falls in between two consecutive years, as the change quick-look draws them.
+CHANGE_CLASSES = ("new", "first_seen", "grown", "unchanged", "no_longer_seen")
+
+
+def change_classes(frame: gpd.GeoDataFrame) -> np.ndarray:
+    """Each slump of a linked year as :data:`CHANGE_CLASSES` shows it (no ``no_longer_seen`` here).
+
+    ``new``, ``first_seen`` and ``grown`` as ``change`` says; ``stable`` is ``unchanged``; a
+    merged or split slump is ``grown`` when its ``area_change_m2`` passes the grown rule of
+    :class:`rtsmap.pipeline.tracks.TrackRules` (the merge or split itself is in ``change``),
+    else ``unchanged``. A slump without ``change`` (not linked) gives ''.
+
+    Parameters
+    ----------
+    frame : geopandas.GeoDataFrame
+        An ``rts_<year>`` layer, or a frame from ``link_years``.
+
+    Returns
+    -------
+    numpy.ndarray
+        One string per row.
+    """
+    from rtsmap.pipeline.tracks import TrackRules
+
+    n = len(frame)
+    if "change" not in frame.columns:
+        return np.full(n, "", dtype=object)
+    change = frame["change"].fillna("").astype(str).to_numpy(dtype=object)
+    out = np.full(n, "", dtype=object)
+    for value in ("new", "first_seen", "grown"):
+        out[change == value] = value
+    out[change == "stable"] = "unchanged"
+    other = np.isin(change, ["merged", "split"])
+    if other.any():
+        rules = TrackRules()
+        delta = pd.to_numeric(frame["area_change_m2"], errors="coerce").to_numpy(np.float64) if "area_change_m2" in frame else np.full(n, np.nan)
+        before = shapely.area(np.asarray(frame.geometry.values, dtype=object)) - delta
+        grown = delta > np.maximum(rules.grown_relative * before, rules.grown_absolute_m2)
+        out[other] = np.where(grown[other], "grown", "unchanged")
+    return out
+
+
+def no_longer_seen(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame,
+                   current_coverage: gpd.GeoDataFrame | None = None) -> np.ndarray:
+    """Which slumps of a year are gone the next year: ground processed, track not continued.
+
+    A slump of ``previous`` is no longer seen when no slump of ``current`` carries its
+    ``track_id``, none lists its ``UID`` in ``MergedRTS`` (merged into a neighbour is not gone),
+    and at least half of it lies in ground ``current_coverage`` marks processed (no data is not
+    "not there").
+
+    Parameters
+    ----------
+    previous, current : geopandas.GeoDataFrame
+        Linked layers of two consecutive years (``track_id``, ``UID``, ``MergedRTS``).
+    current_coverage : geopandas.GeoDataFrame, optional
+        The later year's coverage; None: processed everywhere.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, one per row of ``previous``.
+    """
+    from rtsmap.pipeline.tracks import TrackRules, processed_fraction
+
+    if len(previous) == 0 or "track_id" not in previous.columns:
+        return np.zeros(len(previous), bool)
+    kept = set(current["track_id"].astype(str)) if "track_id" in current.columns else set()
+    merged = set()
+    if "MergedRTS" in current.columns:
+        for value in current["MergedRTS"].fillna("").astype(str):
+            merged.update(v for v in value.split(",") if v)
+    uid = previous["UID"].astype(str) if "UID" in previous.columns else pd.Series([""] * len(previous))
+    gone = ~previous["track_id"].astype(str).isin(kept).to_numpy() & ~uid.isin(merged).to_numpy()
+    if gone.any():
+        geoms = np.asarray(previous.geometry.values, dtype=object)[gone]
+        seen = processed_fraction(geoms, current_coverage) >= TrackRules().seen_fraction
+        gone[np.flatnonzero(gone)[~seen]] = False
+    return gone
+
+
+def change_summary(
+    layers: Mapping[int, gpd.GeoDataFrame],
+    coverage: Mapping[int, gpd.GeoDataFrame] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Per year after the first: how many slumps are new, grown, stable, ... and the area change.
+
+    Parameters
+    ----------
+    layers : mapping of int to geopandas.GeoDataFrame
+        Linked layers (``link_years`` output, or an inventory's ``rts_<year>`` layers).
+    coverage : mapping of int to geopandas.GeoDataFrame, optional
+        Coverage per year, for ``no_longer_seen`` (without it: processed everywhere).
+
+    Returns
+    -------
+    dict of int to dict
+        For each year but the first, ascending: ``slumps``, the count of each ``change`` value
+        (``new, first_seen, grown, stable, merged, split``), ``no_longer_seen`` (slumps of the
+        year before that are gone, :func:`no_longer_seen`) and ``area_change_m2`` (sum of
+        ``area_change_m2`` of the slumps that continue a track: net growth of known slumps,
+        new ones not counted).
+    """
+    from rtsmap.pipeline.tracks import CHANGES
+
+    coverage = coverage or {}
+    years = sorted(int(y) for y in layers)
+    out: dict[int, dict[str, Any]] = {}
+    for before, year in zip(years, years[1:]):
+        frame = layers[year]
+        change = frame["change"].fillna("").astype(str) if "change" in frame.columns else pd.Series([], dtype=object)
+        row: dict[str, Any] = {"slumps": int(len(frame))}
+        row.update({c: int((change == c).sum()) for c in CHANGES})
+        row["no_longer_seen"] = int(no_longer_seen(layers[before], frame, coverage.get(year)).sum())
+        delta = pd.to_numeric(frame["area_change_m2"], errors="coerce") if "area_change_m2" in frame.columns else pd.Series([], dtype=float)
+        row["area_change_m2"] = float(np.nansum(delta.to_numpy(np.float64))) if len(delta) else 0.0
+        out[year] = row
+    return out
+
+
+def format_change(year: int, row: Mapping[str, Any]) -> str:
+    """One summary line of :func:`change_summary` for ``year``, e.g. ``2022 change: 3 new, 5 grown, ...``."""
+    parts = [f"{row['new']} new", f"{row['grown']} grown", f"{row['stable']} stable"]
+    parts += [f"{row[k]} {k.replace('_', ' ')}" for k in ("merged", "split", "first_seen") if row.get(k)]
+    parts.append(f"{row['no_longer_seen']} no longer seen")
+    return f"{year} change: {', '.join(parts)}; area change of continuing slumps {row['area_change_m2'] / 1e4:+.2f} ha"

@@ -55,8 +55,8 @@ def inventory(tmp_path):
 
 def test_layers_fields_and_arts_schema(inventory, arts_schema_path):
     layers = dict(pyogrio.list_layers(inventory))
-    assert set(layers) == {"rts_2021", "rts_2022", "coverage_2021", "coverage_2022", "run_metadata"}
-    assert layers["rts_2021"] == "MultiPolygon" and layers["run_metadata"] is None
+    assert set(layers) == {"rts_2021", "rts_2022", "coverage_2021", "coverage_2022", "rts_tracks", "run_metadata"}
+    assert layers["rts_2021"] == "MultiPolygon" and layers["run_metadata"] is None and layers["rts_tracks"] is None
     inv = read_inventory(inventory)
     assert sorted(inv) == [2021, 2022]
     assert len(inv[2021]) == 3 and len(inv[2022]) == 0  # processed year, no slumps: layer exists

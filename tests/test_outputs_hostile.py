@@ -100,7 +100,7 @@ def test_geopackage_is_version_1_2_and_ogrinfo_reads_every_layer_without_warning
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout + proc.stderr
     assert "Warning" not in text and "partially supported" not in text, text
-    for layer in ("rts_2021", "rts_2022", "coverage_2021", "coverage_2022", "run_metadata"):
+    for layer in ("rts_2021", "rts_2022", "coverage_2021", "coverage_2022", "rts_tracks", "run_metadata"):
         assert f"Layer name: {layer}" in proc.stdout
 
 
@@ -138,7 +138,7 @@ def test_existing_inventory_is_refused_without_overwrite_and_replaced_with_it(tm
     assert target.read_bytes() == before
     write(target, years=(2021,), overwrite=True)
     # Overwriting drops the layers of years no longer there.
-    assert sorted(name for name, _ in pyogrio.list_layers(target)) == ["coverage_2021", "rts_2021", "run_metadata"]
+    assert sorted(name for name, _ in pyogrio.list_layers(target)) == ["coverage_2021", "rts_2021", "rts_tracks", "run_metadata"]
 
 
 # --- a write that fails partway -----------------------------------------------------------------

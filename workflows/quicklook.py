@@ -1,7 +1,11 @@
-"""A PNG map per year next to the GeoPackage: people look at maps before they read tables.
+"""PNG maps next to the GeoPackage: people look at maps before they read tables.
 
-Each map shows the coverage (processed, no data, failed) and the slumps on top, with the
-hillshade of the DEM underneath where the run kept one (see ``workflows.tasks``).
+Per year (``<out stem>_<year>.png``): the coverage (processed, no data, failed) and the slumps
+on top, with the hillshade of the DEM underneath where the run kept one (see
+``workflows.tasks``). Per pair of consecutive years (``<out stem>_change_<year0>-<year1>.png``):
+the later year's coverage and its slumps coloured by change (new, grown, unchanged), with the
+earlier year's slumps that are no longer seen as outlines (``pipeline.inventory.change_classes``
+and ``no_longer_seen``).
 """
 
 from __future__ import annotations
@@ -59,15 +63,47 @@ def quicklook_paths(out: str | os.PathLike, years) -> list[Path]:
     return [out.with_name(f"{out.stem}_{int(year)}.png") for year in sorted(years)]
 
 
-def check_quicklooks(out: str | os.PathLike, years, *, overwrite: bool) -> None:
+def change_quicklook_paths(out: str | os.PathLike, years) -> list[Path]:
+    """The PNG paths of the change quick-looks: ``<out stem>_change_<year0>-<year1>.png`` beside it.
+
+    Parameters
+    ----------
+    out
+        The GeoPackage path.
+    years
+        The years of the run (one PNG per pair of consecutive years).
+
+    Returns
+    -------
+    list of pathlib.Path
+    """
+    out = Path(out)
+    ys = sorted(int(y) for y in years)
+    return [out.with_name(f"{out.stem}_change_{a}-{b}.png") for a, b in zip(ys, ys[1:])]
+
+
+def check_quicklooks(out: str | os.PathLike, years, *, overwrite: bool, change: bool = True) -> None:
     """Refuse, before work starts, quick-look paths that exist (unless ``overwrite``).
+
+    Parameters
+    ----------
+    out
+        The GeoPackage path.
+    years
+        The years of the run.
+    overwrite
+        Existing PNGs may be replaced.
+    change
+        Check the change quick-looks' paths too (:func:`change_quicklook_paths`).
 
     Raises
     ------
     OutputError
-        A PNG of one of the years exists (e.g. the user's own ``OUT_2021.png``) or is a folder.
+        A PNG of one of the years (or pairs of years) exists (e.g. the user's own
+        ``OUT_2021.png``) or is a folder.
     """
-    for path in quicklook_paths(out, years):
+    paths = quicklook_paths(out, years) + (change_quicklook_paths(out, years) if change else [])
+    for path in paths:
         if path.is_dir() or (path.exists() and not overwrite):
             raise OutputError(f"quick-look {path} already exists; pass --overwrite to replace it, "
                               "or choose another --out")
@@ -91,6 +127,61 @@ def _save_png(fig, path: Path, overwrite: bool) -> None:
                           "check the free disk space and permissions") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _base_map(plt, cov, hillshade, title: str):
+    """A figure with the hillshade, the coverage and the axes in km; returns (fig, ax, legend handles)."""
+    import matplotlib.ticker
+    from matplotlib.patches import Patch
+
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
+    if hillshade is not None:
+        image, extent = hillshade
+        # Stretch to the scene's own range: low Arctic relief gives a flat grey at 0..1.
+        low, high = np.nanpercentile(image, [2, 98]) if np.isfinite(image).any() else (0.0, 1.0)
+        ax.imshow(image, cmap="gray", extent=extent, vmin=low, vmax=max(high, low + 1e-3), interpolation="nearest")
+        alpha = 0.35
+    else:
+        alpha = 1.0
+    handles = []
+    if cov is not None and len(cov):
+        for status, style in COVERAGE_STYLE.items():
+            part = cov[cov["status"] == status]
+            if len(part):
+                part.plot(ax=ax, alpha=alpha, **{k: v for k, v in style.items() if k != "label"})
+                handles.append(Patch(**style))
+        # Frame the processed area, not the whole hillshade canvas (chunk windows reach past the AOI).
+        minx, miny, maxx, maxy = cov.total_bounds
+        pad = 0.03 * max(maxx - minx, maxy - miny)
+        ax.set_xlim(minx - pad, maxx + pad)
+        ax.set_ylim(miny - pad, maxy + pad)
+    ax.set_title(title)
+    ax.set_aspect("equal")
+    km = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}")
+    ax.xaxis.set_major_formatter(km)
+    ax.yaxis.set_major_formatter(km)
+    return fig, ax, handles
+
+
+def _finish_map(plt, fig, ax, handles, crs, path: Path, overwrite: bool) -> None:
+    crs = crs.to_string() if crs else ""
+    ax.set_xlabel(f"x (km, {crs})")
+    ax.set_ylabel(f"y (km, {crs})")
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    try:
+        _save_png(fig, path, overwrite)
+    finally:
+        plt.close(fig)
 
 
 def write_quicklooks(
@@ -127,56 +218,103 @@ def write_quicklooks(
     OutputError
         A PNG exists and ``overwrite`` is False, or one cannot be written.
     """
-    check_quicklooks(out, layers, overwrite=overwrite)
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    check_quicklooks(out, layers, overwrite=overwrite, change=False)
     from matplotlib.patches import Patch
 
+    plt = _pyplot()
     paths = []
     for year, slumps in sorted(layers.items()):
-        fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
-        cov = coverage.get(year)
-        if hillshade is not None:
-            image, extent = hillshade
-            # Stretch to the scene's own range: low Arctic relief gives a flat grey at 0..1.
-            low, high = np.nanpercentile(image, [2, 98]) if np.isfinite(image).any() else (0.0, 1.0)
-            ax.imshow(image, cmap="gray", extent=extent, vmin=low, vmax=max(high, low + 1e-3), interpolation="nearest")
-            alpha = 0.35
-        else:
-            alpha = 1.0
-        handles = []
-        if cov is not None and len(cov):
-            for status, style in COVERAGE_STYLE.items():
-                part = cov[cov["status"] == status]
-                if len(part):
-                    part.plot(ax=ax, alpha=alpha, **{k: v for k, v in style.items() if k != "label"})
-                    handles.append(Patch(**style))
+        fig, ax, handles = _base_map(plt, coverage.get(year), hillshade, f"Retrogressive thaw slumps {year}")
         if len(slumps):
             slumps.plot(ax=ax, facecolor="#ff6f00", edgecolor="#b71c1c", linewidth=0.6)
         handles.append(Patch(facecolor="#ff6f00", edgecolor="#b71c1c", label=f"RTS ({len(slumps)})"))
-        ax.legend(handles=handles, loc="lower right", fontsize=8)
-        ax.set_title(f"Retrogressive thaw slumps {year}")
-        if cov is not None and len(cov):
-            # Frame the processed area, not the whole hillshade canvas (chunk windows reach past the AOI).
-            minx, miny, maxx, maxy = cov.total_bounds
-            pad = 0.03 * max(maxx - minx, maxy - miny)
-            ax.set_xlim(minx - pad, maxx + pad)
-            ax.set_ylim(miny - pad, maxy + pad)
-        crs = slumps.crs.to_string() if slumps.crs else ""
-        ax.set_xlabel(f"x (km, {crs})")
-        ax.set_ylabel(f"y (km, {crs})")
-        ax.set_aspect("equal")
-        km = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}")
-        ax.xaxis.set_major_formatter(km)
-        ax.yaxis.set_major_formatter(km)
-        fig.tight_layout()
         path = out.with_name(f"{out.stem}_{year}.png")
-        try:
-            _save_png(fig, path, overwrite)
-        finally:
-            plt.close(fig)
+        _finish_map(plt, fig, ax, handles, slumps.crs, path, overwrite)
         paths.append(path)
+    return paths
+
+
+#: How each change class is drawn (Okabe-Ito colours, told apart with colour-blindness too).
+CHANGE_STYLE = {
+    "new": {"facecolor": "#d55e00", "edgecolor": "#6b2f00", "label": "new"},
+    "first_seen": {"facecolor": "#d55e00", "edgecolor": "#6b2f00", "hatch": "....",
+                   "label": "first seen (no data before)"},
+    "grown": {"facecolor": "#f0e442", "edgecolor": "#6b6400", "label": "grown"},
+    "unchanged": {"facecolor": "#0072b2", "edgecolor": "#003a5c", "label": "unchanged"},
+    "no_longer_seen": {"facecolor": "none", "edgecolor": "#000000", "linestyle": "--",
+                       "label": "no longer seen"},
+}
+
+
+def write_change_quicklooks(
+    out: str | os.PathLike,
+    layers: dict[int, gpd.GeoDataFrame],
+    coverage: dict[int, gpd.GeoDataFrame],
+    hillshade: tuple[np.ndarray, tuple[float, float, float, float]] | None = None,
+    *,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``<out stem>_change_<year0>-<year1>.png`` per pair of consecutive years.
+
+    Each map shows the later year's coverage over the hillshade, its slumps filled by change
+    (new, grown, unchanged; "first seen" where no earlier year saw the ground) and, as dashed
+    outlines, the earlier year's slumps no longer seen (ground processed, track not continued).
+
+    Parameters
+    ----------
+    out
+        The GeoPackage path; the PNGs go beside it.
+    layers
+        Year -> linked slumps (``pipeline.tracks.link_years`` output, or the inventory's
+        ``rts_<year>`` layers): ``track_id``, ``change``, ``area_change_m2``, ``UID``,
+        ``MergedRTS``.
+    coverage
+        Year -> coverage polygons with a ``status`` column.
+    hillshade
+        Optional (array, (left, right, bottom, top)) drawn underneath.
+    overwrite
+        Replace PNGs that exist; without it an existing PNG is an error (checked for every
+        pair before any is written) and is never replaced.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The PNGs written (none for a single year).
+
+    Raises
+    ------
+    OutputError
+        A PNG exists and ``overwrite`` is False, one cannot be written, or a layer is not
+        linked (no ``change`` column).
+    """
+    from matplotlib.patches import Patch
+
+    from rtsmap.pipeline.inventory import change_classes, no_longer_seen
+
+    out = Path(out)
+    years = sorted(int(y) for y in layers)
+    for year in years:
+        if len(layers[year]) and "change" not in layers[year].columns:
+            raise OutputError(f"change quick-look: the slumps of {year} are not linked (no change column); "
+                              "link them with pipeline.tracks.link_years first")
+    paths = change_quicklook_paths(out, years)
+    for path in paths:
+        if path.is_dir() or (path.exists() and not overwrite):
+            raise OutputError(f"quick-look {path} already exists; pass --overwrite to replace it, "
+                              "or choose another --out")
+    plt = _pyplot()
+    for (before, year), path in zip(zip(years, years[1:]), paths):
+        slumps, previous = layers[year], layers[before]
+        fig, ax, handles = _base_map(plt, coverage.get(year), hillshade, f"Slump change {before} \u2192 {year}")
+        classes = change_classes(slumps)
+        gone = no_longer_seen(previous, slumps, coverage.get(year))
+        for name, style in CHANGE_STYLE.items():
+            part = previous[gone] if name == "no_longer_seen" else slumps[classes == name]
+            if name == "first_seen" and not len(part):
+                continue  # only when some ground had no earlier look
+            if len(part):
+                part.plot(ax=ax, linewidth=1.4 if name == "no_longer_seen" else 0.6,
+                          **{k: v for k, v in style.items() if k != "label"})
+            handles.append(Patch(**{**style, "label": f"{style['label']} ({len(part)})"}))
+        _finish_map(plt, fig, ax, handles, slumps.crs or previous.crs, path, overwrite)
     return paths
