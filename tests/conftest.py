@@ -35,3 +35,24 @@ def arts_schema_path() -> Path:
     if not ARTS_SCHEMA.exists():
         pytest.skip(f"ARTS schema not found at {ARTS_SCHEMA}")
     return ARTS_SCHEMA
+
+
+@pytest.fixture(scope="session")
+def validate_gpkg():
+    """A function that asserts a GeoPackage passes GDAL's current validator (gdal-utils'
+    ``validate_gpkg.py``, installed by ``make install``; Debian's GDAL 3.6 one predates the rtree
+    triggers GDAL 3.12 writes)."""
+    import subprocess
+    import sys
+
+    try:
+        import osgeo_utils.samples.validate_gpkg  # noqa: F401
+    except ImportError:
+        pytest.skip("gdal-utils is not installed (make install adds it)")
+
+    def check(path) -> None:
+        proc = subprocess.run([sys.executable, "-m", "osgeo_utils.samples.validate_gpkg", str(path)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and not proc.stdout.strip(), (proc.stdout + proc.stderr)[-2000:]
+
+    return check
