@@ -165,13 +165,20 @@ class MultimodalBackbone(nn.Module):
         # torchvision names the levels after its inputs plus "pool" for LastLevelMaxPool's P6.
         return OrderedDict(zip(LEVELS, pyramid.values()))
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    def forward(
+        self, inputs: Mapping[str, torch.Tensor], presence: torch.Tensor | None = None
+    ) -> OrderedDict[str, torch.Tensor]:
         """Compute the fused pyramid.
 
         Parameters
         ----------
         inputs : mapping of str to Tensor
             One [B, C_m, img_size, img_size] tensor per modality (extra keys are ignored).
+        presence : Tensor, optional
+            [B, M] float in :attr:`modalities` order, 1 where the modality is present, 0 where
+            it is absent (its input is then the fill, zeros); None: every modality present.
+            Data-level fusion zeroes absent inputs; the feature fusions zero absent feature maps
+            and mask them out of the attention (``models/fusion.py``); ``none`` ignores it.
 
         Returns
         -------
@@ -188,12 +195,17 @@ class MultimodalBackbone(nn.Module):
         if missing:
             raise ValueError(f"MultimodalBackbone: inputs lack modalities {missing}; expected {list(self.modalities)}")
         if self.fusion == "data_level":
-            return self._pyramid(STACKED, torch.cat([inputs[m] for m in self.modalities], dim=1))
+            stacked = [inputs[m] for m in self.modalities]
+            if presence is not None:
+                stacked = [x * presence[:, i, None, None, None].to(x.dtype) for i, x in enumerate(stacked)]
+            return self._pyramid(STACKED, torch.cat(stacked, dim=1))
         pyramids = [self._pyramid(m, inputs[m]) for m in self.modalities]
         if self.fusions is None:
             return pyramids[0]
         query, aux = pyramids[0], pyramids[1:]
-        return OrderedDict((lvl, self.fusions[lvl](query[lvl], [p[lvl] for p in aux])) for lvl in LEVELS)
+        if presence is None:
+            return OrderedDict((lvl, self.fusions[lvl](query[lvl], [p[lvl] for p in aux])) for lvl in LEVELS)
+        return OrderedDict((lvl, self.fusions[lvl](query[lvl], [p[lvl] for p in aux], presence)) for lvl in LEVELS)
 
     def load_unimodal_state(
         self, modality: str, state_dict: Mapping[str, torch.Tensor], prefix: str = ""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rtsmap.config_schema import Float, Int, Str, schema, validate
+from rtsmap.contract import canonical_subset
 
 #: Fusion modes understood by ``models.backbone.MultimodalBackbone``.
 FUSION_MODES = ("none", "data_level", "conv", "attention", "residual_attention")
@@ -154,6 +155,12 @@ class ModelConfig:
     classes: tuple[Str, ...] = ("rts",)
     """Foreground class names (background is implicit)."""
 
+    modality_subsets: tuple[tuple[Str, ...], ...] = ()
+    """Subsets of ``modalities`` the model was trained to run on (modality dropout in fine-tuning),
+    the full set first, each in model order (``rtsmap.contract.modality_subsets``); empty: only the
+    full set. The exported file lists them; the pipeline refuses any other subset. Set by the
+    training stage from ``TrainConfig.modality_dropout``."""
+
     def __post_init__(self) -> None:
         # Freeze the mappings' contents into tuples so equality and JSON are stable.
         object.__setattr__(self, "modalities", {str(k): tuple(v) for k, v in self.modalities.items()})
@@ -175,12 +182,18 @@ class ModelConfig:
         )
         object.__setattr__(self, "mask_head_layers", tuple(int(c) for c in self.mask_head_layers))
         object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "modality_subsets", tuple(tuple(str(m) for m in s) for s in self.modality_subsets))
         self.validate()
 
     @property
     def num_stages(self) -> int:
         """Number of cascade stages."""
         return len(self.cascade_iou_thresholds)
+
+    @property
+    def supported_subsets(self) -> tuple[tuple[str, ...], ...]:
+        """The modality subsets the model runs on: :attr:`modality_subsets`, or the full set alone."""
+        return self.modality_subsets or (tuple(self.modalities),)
 
     @property
     def in_channels(self) -> dict[str, int]:
@@ -267,6 +280,19 @@ class ModelConfig:
             raise bad("mask_head_layers", "needs at least one positive channel count")
         if list(self.classes) != ["rts"]:
             raise bad("classes", "only the single class ('rts',) is supported")
+        if self.modality_subsets:
+            full = tuple(self.modalities)
+            if self.modality_subsets[0] != full:
+                raise bad("modality_subsets", f"must start with the full set {list(full)}")
+            for subset in self.modality_subsets:
+                try:
+                    canonical = canonical_subset(full, subset)
+                except ValueError as exc:
+                    raise bad("modality_subsets", str(exc)) from None
+                if not subset or canonical != subset:
+                    raise bad("modality_subsets", f"each subset must be non-empty and in model order {list(full)}")
+            if len(set(self.modality_subsets)) != len(self.modality_subsets):
+                raise bad("modality_subsets", "lists a subset twice")
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-safe dict (tuples become lists) that :meth:`from_dict` reads back."""

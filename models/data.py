@@ -216,6 +216,73 @@ def _augment(
     return out, np.ascontiguousarray(geo(masks))
 
 
+def draw_presence(rng: np.random.Generator, batch: int, rates: Sequence[float]) -> np.ndarray:
+    """Modality dropout: which modalities each sample keeps, never none.
+
+    Each modality of each sample is dropped with its rate, independently; a sample that would
+    lose every modality is drawn again (so the rates hold conditionally on keeping at least one,
+    which moves them by at most the chance of dropping all, e.g. 0.5% at 0.15/0.3/0.1).
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The draw's generator (seeded per step, so a resumed run drops the same modalities).
+    batch : int
+        Samples.
+    rates : sequence of float
+        Dropout rate per modality, in model order, each in [0, 1).
+
+    Returns
+    -------
+    ndarray of bool
+        ``[batch, len(rates)]``, True where the modality is kept (present).
+
+    Raises
+    ------
+    ValueError
+        When a rate is outside [0, 1) or there are no modalities.
+    """
+    rates = np.asarray(rates, np.float64)
+    if rates.ndim != 1 or len(rates) == 0 or not ((rates >= 0) & (rates < 1)).all():
+        raise ValueError(f"modality dropout rates must be in [0, 1), one per modality, got {rates.tolist()}")
+    present = rng.random((batch, len(rates))) >= rates
+    while True:
+        empty = ~present.any(axis=1)
+        if not empty.any():
+            return present
+        present[empty] = rng.random((int(empty.sum()), len(rates))) >= rates
+
+
+def apply_presence(inputs: Mapping[str, Tensor], present: np.ndarray, modalities: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+    """Feed dropped modalities as the documented fill, and the presence flags the model takes.
+
+    The fill is what :func:`rtsmap.contract.normalize` gives a modality whose pixels are all
+    invalid: zeros, the same numbers the pipeline feeds for a modality it has no scene of.
+
+    Parameters
+    ----------
+    inputs : mapping of str to Tensor
+        ``{modality: [B, C, T, T]}`` normalised batch.
+    present : ndarray of bool
+        ``[B, M]`` from :func:`draw_presence`, M in ``modalities`` order.
+    modalities : sequence of str
+        The model's modalities, in order.
+
+    Returns
+    -------
+    inputs : dict of str to Tensor
+        The batch with dropped samples' modalities zeroed (new tensors; the given ones are kept).
+    presence : Tensor
+        float32 ``[B, M]``, 1 where present.
+    """
+    presence = torch.from_numpy(np.asarray(present, np.float32))
+    out = {}
+    for i, m in enumerate(modalities):
+        keep_rows = presence[:, i].to(inputs[m].dtype)[:, None, None, None]
+        out[m] = inputs[m] * keep_rows
+    return out, presence
+
+
 def collate(batch: list[tuple[dict[str, Tensor], dict[str, Tensor]]]) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
     """Stack the inputs of a batch per modality; keep targets as a list (instance counts differ).
 

@@ -92,8 +92,8 @@ class RTSDetector(nn.Module):
         self.rpn = rpn if rpn is not None else build_rpn(config)
         self.roi_heads = roi_heads if roi_heads is not None else build_roi_heads(config)
 
-    def _check_inputs(self, inputs: dict[str, Tensor]) -> Tensor:
-        """Validate the modality tensors; return one of them (for size, dtype, device)."""
+    def _check_inputs(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
+        """Validate the modality tensors (and presence); return one of them (for size, dtype, device)."""
         if set(inputs) != set(self.config.modalities):
             raise ValueError(f"inputs: expected modalities {list(self.config.modalities)}, got {list(inputs)}")
         t = self.config.tile_size
@@ -101,14 +101,26 @@ class RTSDetector(nn.Module):
             x = inputs[m]
             if x.dim() != 4 or tuple(x.shape[1:]) != (c, t, t):
                 raise ValueError(f"inputs[{m!r}]: expected [B, {c}, {t}, {t}], got {list(x.shape)}")
-        return inputs[next(iter(self.config.modalities))]
+        image = inputs[next(iter(self.config.modalities))]
+        if presence is not None and not torch.jit.is_tracing():
+            m = len(self.config.modalities)
+            if tuple(presence.shape) != (image.shape[0], m):
+                raise ValueError(f"presence: expected [B, {m}] = {[image.shape[0], m]}, got {list(presence.shape)}")
+            if bool((presence.sum(dim=1) <= 0).any()):
+                raise ValueError("presence: every image needs at least one modality present")
+        return image
 
-    def _features(self, inputs: dict[str, Tensor]) -> list[Tensor]:
-        feats = self.backbone(OrderedDict((m, inputs[m]) for m in self.config.modalities))
+    def _features(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> list[Tensor]:
+        ordered = OrderedDict((m, inputs[m]) for m in self.config.modalities)
+        # A backbone given from outside (tests) may not know presence: only pass it when set.
+        feats = self.backbone(ordered) if presence is None else self.backbone(ordered, presence)
         return [feats[name] for name in FEATURE_NAMES]
 
     def forward(
-        self, inputs: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
+        self,
+        inputs: dict[str, Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        presence: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Losses (training) or padded detections (inference).
 
@@ -119,6 +131,11 @@ class RTSDetector(nn.Module):
         targets
             Training only, one dict per image: ``boxes`` ``[N, 4]`` float xyxy pixels,
             ``labels`` ``[N]`` int64 (1 = rts), ``masks`` ``[N, T, T]`` uint8.
+        presence
+            ``[B, M]`` float in ``config.modalities`` order, 1 where the modality is present,
+            0 where it is absent (its input is the fill, zeros; the model file's ``presence``
+            input); None: every modality present. See ``models/fusion.py`` for what the fusion
+            does with it.
 
         Returns
         -------
@@ -133,9 +150,9 @@ class RTSDetector(nn.Module):
         ValueError
             If the inputs do not match the configuration or targets are missing in training.
         """
-        image = self._check_inputs(inputs)
+        image = self._check_inputs(inputs, presence)
         size = (self.config.tile_size, self.config.tile_size)
-        features = self._features(inputs)
+        features = self._features(inputs, presence)
         if self.training:
             if targets is None or len(targets) != image.shape[0]:
                 raise ValueError("targets: training needs one target dict per image")

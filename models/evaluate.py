@@ -21,7 +21,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from rtsmap.contract import keep, match_one_to_one, paste_mask
+from rtsmap.contract import PRESENCE_INPUT, canonical_subset, keep, match_one_to_one, paste_mask, presence_vector
 from rtsmap.models.data import ChipDataset, collate
 
 #: Keys of the metrics dict, in order.
@@ -192,15 +192,44 @@ def coco_metrics(gt: Mapping[str, Any], results: list[dict[str, Any]], score_thr
     return metrics
 
 
+def _presence_row(modalities: Sequence[str], present: Sequence[str] | None, supported) -> np.ndarray | None:
+    """The presence row of ``present`` (None: every modality), refused when the model lacks the subset."""
+    if present is None:
+        return None
+    subset = canonical_subset(modalities, present)
+    if subset not in {tuple(s) for s in supported}:
+        raise ValueError(f"the model was not trained for modalities {list(subset)}; it supports "
+                         f"{[list(s) for s in supported]}")
+    return presence_vector(modalities, subset)
+
+
+def _fill_absent(inputs: dict, row: np.ndarray | None, modalities: Sequence[str]) -> dict:
+    """The documented fill of absent modalities: zeros (every pixel invalid after normalisation)."""
+    if row is None:
+        return inputs
+    return {m: x if row[modalities.index(m)] else x * 0 for m, x in inputs.items()}
+
+
 @torch.no_grad()
-def predict_detector(model: torch.nn.Module, dataset: ChipDataset, *, batch_size: int = 4, device: str = "cpu") -> list[dict]:
-    """COCO results of a PyTorch detector on every chip of ``dataset``."""
+def predict_detector(model: torch.nn.Module, dataset: ChipDataset, *, batch_size: int = 4, device: str = "cpu",
+                     present: Sequence[str] | None = None) -> list[dict]:
+    """COCO results of a PyTorch detector on every chip of ``dataset``.
+
+    ``present``: run as if only these modalities existed (the others fed as the zero fill with
+    presence 0); None: all. Must be one of ``model.config.supported_subsets``.
+    """
+    modalities = list(model.config.modalities)
+    row = _presence_row(modalities, present, model.config.supported_subsets)
     was_training = model.training
     model.eval()
     results: list[dict] = []
     try:
         for inputs, targets in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-            out = model({m: x.to(device) for m, x in inputs.items()})
+            inputs = _fill_absent(inputs, row, modalities)
+            presence = None
+            if row is not None:
+                presence = torch.from_numpy(np.tile(row, (len(targets), 1))).to(device)
+            out = model({m: x.to(device) for m, x in inputs.items()}, presence=presence)
             out = {k: v.cpu().numpy() for k, v in out.items()}
             results += results_from_outputs([int(t["image_id"]) for t in targets], out,
                                             dataset.tile_size, model.config.mask_threshold)
@@ -209,8 +238,12 @@ def predict_detector(model: torch.nn.Module, dataset: ChipDataset, *, batch_size
     return results
 
 
-def predict_onnx(path: str | os.PathLike, root: str | os.PathLike, split: str, *, batch_size: int = 4) -> tuple[list[dict], ChipDataset, float]:
+def predict_onnx(path: str | os.PathLike, root: str | os.PathLike, split: str, *, batch_size: int = 4,
+                 present: Sequence[str] | None = None) -> tuple[list[dict], ChipDataset, float]:
     """COCO results of an exported ONNX model (onnxruntime) on a split, fed as the pipeline feeds it.
+
+    ``present``: run with only these modalities (one of the file's ``modality_subsets``; a
+    format 1 file supports only the full set); None: all.
 
     Returns
     -------
@@ -231,18 +264,27 @@ def predict_onnx(path: str | os.PathLike, root: str | os.PathLike, split: str, *
     dataset = ChipDataset(root, split, meta["bands"], meta["normalization"])
     if int(meta["tile_size"]) != dataset.tile_size:
         raise ValueError(f"{path}: tile size {meta['tile_size']} but the chips in {root} are {dataset.tile_size} px")
+    modalities = list(meta["modalities"])
+    row = _presence_row(modalities, present, meta.get("modality_subsets", [modalities]))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    has_presence = PRESENCE_INPUT in {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     results: list[dict] = []
     for inputs, targets in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        out = dict(zip(names, session.run(None, {m: inputs[m].numpy() for m in meta["modalities"]})))
+        inputs = _fill_absent(inputs, row, modalities)
+        feed = {m: inputs[m].numpy() for m in modalities}
+        if has_presence:
+            full = np.ones(len(modalities), np.float32)
+            feed[PRESENCE_INPUT] = np.tile(full if row is None else row, (len(targets), 1))
+        out = dict(zip(names, session.run(None, feed)))
         results += results_from_outputs([int(t["image_id"]) for t in targets], out,
                                         dataset.tile_size, float(meta["mask_threshold"]))
     return results, dataset, float(meta["score_threshold"])
 
 
-def evaluate_detector(model: torch.nn.Module, root: str | os.PathLike, split: str, *, device: str = "cpu") -> dict:
-    """:func:`coco_metrics` of a PyTorch detector on a split.
+def evaluate_detector(model: torch.nn.Module, root: str | os.PathLike, split: str, *, device: str = "cpu",
+                      present: Sequence[str] | None = None) -> dict:
+    """:func:`coco_metrics` of a PyTorch detector on a split (``present``: as in :func:`predict_detector`).
 
     Raises
     ------
@@ -252,12 +294,13 @@ def evaluate_detector(model: torch.nn.Module, root: str | os.PathLike, split: st
     dataset = ChipDataset(root, split, model.config.modalities, model.config.normalization)
     if len(dataset) == 0:
         raise ValueError(f"{root}: the {split!r} split has no chips")
-    metrics = coco_metrics(dataset.coco, predict_detector(model, dataset, device=device), model.config.score_threshold)
+    results = predict_detector(model, dataset, device=device, present=present)
+    metrics = coco_metrics(dataset.coco, results, model.config.score_threshold)
     return {"split": split, "chips": len(dataset), "instances": len(dataset.coco["annotations"]), **metrics}
 
 
 def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split: str = "test", *, device: str = "cpu",
-                   score_threshold: float | None = None) -> dict:
+                   score_threshold: float | None = None, present: Sequence[str] | None = None) -> dict:
     """Evaluate a checkpoint (``.safetensors`` or stage folder) or an exported ``.onnx`` on a split.
 
     Parameters
@@ -272,6 +315,9 @@ def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split
         Torch device for checkpoints.
     score_threshold
         Operating point of precision/recall/F1 (default: the model's own); AP does not depend on it.
+    present
+        Evaluate with only these modalities present (one of the model's supported subsets);
+        None: all.
 
     Returns
     -------
@@ -285,7 +331,7 @@ def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split
     """
     path = Path(model_path)
     if path.suffix == ".onnx":
-        results, dataset, own_threshold = predict_onnx(path, root, split)
+        results, dataset, own_threshold = predict_onnx(path, root, split, present=present)
         if len(dataset) == 0:
             raise ValueError(f"{root}: the {split!r} split has no chips")
         threshold = own_threshold if score_threshold is None else score_threshold
@@ -300,4 +346,4 @@ def evaluate_model(model_path: str | os.PathLike, root: str | os.PathLike, split
     if score_threshold is not None:
         model.config = dataclasses.replace(model.config, score_threshold=score_threshold)
     return {"model": str(path), "score_threshold": model.config.score_threshold,
-            **evaluate_detector(model, root, split, device=device)}
+            **evaluate_detector(model, root, split, device=device, present=present)}

@@ -2,7 +2,9 @@
 
 The file's inputs, outputs and ``metadata_props["rtsmap"]`` follow
 docs/contracts.md ("The model file"); their names and the format version are
-``rtsmap.contract``'s, the module the pipeline reads the file with. The TorchScript-based exporter
+``rtsmap.contract``'s, the module the pipeline reads the file with. Files are written in format 2:
+one input per modality plus ``presence`` ``[B, M]``, and the metadata lists the modality subsets
+the model was trained for (``modality_subsets``; only the full set without modality dropout). The TorchScript-based exporter
 (``dynamo=False``) is used: it exports torchvision's ``roi_align`` and ``nms``
 to the standard ONNX ``RoiAlign`` and ``NonMaxSuppression`` operators and keeps
 the batch axis dynamic.
@@ -22,7 +24,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from rtsmap.contract import MASK_SIZE, METADATA_KEY, OUTPUT_NAMES, input_names
+from rtsmap.contract import MASK_SIZE, METADATA_KEY, OUTPUT_NAMES, READABLE_MODEL_FORMATS, input_names
 from rtsmap.contract import MODEL_FORMAT as METADATA_FORMAT  # the name callers of this module know
 from rtsmap.models.config import ModelConfig
 from rtsmap.models.detector import RTSDetector
@@ -36,7 +38,7 @@ MIN_OPSET = 17
 
 
 class _ExportWrapper(nn.Module):
-    """Positional modality tensors in, the four output tensors out (ONNX wants flat I/O)."""
+    """Positional modality tensors and presence in, the four output tensors out (ONNX wants flat I/O)."""
 
     def __init__(self, model: RTSDetector) -> None:
         super().__init__()
@@ -44,7 +46,8 @@ class _ExportWrapper(nn.Module):
         self.modalities = list(model.config.modalities)
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(dict(zip(self.modalities, tensors)))
+        *images, presence = tensors
+        out = self.model(dict(zip(self.modalities, images)), presence=presence)
         return tuple(out[name] for name in OUTPUT_NAMES)
 
 
@@ -120,6 +123,7 @@ def build_metadata(
         "candidate_score_threshold": config.candidate_score_threshold,
         "mask_threshold": config.mask_threshold,
         "classes": list(config.classes),
+        "modality_subsets": [list(subset) for subset in config.supported_subsets],
         "weights_sha256": weights_sha256(model),
         "trained_on": trained_on,
         "config": config.to_dict(),
@@ -186,7 +190,8 @@ def export_onnx(
         t = config.tile_size
         # Batch 2 in the example, so no batch-1 special case gets traced into the graph.
         example = tuple(torch.zeros(2, c, t, t) for c in config.in_channels.values())
-        names = list(input_names(config.modalities))
+        example += (torch.ones(2, len(config.modalities)),)
+        names = list(input_names(config.modalities, presence=True))
         dynamic = {n: {0: "batch"} for n in names + list(OUTPUT_NAMES)}
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about Python ints taken from shapes; T and C are fixed
@@ -248,15 +253,16 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
     Raises
     ------
     ValueError
-        If the file has no ``rtsmap`` metadata, or metadata of another format version than
-        the pipeline reads.
+        If the file has no ``rtsmap`` metadata, or metadata of a format version the pipeline
+        does not read (it reads ``rtsmap.contract.READABLE_MODEL_FORMATS``).
     """
     proto = onnx.load(str(path), load_external_data=False)
     for entry in proto.metadata_props:
         if entry.key == METADATA_KEY:
             meta = json.loads(entry.value)
-            if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+            if not isinstance(meta, dict) or meta.get("format") not in READABLE_MODEL_FORMATS:
                 got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-                raise ValueError(f"{path}: metadata format {got!r}, expected {METADATA_FORMAT!r}; export it again")
+                raise ValueError(f"{path}: metadata format {got!r}, expected one of {list(READABLE_MODEL_FORMATS)}; "
+                                 "export it again")
             return meta
     raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; was it written by models.export.export_onnx?")

@@ -13,6 +13,19 @@ the same shape [B, C, H, W] and returns one map of that shape:
 Data-level fusion (stacking all bands into one backbone) is not a module: see
 ``models/backbone.py``.
 
+Missing modalities: every ``forward`` takes an optional ``presence`` [B, 1 + num_aux] (1 present,
+0 absent; optical first), the model file's presence input (docs/contracts.md). An absent
+modality's feature map is zeroed, so whatever its branch made of the zero fill is ignored. In
+the attention fusions an absent auxiliary modality's keys get a logit of -1e4 (weight exactly
+0), and the residual fusion multiplies its gate by "any auxiliary modality present": with SAR
+and DEM both absent its output is exactly the optical map, the optical model's path. With
+optical absent, the zeroed optical map makes every query the same vector (the query
+LayerNorm's bias), so the attention becomes a learned, content-weighted pooling of the SAR/DEM
+neighbourhood (keys still differ by content, modality and offset) and the output is that
+pooling through the gate; the ``query`` gate sees the constant "no optical" token and can learn
+its own opening for this case, the ``channel`` gate cannot. No new weights: a model trained
+without dropout keeps its state dict, and presence all ones gives bit-identical outputs.
+
 The attention is written with shifted views, products and one softmax (plain ONNX ops at opset
 17): each query has only ``num_aux * window**2`` keys, so a dense attention kernel would spend
 almost all its work on masked-out pairs.
@@ -27,6 +40,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtsmap.models.config import FUSION_GATES
+
+
+def _zero_absent(
+    optical: torch.Tensor, aux: list[torch.Tensor], presence: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Zero the maps of absent modalities; return them and the auxiliary presence [B, num_aux].
+
+    A present modality's map is multiplied by exactly 1, so its values do not change.
+    """
+    if not torch.jit.is_tracing() and (presence.dim() != 2 or presence.shape[1] != 1 + len(aux)):
+        raise ValueError(f"fusion: presence must be [B, {1 + len(aux)}], got {list(presence.shape)}")
+    presence = presence.to(optical.dtype)
+    optical = optical * presence[:, 0, None, None, None]
+    aux = [a * presence[:, i + 1, None, None, None] for i, a in enumerate(aux)]
+    return optical, aux, presence[:, 1:]
 
 
 class _CrossModalityAttention(nn.Module):
@@ -82,11 +110,14 @@ class _CrossModalityAttention(nn.Module):
         """The normalised optical tokens [B, H, W, C] of a map [B, C, H, W] (queries and gate input)."""
         return self.norm_q(optical.permute(0, 2, 3, 1))
 
-    def attend(self, tokens: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
+    def attend(
+        self, tokens: torch.Tensor, aux: list[torch.Tensor], aux_presence: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attention output as a map [B, C, H, W] (not yet added to anything).
 
         ``tokens`` are :meth:`query_tokens` of the optical map, so a caller that also needs them
-        (the query gate) normalises once.
+        (the query gate) normalises once. ``aux_presence`` [B, num_aux] (1 present, 0 absent)
+        masks the keys of absent modalities out (weight exactly 0 when another is present).
         """
         if len(aux) != self.num_aux:
             raise ValueError(f"fusion: expected {self.num_aux} auxiliary maps, got {len(aux)}")
@@ -112,7 +143,13 @@ class _CrossModalityAttention(nn.Module):
                     keys.append(shifted[:, : self.channels].reshape(-1, heads, head_dim, height, width))
                     values.append(shifted[:, self.channels :].reshape(-1, heads, head_dim, height, width))
         logits = torch.stack([(q * k).sum(dim=2) for k in keys], dim=2)  # [B, heads, N, H, W]
-        weights = torch.softmax(logits + self.position_bias[None, :, :, None, None], dim=2)
+        logits = logits + self.position_bias[None, :, :, None, None]
+        if aux_presence is not None:
+            # -1e4 for an absent modality's keys: exp underflows to exactly 0 in float32; 0 added
+            # for present ones, so all-present gives the very logits of a call without presence.
+            per_key = aux_presence[:, :, None].expand(-1, self.num_aux, self.window * self.window)
+            logits = logits + ((per_key.reshape(per_key.shape[0], -1) - 1.0) * 1e4)[:, None, :, None, None]
+        weights = torch.softmax(logits, dim=2)
         out = weights[:, :, 0, None] * values[0]
         for n in range(1, len(values)):
             out = out + weights[:, :, n, None] * values[n]
@@ -159,7 +196,9 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
             self.gate_from_query = nn.Linear(channels, channels, bias=False)
             nn.init.zeros_(self.gate_from_query.weight)
 
-    def forward(self, optical: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, optical: torch.Tensor, aux: list[torch.Tensor], presence: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fuse one FPN level.
 
         Parameters
@@ -168,17 +207,25 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
             [B, C, H, W] query map.
         aux : list of Tensor
             ``num_aux`` maps of the same shape.
+        presence : Tensor, optional
+            [B, 1 + num_aux] float, 1 where the modality is present (optical first); None: all.
 
         Returns
         -------
         Tensor
-            [B, C, H, W].
+            [B, C, H, W]. With every auxiliary modality absent, exactly ``optical``.
         """
+        aux_presence = None
+        if presence is not None:
+            optical, aux, aux_presence = _zero_absent(optical, aux, presence)
         tokens = self.query_tokens(optical)
         gate = self.gate[None, :, None, None]
         if self.gate_from_query is not None:
             gate = gate + self.gate_from_query(tokens).permute(0, 3, 1, 2)
-        return optical + gate * self.attend(tokens, aux)
+        if aux_presence is not None:
+            # Closed when no auxiliary modality is present: the output is the optical path.
+            gate = gate * aux_presence.amax(dim=1)[:, None, None, None]
+        return optical + gate * self.attend(tokens, aux, aux_presence)
 
 
 class AttentionFusion(_CrossModalityAttention):
@@ -198,9 +245,19 @@ class AttentionFusion(_CrossModalityAttention):
         super().__init__(channels, num_heads, window, num_aux)
         self.norm_out = nn.LayerNorm(channels)
 
-    def forward(self, optical: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
-        """Fuse one FPN level: [B, C, H, W] optical and auxiliary maps -> [B, C, H, W]."""
-        out = self.attend(self.query_tokens(optical), aux)
+    def forward(
+        self, optical: torch.Tensor, aux: list[torch.Tensor], presence: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fuse one FPN level: [B, C, H, W] optical and auxiliary maps -> [B, C, H, W].
+
+        ``presence`` [B, 1 + num_aux] as in :class:`ResidualCrossModalityAttention`; with every
+        auxiliary modality absent the keys are all masked alike and the output carries no signal
+        (this ablation has no optical path to fall back on).
+        """
+        aux_presence = None
+        if presence is not None:
+            optical, aux, aux_presence = _zero_absent(optical, aux, presence)
+        out = self.attend(self.query_tokens(optical), aux, aux_presence)
         return self.norm_out(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -227,8 +284,15 @@ class ConvFusion(nn.Module):
         self.norm = nn.GroupNorm(math.gcd(32, max(channels // 8, 1)), channels)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, optical: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
-        """Fuse one FPN level: [B, C, H, W] optical and auxiliary maps -> [B, C, H, W]."""
+    def forward(
+        self, optical: torch.Tensor, aux: list[torch.Tensor], presence: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fuse one FPN level: [B, C, H, W] optical and auxiliary maps -> [B, C, H, W].
+
+        ``presence`` [B, 1 + num_aux] (optical first): absent modalities' maps are zeroed.
+        """
         if len(aux) != self.num_aux:
             raise ValueError(f"fusion: expected {self.num_aux} auxiliary maps, got {len(aux)}")
+        if presence is not None:
+            optical, aux, _ = _zero_absent(optical, aux, presence)
         return self.act(self.norm(self.conv(torch.cat([optical, *aux], dim=1))))

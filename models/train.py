@@ -10,6 +10,13 @@ widened with zero weights for the SAR and DEM bands, so every fused model in the
 starts from the same point and gets the same fine-tuning budget.
 The backbones can be frozen for the first steps so the new fusion layers settle first.
 
+Modality dropout (``modality_dropout``, stage 2 only): each chip's optical, SAR or DEM is fed as
+absent at its own rate, never all of a chip's modalities: its input becomes the zero fill and
+its presence flag 0 (``models/data.py``: ``draw_presence``, ``apply_presence``), drawn from a
+generator seeded by (seed, step) so a resumed run drops the same ones. The fused model records
+the subsets it was trained for (``ModelConfig.modality_subsets``), which the exported file lists
+for the pipeline; its validation metrics are also given with each single modality absent.
+
 Optimiser: AdamW (no weight decay on norms, biases, gates and embeddings), linear warmup then
 cosine decay, gradient clipping. The learning rate is a pure function of the step, so a resumed
 run follows the same schedule.
@@ -52,6 +59,7 @@ from torch.utils.data import DataLoader
 
 from rtsmap.config_schema import (
     Bool,
+    Float,
     Fraction,
     NonNegativeFloat,
     NonNegativeInt,
@@ -64,7 +72,8 @@ from rtsmap.config_schema import (
 )
 from rtsmap.errors import ConfigError
 from rtsmap.models.config import DEFAULT_NORMALIZATION, FUSION_MODES, MODEL_VARIANTS, ModelConfig, build_config
-from rtsmap.models.data import Augment, ChipDataset, collate, read_manifest
+from rtsmap.contract import modality_subsets
+from rtsmap.models.data import Augment, ChipDataset, apply_presence, collate, draw_presence, read_manifest
 from rtsmap.models.detector import RTSDetector
 
 log = logging.getLogger(__name__)
@@ -75,7 +84,7 @@ CONFIG_KEY = "rtsmap_model_config"
 STAGES = ("unimodal", "fusion", "all")
 
 #: ModelConfig fields each stage sets itself (from the chips and the stage), never model_overrides.
-STAGE_SET_FIELDS = ("name", "fusion", "modalities", "normalization", "tile_size", "resolution")
+STAGE_SET_FIELDS = ("name", "fusion", "modalities", "normalization", "tile_size", "resolution", "modality_subsets")
 
 
 def _known_variant(name: str) -> str:
@@ -102,6 +111,8 @@ def _model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 Variant = Annotated[Str, AfterValidator(_known_variant)]
+DropoutRate = Annotated[Float, at.Ge(0), at.Lt(1)]
+"""A modality dropout rate: 1 would drop the modality always, so the model never saw it."""
 FusionMode = Literal[FUSION_MODES]
 ModelOverrides = Annotated[dict[Str, Any], AfterValidator(_model_overrides)]
 
@@ -166,6 +177,11 @@ class TrainConfig:
     """Random 90-degree rotations."""
     noise_std: dict[Str, NonNegativeFloat] = field(default_factory=lambda: {"optical": 0.05, "sar": 0.1, "dem": 0.02})
     """Gaussian noise per modality, in normalised units."""
+    modality_dropout: dict[Str, DropoutRate] = field(default_factory=dict)
+    """Stage 2 only: chance per sample and modality of feeding it as absent (the zero fill,
+    presence 0), e.g. ``{optical: 0.15, sar: 0.3, dem: 0.1}``, each in [0, 1); a sample never
+    loses every modality. The fused model then supports every subset that leaves out only
+    modalities with a rate above 0 (``ModelConfig.modality_subsets``). Empty: no dropout."""
     num_workers: NonNegativeInt = 0
     """DataLoader worker processes."""
     threads: NonNegativeInt = 0
@@ -191,6 +207,11 @@ class TrainConfig:
             raise ValueError("TrainConfig.lr and fusion_lr: must be > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device: auto, cpu or cuda, got {self.device!r}")
+        unknown = sorted(set(self.modality_dropout) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"TrainConfig.modality_dropout: {unknown} are not among modalities {list(self.modalities)}")
+        if any(not 0.0 <= float(r) < 1.0 for r in self.modality_dropout.values()):
+            raise ValueError(f"TrainConfig.modality_dropout: rates must be in [0, 1), got {dict(self.modality_dropout)}")
 
 
 def load_train_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
@@ -257,9 +278,13 @@ def stage_model_config(tc: TrainConfig, modalities: tuple[str, ...], fusion: str
     else:
         norm = {m: DEFAULT_NORMALIZATION[m] for m in modalities}
     name = f"{tc.model}-{modalities[0]}" if fusion == "none" else f"{tc.model}-{fusion}"
+    # Only the fused stage drops modalities; a model without dropout keeps the empty default.
+    subsets = ()
+    if fusion != "none" and any(float(tc.modality_dropout.get(m, 0.0)) > 0 for m in modalities):
+        subsets = modality_subsets(modalities, tc.modality_dropout)
     overrides = {**tc.model_overrides, "fusion": fusion, "modalities": bands,
                  "normalization": norm, "tile_size": int(manifest["tile_size"]),
-                 "resolution": float(manifest["resolution"])}
+                 "resolution": float(manifest["resolution"]), "modality_subsets": subsets}
     return dataclasses.replace(build_config(tc.model, **overrides), name=name)
 
 
@@ -505,6 +530,10 @@ def train_stage(
                           augment=Augment(tc.flips, tc.rot90, dict(tc.noise_std)), seed=tc.seed)
     loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), tc.batch_size, tc.seed, start, steps),
                         collate_fn=collate, num_workers=tc.num_workers)
+    modalities = list(model.config.modalities)
+    # Modality dropout only where the model can take presence (a fused model that records the
+    # subsets it is trained for; stage_model_config sets them from tc.modality_dropout).
+    rates = [float(tc.modality_dropout.get(m, 0.0)) for m in modalities] if model.config.modality_subsets else None
     model.train()
     step = start
     window: list[float] = []
@@ -518,7 +547,14 @@ def train_stage(
         lr_now = lr_at(step, steps, lr, tc.warmup_steps, tc.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr_now * group.get("lr_scale", 1.0)
-        losses = model({m: x.to(device) for m, x in inputs.items()}, [_to(t, device) for t in targets])
+        presence = None
+        if rates is not None:
+            # Seeded by (seed, step) like the batches, so a resumed run drops the same modalities.
+            present = draw_presence(np.random.default_rng([tc.seed, step, 0xD20F]), len(targets), rates)
+            inputs, presence = apply_presence(inputs, present, modalities)
+            presence = presence.to(device)
+        losses = model({m: x.to(device) for m, x in inputs.items()}, [_to(t, device) for t in targets],
+                       presence=presence)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{stage} step {step}: loss is {loss.item()} ({ {k: float(v) for k, v in losses.items()} })")
@@ -562,6 +598,11 @@ def train_stage(
 
         try:
             record["metrics"] = {"val": evaluate_detector(model, tc.data, "val", device=str(device))}
+            # A model trained with modality dropout: how it maps with each one modality absent.
+            for subset in model.config.modality_subsets:
+                if len(subset) == len(model.config.modalities) - 1:
+                    record["metrics"]["val_" + "+".join(subset)] = evaluate_detector(
+                        model, tc.data, "val", device=str(device), present=subset)
         except ValueError as exc:  # e.g. an empty val split
             record["metrics"] = {"val": None, "note": str(exc)}
     (stage_dir / "record.json").write_text(json.dumps(record, indent=1))

@@ -8,6 +8,13 @@ predictions back into chunk pixels as boolean masks (:class:`TileDetections`).
 Normalisation, the threshold rule and mask pasting are the model contract's
 (``rtsmap.contract``), the same functions training and evaluation use. No torch here (a GPU
 worker needs onnxruntime alone).
+
+Missing modalities: a model file of format 2 takes a ``presence`` input, and its metadata lists
+the modality subsets it was trained for (:attr:`ModelInfo.modality_subsets`,
+:meth:`ModelInfo.supports`). ``Detector.predict(batch, presence)`` and
+``infer_chunk(..., presence=[...])`` run tiles with only some modalities; an absent modality is
+fed as the zero fill with presence 0. A subset the model was not trained for, and any partial
+subset for a format 1 model (no presence input), is a :class:`ModelError`.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtsmap.contract import OUTPUT_NAMES, input_names, keep, normalize, paste_mask
+from rtsmap.contract import OUTPUT_NAMES, PRESENCE_INPUT, canonical_subset, input_names, keep, normalize, paste_mask
 from rtsmap.pipeline.errors import ModelError
 from rtsmap.pipeline.model_file import (
     ModelInfo,
@@ -35,6 +42,7 @@ __all__ = [
     "ModelInfo",
     "TileDetections",
     "check_compatible",
+    "check_presence",
     "infer_chunk",
     "load_model",
     "paste_mask",
@@ -61,23 +69,99 @@ class Detector:
     providers: tuple[str, ...]
     """Execution providers in use, as reported by the session after it was created."""
 
-    def predict(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, batch: Mapping[str, np.ndarray], presence: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Run one batch through the network.
 
         Parameters
         ----------
         batch : mapping of str to ndarray
             Modality -> float32 ``[B, C, T, T]``, already normalized.
+        presence : array-like, optional
+            ``[B, M]`` (or ``[M]`` for the whole batch), M the model's modalities in order,
+            1 (True) where the tile has the modality, 0 where it is absent: its input is
+            replaced by the fill, zeros, here. Each row must be one of the model's
+            :attr:`ModelInfo.modality_subsets`. None: every modality present (for a format 1
+            model, the only way it runs).
 
         Returns
         -------
         dict of str to ndarray
             ``boxes [B, K, 4]``, ``scores [B, K]``, ``masks [B, K, M, M]``,
             ``num_detections [B]`` (docs/contracts.md, "The model file").
+
+        Raises
+        ------
+        ModelError
+            When ``presence`` has the wrong shape or values, or asks for a subset the model does
+            not support.
         """
+        info = self.info
         names = list(OUTPUT_NAMES)
-        feed = dict(zip(input_names(self.info.modalities), (batch[m] for m in self.info.modalities)))
+        inputs = {m: batch[m] for m in info.modalities}
+        size = int(inputs[info.modalities[0]].shape[0])
+        rows = None if presence is None else check_presence(info, presence, size)
+        if rows is not None and not rows.all():
+            # The documented fill of an absent modality: zeros, whatever the caller put there
+            # (copied only when not zeros already, as infer_chunk's batches are).
+            for i, m in enumerate(info.modalities):
+                absent = rows[:, i] == 0
+                if absent.any() and np.any(inputs[m][absent]):
+                    inputs[m] = np.array(inputs[m], np.float32, copy=True)
+                    inputs[m][absent] = 0.0
+        feed = dict(zip(input_names(info.modalities), (inputs[m] for m in info.modalities)))
+        if info.has_presence_input:
+            feed[PRESENCE_INPUT] = rows if rows is not None else np.ones((size, len(info.modalities)), np.float32)
         return dict(zip(names, self.session.run(names, feed)))
+
+
+def check_presence(info: ModelInfo, presence, batch: int) -> np.ndarray:
+    """Check a presence array against a model and return it as float32 ``[batch, M]``.
+
+    Parameters
+    ----------
+    info : ModelInfo
+        The model.
+    presence : array-like
+        ``[batch, M]`` or ``[M]`` of 0/1 (or bool), M = ``len(info.modalities)``, in model order.
+    batch : int
+        Tiles in the batch.
+
+    Returns
+    -------
+    ndarray
+        float32 ``[batch, M]`` of 0.0 and 1.0.
+
+    Raises
+    ------
+    ModelError
+        Wrong shape, values other than 0 and 1, or a row whose subset the model does not support
+        (a format 1 model supports only the full set: it has no presence input).
+    """
+    m = len(info.modalities)
+    rows = np.asarray(presence, np.float32)
+    if rows.ndim == 1:
+        rows = np.broadcast_to(rows, (batch, rows.shape[0]))
+    if rows.shape != (batch, m):
+        raise ModelError(f"presence must be [{batch}, {m}] (tiles x modalities {list(info.modalities)}), "
+                         f"got {list(np.shape(presence))}")
+    if not np.isin(rows, (0.0, 1.0)).all():
+        raise ModelError("presence values must be 0 (absent) or 1 (present)")
+    for row in np.unique(rows, axis=0):
+        present = [mod for mod, flag in zip(info.modalities, row) if flag]
+        if not info.supports(present):
+            raise ModelError(_unsupported(info, present))
+    return np.ascontiguousarray(rows, np.float32)
+
+
+def _unsupported(info: ModelInfo, present: Sequence[str]) -> str:
+    """Why a model cannot run with the modalities ``present``."""
+    subsets = [list(s) for s in (info.modality_subsets or (info.modalities,))]
+    if not info.has_presence_input:
+        why = (f"it is a {info.format} file without a presence input, so it runs only with all of "
+               f"{list(info.modalities)}; export a model trained with modality dropout")
+    else:
+        why = (f"it was trained for {subsets} (train with modality_dropout to map with fewer)")
+    return f"model {info.path} cannot run with modalities {list(present)}: {why}"
 
 
 def _resolve_providers(providers: Sequence[str]) -> list[str]:
@@ -214,6 +298,8 @@ class TileDetections:
     """float32 ``[N]``: share of each mask's pixels where any model modality had no valid data."""
     skipped: bool = False
     """True when no modality had a valid pixel in the tile, so the model was not run on it."""
+    modalities: tuple[str, ...] = ()
+    """The modalities the model ran with on this tile (its presence flags); empty when skipped."""
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -236,16 +322,24 @@ def _check_stack(info: ModelInfo, stack) -> None:
         raise ModelError(f"chunk {stack.chunk_id} does not match model {info.path}: " + "; ".join(problems))
 
 
-def _normalized_batch(info: ModelInfo, stack, windows: list[tuple[slice, slice]]) -> dict[str, np.ndarray]:
-    """Cut, normalize and zero-fill one batch of tiles for every model modality."""
+def _normalized_batch(
+    info: ModelInfo, stack, windows: list[tuple[slice, slice]], presence: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Cut, normalize and zero-fill one batch of tiles for every model modality.
+
+    ``presence`` ``[B, M]``: a tile's absent modalities stay zeros (the fill) even when the stack
+    has them.
+    """
     t = info.tile_size
     batch = {}
-    for m in info.modalities:
+    for i, m in enumerate(info.modalities):
         out = np.zeros((len(windows), len(info.bands[m]), t, t), np.float32)
         if m in stack.data:
             norm = info.normalization[m]
             for b, (rows, cols) in enumerate(windows):
-                normalize(stack.data[m][:, rows, cols], stack.valid[m][rows, cols], norm.mean, norm.std, out=out[b])
+                if presence is None or presence[b, i]:
+                    normalize(stack.data[m][:, rows, cols], stack.valid[m][rows, cols], norm.mean, norm.std,
+                              out=out[b])
         # A modality absent from the chunk stays all zeros, as if every pixel were invalid.
         batch[m] = out
     return batch
@@ -259,6 +353,7 @@ def _tile_detections(
     score_threshold: float,
     mask_threshold: float,
     invalid: np.ndarray,
+    modalities: tuple[str, ...] = (),
 ) -> TileDetections:
     """Turn one batch item's padded outputs into thresholded masks in chunk pixels."""
     row0, col0 = (int(v) for v in tile.offset)
@@ -289,6 +384,7 @@ def _tile_detections(
         masks=tuple(masks),
         offsets=tuple(offsets),
         invalid_fractions=np.asarray(invalid_fractions, np.float32),
+        modalities=modalities,
     )
 
 
@@ -313,6 +409,7 @@ def infer_chunk(
     batch_size: int = 8,
     score_threshold: float | None = None,
     mask_threshold: float | None = None,
+    presence: Sequence[str] | None = None,
 ) -> list[TileDetections]:
     """Detect slumps in every tile of a loaded chunk.
 
@@ -332,17 +429,28 @@ def infer_chunk(
         Override the model metadata's thresholds. A detection is kept when its score is at or
         above the score threshold, a mask pixel when its probability is at or above the mask
         threshold (``rtsmap.contract.keep``).
+    presence : sequence of str, optional
+        The modalities the chunk has (e.g. those with items for the year); the others are fed
+        as absent (zero fill, presence 0) even when the stack holds them. Must be one of the
+        model's :attr:`ModelInfo.modality_subsets`. Within it, a modality with no valid pixel
+        in a tile is flagged absent for that tile when the smaller subset is supported too
+        (otherwise it stays present, its invalid pixels zero, as partial coverage always is).
+        None: every model modality is flagged present and one the stack lacks is fed as zeros
+        (the behaviour before presence existed; a format 1 model knows nothing else).
 
     Returns
     -------
     list of TileDetections
         One per tile, in the order of ``tiles``. Tiles where no modality has a valid pixel are
-        not run and come back empty with ``skipped=True``.
+        not run and come back empty with ``skipped=True``. ``modalities`` says what each tile
+        ran with. ``invalid_fractions`` still count a pixel invalid where any model modality,
+        absent ones included, lacks data.
 
     Raises
     ------
     ModelError
-        When a modality in the stack has another number of bands than the model takes.
+        When a modality in the stack has another number of bands than the model takes, or the
+        model does not support the ``presence`` subset.
     ValueError
         When a tile does not lie inside the chunk's read window (a grid bug), or
         ``batch_size`` < 1.
@@ -353,6 +461,17 @@ def infer_chunk(
     t = info.tile_size
     score_threshold = info.score_threshold if score_threshold is None else float(score_threshold)
     mask_threshold = info.mask_threshold if mask_threshold is None else float(mask_threshold)
+    chunk_present = None
+    if presence is not None:
+        try:
+            chunk_present = canonical_subset(info.modalities, presence)
+        except ValueError as exc:
+            raise ModelError(f"chunk {stack.chunk_id}: presence: {exc}") from None
+        if not info.supports(chunk_present):
+            raise ModelError(f"chunk {stack.chunk_id}: " + _unsupported(info, chunk_present))
+        lacking = [m for m in chunk_present if m not in stack.data]
+        if lacking:
+            raise ValueError(f"chunk {stack.chunk_id}: presence names {lacking}, which the loaded stack lacks")
     if not tiles:
         return []
     _check_stack(info, stack)
@@ -360,12 +479,13 @@ def infer_chunk(
 
     # A pixel counts as invalid for a detection when any modality the model uses lacks data
     # (a modality absent from the chunk lacks it everywhere).
-    present = [m for m in info.modalities if m in stack.data]
+    loaded = [m for m in info.modalities if m in stack.data]
     any_valid = np.zeros((height, width), bool)
-    all_valid = np.full((height, width), len(present) == len(info.modalities))
-    for m in present:
-        any_valid |= stack.valid[m]
+    all_valid = np.full((height, width), len(loaded) == len(info.modalities))
+    for m in loaded:
         all_valid &= stack.valid[m]
+        if chunk_present is None or m in chunk_present:
+            any_valid |= stack.valid[m]
     invalid = ~all_valid
 
     results: list[TileDetections | None] = [None] * len(tiles)
@@ -390,7 +510,22 @@ def infer_chunk(
 
     for start in range(0, len(to_run), batch_size):
         part = to_run[start : start + batch_size]
-        outputs = detector.predict(_normalized_batch(info, stack, [w for _, w in part]))
+        windows = [w for _, w in part]
+        if chunk_present is None:
+            rows = None
+            outputs = detector.predict(_normalized_batch(info, stack, windows))
+        else:
+            rows = np.stack([_tile_presence(info, stack, chunk_present, w) for w in windows])
+            outputs = detector.predict(_normalized_batch(info, stack, windows, rows), rows)
         for b, (k, _) in enumerate(part):
-            results[k] = _tile_detections(outputs, b, tiles[k], t, score_threshold, mask_threshold, invalid)
+            ran = info.modalities if rows is None else tuple(m for m, f in zip(info.modalities, rows[b]) if f)
+            results[k] = _tile_detections(outputs, b, tiles[k], t, score_threshold, mask_threshold, invalid, ran)
     return results
+
+
+def _tile_presence(info: ModelInfo, stack, present: tuple[str, ...], window: tuple[slice, slice]) -> np.ndarray:
+    """The presence row of one tile: the chunk's modalities, less those with no valid pixel here
+    when the model supports the smaller subset (never fewer than one modality)."""
+    here = [m for m in present if stack.valid[m][window].any()]
+    chosen = tuple(here) if here and info.supports(here) else present
+    return np.asarray([1.0 if m in chosen else 0.0 for m in info.modalities], np.float32)

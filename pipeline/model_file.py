@@ -4,8 +4,10 @@ The ONNX file written by ``models/export.py`` is the whole contract between trai
 pipeline: ``metadata_props["rtsmap"]`` (a JSON object, see docs/contracts.md) says which
 modalities and bands the network takes, how to normalize them, the tile size, the resolution
 and the thresholds. This module turns that into a :class:`ModelInfo` and refuses files or data
-that do not match, before any work starts. The metadata key, format version and tensor names are
-``rtsmap.contract``'s, the module the exporter writes them with.
+that do not match, before any work starts. The metadata key, format versions and tensor names are
+``rtsmap.contract``'s, the module the exporter writes them with. Format 2 files also take a
+``presence`` input and list the modality subsets they run on (:attr:`ModelInfo.modality_subsets`);
+format 1 files (the shipped demo model) run only with every modality.
 
 onnxruntime is imported lazily, so ``pipeline`` can be imported (and plans made) on a machine
 that has neither ``rtsmap[cpu]`` nor ``rtsmap[gpu]`` installed.
@@ -21,7 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rtsmap.contract import METADATA_KEY, MODEL_FORMAT, OUTPUT_NAMES, input_names
+from rtsmap.contract import (
+    METADATA_KEY,
+    MODEL_FORMAT,
+    MODEL_FORMAT_V1,
+    OUTPUT_NAMES,
+    PRESENCE_INPUT,
+    READABLE_MODEL_FORMATS,
+    canonical_subset,
+    input_names,
+)
 from rtsmap.pipeline.errors import ModelError
 
 # The file's names and format version are the contract's (rtsmap/contract.py); re-exported here
@@ -87,6 +98,36 @@ class ModelInfo:
     """ONNX output name -> shape as declared in the graph."""
     metadata: Mapping[str, Any] = field(hash=False, repr=False)
     """The whole ``rtsmap`` metadata object, as read (for provenance records)."""
+    format: str = MODEL_FORMAT_V1
+    """The file's format version (``rtsmap.contract.READABLE_MODEL_FORMATS``)."""
+    modality_subsets: tuple[tuple[str, ...], ...] = ()
+    """The subsets of :attr:`modalities` the model runs on, the full set first, each in model
+    order: the metadata's ``modality_subsets`` (format 2); only the full set for format 1.
+    Empty only for a ModelInfo built by hand, read as the full set alone."""
+
+    @property
+    def has_presence_input(self) -> bool:
+        """True when the graph takes ``presence`` (format 2): it can be told a modality is absent."""
+        return PRESENCE_INPUT in self.input_shapes
+
+    def supports(self, present: Sequence[str]) -> bool:
+        """Whether the model runs with exactly these modalities present (any order).
+
+        Parameters
+        ----------
+        present : sequence of str
+            Modality names.
+
+        Returns
+        -------
+        bool
+            False also for names the model does not have.
+        """
+        try:
+            subset = canonical_subset(self.modalities, present)
+        except ValueError:
+            return False
+        return subset in (self.modality_subsets or (self.modalities,))
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -240,10 +281,11 @@ def model_info_from_session(session, path: Path, sha256: str | None = None) -> M
         ) from None
     if not isinstance(meta, dict):
         raise ModelError(f"model file {path}: the '{METADATA_KEY}' metadata is not a JSON object")
-    if meta.get("format") != MODEL_FORMAT:
+    if meta.get("format") not in READABLE_MODEL_FORMATS:
         raise ModelError(
             f"model file {path}: metadata format is {meta.get('format')!r}, this pipeline reads "
-            f"{MODEL_FORMAT!r}; export the model again with this version of rtsmap"
+            f"{' and '.join(repr(f) for f in READABLE_MODEL_FORMATS)}; export the model again with this "
+            "version of rtsmap"
         )
     problems = _metadata_problems(meta)
     if problems:
@@ -263,6 +305,10 @@ def model_info_from_session(session, path: Path, sha256: str | None = None) -> M
     input_types = {i.name: i.type for i in session.get_inputs()}
 
     problems = _signature_problems(meta, bands, input_shapes, input_types, output_shapes)
+    if meta["format"] == MODEL_FORMAT_V1:
+        subsets = (modalities,)
+    else:
+        subsets = tuple(canonical_subset(modalities, s) for s in meta["modality_subsets"])
     if problems:
         raise ModelError(
             f"model file {path}: the graph does not match its metadata: " + "; ".join(problems)
@@ -287,6 +333,8 @@ def model_info_from_session(session, path: Path, sha256: str | None = None) -> M
         input_shapes=input_shapes,
         output_shapes=output_shapes,
         metadata=meta,
+        format=str(meta["format"]),
+        modality_subsets=subsets,
     )
 
 
@@ -333,15 +381,47 @@ def _metadata_problems(meta: Mapping[str, Any]) -> list[str]:
         value = meta.get(key)
         if not _is_number(value) or not 0.0 <= value <= 1.0:
             problems.append(f"'{key}' must be a number in [0, 1], got {value!r}")
+    if meta.get("format") != MODEL_FORMAT_V1:
+        problems += _subset_problems(meta.get("modality_subsets"), modalities)
     return problems
+
+
+def _subset_problems(subsets: Any, modalities: list[str]) -> list[str]:
+    """What is wrong with a format 2 file's ``modality_subsets`` (empty when usable)."""
+    want = f"'modality_subsets' must be a list of non-empty lists of modalities, the full set {modalities} first"
+    if not isinstance(subsets, list) or not subsets:
+        return [want]
+    seen = set()
+    for subset in subsets:
+        if not isinstance(subset, list) or not subset or not all(isinstance(m, str) for m in subset):
+            return [want]
+        try:
+            seen.add(canonical_subset(modalities, subset))
+        except ValueError as exc:
+            return [f"'modality_subsets': {exc}"]
+    if canonical_subset(modalities, subsets[0]) != tuple(modalities):
+        return [want]
+    if len(seen) != len(subsets):
+        return [f"'modality_subsets' lists a subset twice: {subsets}"]
+    return []
 
 
 def _signature_problems(meta, bands, input_shapes, input_types, output_shapes) -> list[str]:
     """Differences between the graph's inputs/outputs and what the metadata promises."""
     problems = []
     tile = meta["tile_size"]
-    if set(input_shapes) != set(input_names(meta["modalities"])):
-        problems.append(f"inputs are {sorted(input_shapes)}, metadata modalities are {meta['modalities']}")
+    presence = meta["format"] != MODEL_FORMAT_V1
+    if set(input_shapes) != set(input_names(meta["modalities"], presence=presence)):
+        what = f"metadata modalities are {meta['modalities']}"
+        if presence:
+            what += f" plus '{PRESENCE_INPUT}' (format {meta['format']})"
+        problems.append(f"inputs are {sorted(input_shapes)}, {what}")
+    if presence and PRESENCE_INPUT in input_shapes:
+        shape, m = input_shapes[PRESENCE_INPUT], len(meta["modalities"])
+        if input_types[PRESENCE_INPUT] != "tensor(float)":
+            problems.append(f"input '{PRESENCE_INPUT}' is {input_types[PRESENCE_INPUT]}, expected tensor(float)")
+        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != m):
+            problems.append(f"input '{PRESENCE_INPUT}' has shape {list(shape)}, expected [B, {m}]")
     for m, shape in input_shapes.items():
         if m not in bands:
             continue
@@ -377,7 +457,9 @@ def check_compatible(
 ) -> None:
     """Refuse data that the model was not made for, listing every difference.
 
-    Modalities present in the data but not used by the model are ignored.
+    Modalities present in the data but not used by the model are ignored. A model modality the
+    data lacks is a difference unless the modalities the data has are one of the model's
+    :attr:`ModelInfo.modality_subsets` (a model trained with modality dropout).
 
     Parameters
     ----------
@@ -396,10 +478,14 @@ def check_compatible(
         When anything differs; the message lists all differences.
     """
     differences = []
+    can_lack = info.supports([m for m in info.modalities if m in stack_band_names])
     for m in info.modalities:
         wanted = list(info.bands[m])
         if m not in stack_band_names:
-            differences.append(f"modality '{m}' (bands {', '.join(wanted)}) is needed but the data has none")
+            if not can_lack:
+                runs_on = "; it runs only with all of them" if len(info.modality_subsets) <= 1 else (
+                    f"; it runs with {[list(s) for s in info.modality_subsets]}")
+                differences.append(f"modality '{m}' (bands {', '.join(wanted)}) is needed but the data has none{runs_on}")
         elif list(stack_band_names[m]) != wanted:
             differences.append(f"'{m}' bands: model {wanted}, data {list(stack_band_names[m])}")
     if not math.isclose(float(resolution), info.resolution, rel_tol=1e-9, abs_tol=1e-9):

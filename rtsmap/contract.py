@@ -4,7 +4,8 @@
 The exported ONNX file is the border between the two halves of the project; this module holds
 every rule both sides must apply the same way, so that neither keeps its own copy:
 
-- the file's tensor names, metadata key and format version;
+- the file's tensor names, metadata key and format versions, and the presence input of
+  missing modalities (:data:`PRESENCE_INPUT`, :func:`presence_vector`, :func:`modality_subsets`);
 - the input normalisation (:func:`normalize`);
 - the threshold rule (:func:`keep`): a value *at or above* a threshold is kept, for detection
   scores and mask probabilities alike;
@@ -19,7 +20,8 @@ machines need not have it). docs/contracts.md describes the file this module rea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,20 +30,39 @@ __all__ = [
     "MASK_SIZE",
     "METADATA_KEY",
     "MODEL_FORMAT",
+    "MODEL_FORMAT_V1",
     "OUTPUT_NAMES",
+    "PRESENCE_INPUT",
+    "READABLE_MODEL_FORMATS",
+    "canonical_subset",
     "input_names",
     "keep",
     "match_one_to_one",
+    "modality_subsets",
     "normalize",
     "paste_mask",
+    "presence_vector",
 ]
 
 METADATA_KEY = "rtsmap"
 """Key of the JSON metadata in the ONNX model's ``metadata_props``."""
 
-MODEL_FORMAT = "rtsmap-model/1"
-"""Value of the metadata's ``format`` key: what ``rtsmap export`` writes and the pipeline reads.
-Bump it only with a change the pipeline cannot read the old way (the demo model carries 1)."""
+MODEL_FORMAT = "rtsmap-model/2"
+"""Value of the metadata's ``format`` key that ``rtsmap export`` writes: version 2 files have the
+:data:`PRESENCE_INPUT` input and a ``modality_subsets`` metadata key. Bump it only with a change
+the pipeline cannot read the old way."""
+
+MODEL_FORMAT_V1 = "rtsmap-model/1"
+"""The first format (the shipped demo model): one input per modality, no presence input, so such
+a model runs only with every modality present (its one supported subset is the full set)."""
+
+READABLE_MODEL_FORMATS = (MODEL_FORMAT_V1, MODEL_FORMAT)
+"""Format versions the pipeline and ``rtsmap evaluate`` read."""
+
+PRESENCE_INPUT = "presence"
+"""Name of the version 2 input that says which modalities each tile has: float32 ``[B, M]``, M
+the metadata's ``modalities`` in order, 1.0 present, 0.0 absent. An absent modality's own input
+holds the fill, zeros (what :func:`normalize` gives a modality whose pixels are all invalid)."""
 
 OUTPUT_NAMES = ("boxes", "scores", "masks", "num_detections")
 """The model's outputs, in order: ``boxes [B, K, 4]``, ``scores [B, K]``,
@@ -51,20 +72,106 @@ MASK_SIZE = 28
 """Side of the box-relative mask predictions (Mask R-CNN's 28x28)."""
 
 
-def input_names(modalities: Sequence[str]) -> tuple[str, ...]:
+def input_names(modalities: Sequence[str], *, presence: bool = False) -> tuple[str, ...]:
     """ONNX input names of a model over ``modalities``: one input per modality, named after it.
 
     Parameters
     ----------
     modalities : sequence of str
         Modalities in the model's order (the metadata's ``modalities``).
+    presence : bool
+        Append :data:`PRESENCE_INPUT` (format version 2 files).
 
     Returns
     -------
     tuple of str
         The input names, in the same order.
     """
-    return tuple(str(m) for m in modalities)
+    names = tuple(str(m) for m in modalities)
+    return names + (PRESENCE_INPUT,) if presence else names
+
+
+def canonical_subset(modalities: Sequence[str], subset: Iterable[str]) -> tuple[str, ...]:
+    """A subset of a model's modalities in the model's order (how subsets are compared and stored).
+
+    Parameters
+    ----------
+    modalities : sequence of str
+        The model's modalities, in order.
+    subset : iterable of str
+        Some of them, in any order.
+
+    Returns
+    -------
+    tuple of str
+        The subset in the order of ``modalities``.
+
+    Raises
+    ------
+    ValueError
+        When ``subset`` names a modality the model does not have, or names one twice.
+    """
+    subset = [str(m) for m in subset]
+    unknown = sorted(set(subset) - set(modalities))
+    if unknown:
+        raise ValueError(f"modalities {unknown} are not the model's (it takes {list(modalities)})")
+    if len(set(subset)) != len(subset):
+        raise ValueError(f"modality subset {subset} names a modality twice")
+    return tuple(m for m in modalities if m in subset)
+
+
+def modality_subsets(modalities: Sequence[str], dropout: Mapping[str, float]) -> tuple[tuple[str, ...], ...]:
+    """The subsets of modalities a model trained with modality dropout has seen.
+
+    Training drops each modality of a sample with its rate and never all of them (models/train.py),
+    so every non-empty subset that leaves out only modalities with a rate above zero occurs.
+    A model trained without dropout supports only the full set.
+
+    Parameters
+    ----------
+    modalities : sequence of str
+        The model's modalities, in order.
+    dropout : mapping of str to float
+        Modality -> dropout rate (missing: 0).
+
+    Returns
+    -------
+    tuple of tuple of str
+        The full set first, then the others from larger to smaller, each in model order (the
+        order of the metadata's ``modality_subsets``).
+    """
+    droppable = [m for m in modalities if float(dropout.get(m, 0.0)) > 0.0]
+    subsets = []
+    for size in range(len(modalities), 0, -1):
+        for subset in itertools.combinations(modalities, size):
+            left_out = set(modalities) - set(subset)
+            if left_out <= set(droppable):
+                subsets.append(tuple(subset))
+    return tuple(subsets)
+
+
+def presence_vector(modalities: Sequence[str], present: Iterable[str]) -> np.ndarray:
+    """The :data:`PRESENCE_INPUT` row of one tile: float32 ``[M]``, 1.0 where present.
+
+    Parameters
+    ----------
+    modalities : sequence of str
+        The model's modalities, in order.
+    present : iterable of str
+        The modalities the tile has.
+
+    Returns
+    -------
+    ndarray
+        float32 ``[len(modalities)]``.
+
+    Raises
+    ------
+    ValueError
+        When ``present`` names a modality the model does not have.
+    """
+    present = canonical_subset(modalities, present)
+    return np.asarray([1.0 if m in present else 0.0 for m in modalities], np.float32)
 
 
 def normalize(

@@ -21,7 +21,7 @@ def test_contract_is_numpy_only():
     tree = ast.parse((REPO / "rtsmap" / "contract.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported <= {"numpy", "__future__", "collections", "typing"}, imported
+    assert imported <= {"numpy", "__future__", "collections", "itertools", "typing"}, imported
     code = "import sys, rtsmap.contract; bad = {'torch', 'onnx', 'onnxruntime'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -235,11 +235,42 @@ def test_match_threshold_boundary_and_order_independence():
 
 
 def test_demo_model_metadata_is_still_accepted():
-    """The shipped demo model (exported before the contract module) reads as format 1."""
+    """The shipped demo model (exported before the contract module) reads as format 1: no presence
+    input, so it runs only with every modality."""
     pytest.importorskip("onnxruntime")
     from rtsmap.pipeline.model_file import read_model_info
 
     info = read_model_info(DEMO_MODEL)
-    assert info.metadata["format"] == contract.MODEL_FORMAT
+    assert info.metadata["format"] == contract.MODEL_FORMAT_V1 == info.format
+    assert contract.MODEL_FORMAT_V1 in contract.READABLE_MODEL_FORMATS
     assert info.output_names == contract.OUTPUT_NAMES
     assert info.input_names == contract.input_names(info.modalities)
+    assert not info.has_presence_input
+    assert info.modality_subsets == (info.modalities,)
+    assert info.supports(reversed(info.modalities)) and not info.supports(info.modalities[:1])
+
+
+# --- missing modalities -----------------------------------------------------------------------------
+
+
+def test_presence_names_and_vector_follow_the_model_order():
+    mods = ("optical", "sar", "dem")
+    assert contract.input_names(mods, presence=True) == (*mods, contract.PRESENCE_INPUT)
+    assert contract.canonical_subset(mods, ["dem", "optical"]) == ("optical", "dem")
+    np.testing.assert_array_equal(contract.presence_vector(mods, ["dem", "optical"]), [1.0, 0.0, 1.0])
+    assert contract.presence_vector(mods, ["sar"]).dtype == np.float32
+    with pytest.raises(ValueError, match="lidar"):
+        contract.presence_vector(mods, ["lidar"])
+    with pytest.raises(ValueError, match="twice"):
+        contract.canonical_subset(mods, ["sar", "sar"])
+
+
+def test_modality_subsets_from_dropout_rates():
+    mods = ("optical", "sar", "dem")
+    assert contract.modality_subsets(mods, {}) == (mods,)
+    assert contract.modality_subsets(mods, {"sar": 0.3}) == (mods, ("optical", "dem"))
+    both = contract.modality_subsets(mods, {"sar": 0.3, "dem": 0.1, "optical": 0.0})
+    assert both == (mods, ("optical", "sar"), ("optical", "dem"), ("optical",))
+    every = contract.modality_subsets(mods, {"optical": 0.15, "sar": 0.3, "dem": 0.1})
+    assert every[0] == mods and len(every) == 7 and () not in every
+    assert len(set(every)) == 7 and all(contract.canonical_subset(mods, s) == s for s in every)

@@ -43,11 +43,16 @@ def _random_inputs(cfg: ModelConfig, batch: int, seed: int) -> dict[str, torch.T
     return {m: torch.randn(batch, c, t, t, generator=gen) for m, c in cfg.in_channels.items()}
 
 
-def _assert_parity(model: RTSDetector, session: ort.InferenceSession, inputs: dict[str, torch.Tensor]) -> int:
+def _assert_parity(
+    model: RTSDetector, session: ort.InferenceSession, inputs: dict[str, torch.Tensor], presence: torch.Tensor | None = None
+) -> int:
     """Eager and ORT agree on every output; returns the number of detections."""
     with torch.no_grad():
-        eager = model(inputs)
-    got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {m: x.numpy() for m, x in inputs.items()})))
+        eager = model(inputs, presence=presence)
+    batch = next(iter(inputs.values())).shape[0]
+    feed = {m: x.numpy() for m, x in inputs.items()}
+    feed[contract.PRESENCE_INPUT] = (torch.ones(batch, len(inputs)) if presence is None else presence).numpy()
+    got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), feed)))
     np.testing.assert_array_equal(got["num_detections"], eager["num_detections"].numpy())
     np.testing.assert_allclose(got["boxes"], eager["boxes"].numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(got["scores"], eager["scores"].numpy(), rtol=1e-3, atol=1e-5)
@@ -61,10 +66,17 @@ def _assert_parity(model: RTSDetector, session: ort.InferenceSession, inputs: di
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo model (residual attention, 128 px) with score threshold 0 so it detects."""
+    """The demo model (residual attention, 128 px) with score threshold 0 so it detects, declared
+    trained with dropout of every modality (all seven subsets), its fusion gates open so that
+    SAR and DEM change the outputs."""
     torch.manual_seed(0)
-    cfg = build_config("demo", tile_size=128, fusion="residual_attention", candidate_score_threshold=0.0)
+    subsets = contract.modality_subsets(("optical", "sar", "dem"), {"optical": 0.1, "sar": 0.1, "dem": 0.1})
+    cfg = build_config("demo", tile_size=128, fusion="residual_attention", candidate_score_threshold=0.0,
+                       modality_subsets=subsets)
     model = RTSDetector(cfg).eval()
+    with torch.no_grad():
+        for fusion in model.backbone.fusions.values():
+            fusion.gate.fill_(0.5)
     path = tmp_path_factory.mktemp("onnx") / "demo.onnx"
     meta = export_onnx(model, cfg, path, trained_on="random init (test)", metadata_extra={"note": "test"})
     return model, cfg, path, meta
@@ -97,9 +109,10 @@ def test_graph_inputs_and_outputs(demo, demo_session):
     _, cfg, _, _ = demo
     session = demo_session
     inputs = session.get_inputs()
-    assert [i.name for i in inputs] == list(cfg.modalities)
+    assert [i.name for i in inputs] == [*cfg.modalities, "presence"]
     for i, c in zip(inputs, cfg.in_channels.values()):
         assert isinstance(i.shape[0], str) and i.shape[1:] == [c, 128, 128] and i.type == "tensor(float)"
+    assert isinstance(inputs[-1].shape[0], str) and inputs[-1].shape[1:] == [3] and inputs[-1].type == "tensor(float)"
     outputs = {o.name: o for o in session.get_outputs()}
     assert list(outputs) == list(OUTPUT_NAMES)
     assert outputs["num_detections"].type == "tensor(int64)"
@@ -126,6 +139,16 @@ def test_onnxruntime_matches_pytorch_without_detections(demo, tmp_path):
     inputs = _random_inputs(cfg, 2, seed=5)
     inputs["optical"][1] = 0.0  # an all-zero tile too
     assert _assert_parity(strict, session, inputs) == 0
+    # Exported without modality dropout: the file lists only the full set, and the pipeline
+    # refuses to run it with a modality absent.
+    from rtsmap.pipeline.errors import ModelError
+    from rtsmap.pipeline.infer import load_model
+
+    assert read_model_metadata(path)["modality_subsets"] == [["optical", "sar", "dem"]]
+    detector = load_model(path)
+    assert detector.info.modality_subsets == (("optical", "sar", "dem"),) and detector.info.has_presence_input
+    with pytest.raises(ModelError, match=r"cannot run with modalities \['optical', 'dem'\].*trained for"):
+        detector.predict({m: x.numpy() for m, x in inputs.items()}, presence=[1, 0, 1])
 
 
 def test_export_refuses_bad_arguments(demo, tmp_path):
@@ -149,19 +172,49 @@ def test_exported_file_is_read_by_the_pipeline_through_the_contract(demo):
     assert METADATA_FORMAT == contract.MODEL_FORMAT and OUTPUT_NAMES == contract.OUTPUT_NAMES
     info = read_model_info(path)
     assert info.metadata == meta and info.output_names == contract.OUTPUT_NAMES
-    assert info.input_names == contract.input_names(cfg.modalities)
+    assert info.input_names == contract.input_names(cfg.modalities, presence=True)
     assert info.normalization["sar"].mean == tuple(cfg.normalization["sar"]["mean"])
+    assert info.format == contract.MODEL_FORMAT == "rtsmap-model/2"
+    assert info.modality_subsets == cfg.modality_subsets and len(info.modality_subsets) == 7
 
 
 def test_read_model_metadata_accepts_the_demo_model_and_refuses_other_formats(tmp_path):
     demo_model = Path(__file__).resolve().parents[1] / "workflows" / "assets" / "demo_model.onnx"
-    assert read_model_metadata(demo_model)["format"] == contract.MODEL_FORMAT
+    assert read_model_metadata(demo_model)["format"] == contract.MODEL_FORMAT_V1
     proto = onnx.load(str(_write_plain_onnx(tmp_path / "plain.onnx")))
     entry = proto.metadata_props.add()
     entry.key, entry.value = contract.METADATA_KEY, json.dumps({"format": "rtsmap-model/0"})
     onnx.save(proto, str(tmp_path / "old.onnx"))
     with pytest.raises(ValueError, match="rtsmap-model/0"):
         read_model_metadata(tmp_path / "old.onnx")
+
+
+@pytest.mark.parametrize("absent", ["sar", "optical", "sar+dem"])
+def test_onnxruntime_matches_pytorch_with_modalities_absent(demo, absent):
+    """Through the pipeline's Detector: absent modalities fed as zeros with presence 0, every
+    output as the eager model's; the second tile of the batch has every modality."""
+    from rtsmap.pipeline.infer import load_model
+
+    model, cfg, path, _ = demo
+    detector = load_model(path, intra_op_threads=1)
+    mods = list(cfg.modalities)
+    row = [0.0 if m in absent.split("+") else 1.0 for m in mods]
+    presence = torch.tensor([row, [1.0, 1.0, 1.0]])
+    inputs = _random_inputs(cfg, 2, seed=21)
+    filled = {m: x * presence[:, i, None, None, None] for i, (m, x) in enumerate(inputs.items())}
+    with torch.no_grad():
+        eager = model(filled, presence=presence)
+        full = model(inputs)
+    # The pipeline zero-fills the absent modality itself: the random values given must not count.
+    got = detector.predict({m: x.numpy() for m, x in inputs.items()}, presence=presence.numpy())
+    np.testing.assert_array_equal(got["num_detections"], eager["num_detections"].numpy())
+    np.testing.assert_allclose(got["scores"], eager["scores"].numpy(), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(got["boxes"], eager["boxes"].numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got["masks"], eager["masks"].numpy(), rtol=0, atol=1e-3)
+    assert got["num_detections"][0] > 0
+    # The absence changed the first tile and not the second.
+    assert not np.allclose(got["scores"][0], full["scores"][0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got["scores"][1], full["scores"][1].numpy(), rtol=1e-3, atol=1e-5)
 
 
 def _write_plain_onnx(path):

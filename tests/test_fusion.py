@@ -277,3 +277,85 @@ def test_residual_attention_backbone_exports_to_onnx(tmp_path):
         got = session.run(names_out, {m: t.numpy() for m, t in x.items()})
         for name, value in zip(names_out, got):
             np.testing.assert_allclose(value, ref[name].numpy(), rtol=1e-4, atol=1e-4)
+
+
+# --- missing modalities (presence) ------------------------------------------------------------------
+
+
+def _presence(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("gate", ["channel", "query"])
+def test_residual_fusion_with_sar_and_dem_absent_is_exactly_the_optical_map(gate):
+    torch.manual_seed(1)
+    fusion = ResidualCrossModalityAttention(16, 2, 3, 2, gate).eval()
+    _open_gates(fusion)
+    if fusion.gate_from_query is not None:
+        torch.nn.init.normal_(fusion.gate_from_query.weight, std=0.5)
+    opt, sar, dem = (torch.randn(2, 16, 8, 8) for _ in range(3))
+    with torch.no_grad():
+        out = fusion(opt, [sar, dem], _presence([1, 0, 0], [1, 1, 1]))
+        full = fusion(opt, [sar, dem])
+    assert torch.equal(out[0], opt[0])  # gate closed: bit for bit the optical path
+    assert not torch.allclose(out[1], opt[1])  # the open gate does add SAR/DEM
+    assert torch.equal(out[1], full[1])  # all present == no presence at all, bit for bit
+
+
+def test_absent_modality_is_masked_out_of_the_attention():
+    torch.manual_seed(2)
+    for fusion in (ResidualCrossModalityAttention(16, 2, 3, 2), AttentionFusion(16, 2, 3, 2), ConvFusion(16, 2)):
+        fusion.eval()
+        _open_gates(fusion)
+        opt, sar, dem = (torch.randn(1, 16, 8, 8) for _ in range(3))
+        no_sar = _presence([1, 0, 1])
+        with torch.no_grad():
+            a = fusion(opt, [sar, dem], no_sar)
+            b = fusion(opt, [torch.randn_like(sar) * 50, dem], no_sar)  # whatever SAR holds
+            c = fusion(opt, [sar, torch.randn_like(dem)], no_sar)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=type(fusion).__name__)
+        assert not torch.allclose(a, c, atol=1e-3), type(fusion).__name__  # DEM still counts
+
+
+def test_residual_fusion_without_optical_leans_on_sar():
+    torch.manual_seed(3)
+    fusion = ResidualCrossModalityAttention(16, 2, 3, 2, "query").eval()
+    _open_gates(fusion)
+    opt, sar, dem = (torch.randn(1, 16, 8, 8) for _ in range(3))
+    no_optical = _presence([0, 1, 1])
+    with torch.no_grad():
+        a = fusion(opt, [sar, dem], no_optical)
+        b = fusion(torch.randn_like(opt) * 50, [sar, dem], no_optical)
+        c = fusion(opt, [torch.randn_like(sar), dem], no_optical)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # the optical map does not reach the output
+    assert a.abs().sum() > 0 and not torch.allclose(a, c, atol=1e-3)  # SAR does
+
+
+@pytest.mark.parametrize("fusion", ["residual_attention", "attention", "conv", "data_level"])
+def test_backbone_presence_all_ones_changes_nothing_and_absent_inputs_are_ignored(fusion):
+    model = _backbone(fusion).eval()
+    _open_gates(model)
+    x = _inputs(MODS, seed=5)
+    with torch.no_grad():
+        plain = model(x)
+        ones = model(x, _presence([1, 1, 1], [1, 1, 1]))
+        absent = model(x, _presence([1, 0, 1], [1, 1, 1]))
+        other_sar = model({**x, "sar": torch.randn_like(x["sar"]) * 9}, _presence([1, 0, 1], [1, 1, 1]))
+    for level in plain:
+        assert torch.equal(plain[level], ones[level]), level
+        torch.testing.assert_close(absent[level][0], other_sar[level][0], rtol=0, atol=1e-5)
+        assert torch.equal(absent[level][1], plain[level][1]), level  # samples do not mix
+
+
+def test_fused_model_with_sar_and_dem_absent_equals_its_optical_path():
+    """The whole backbone with SAR and DEM absent equals the same backbone with its gates shut
+    (the optical model's path), whatever the gates learned."""
+    model = _backbone("residual_attention").eval()
+    _open_gates(model, 0.7)
+    x = _inputs(MODS, seed=6)
+    with torch.no_grad():
+        absent = model(x, _presence([1, 0, 0], [1, 0, 0]))
+        _open_gates(model, 0.0)
+        shut = model(x)
+    for level in shut:
+        assert torch.equal(absent[level], shut[level]), level

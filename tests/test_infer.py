@@ -370,3 +370,173 @@ def test_pipeline_needs_neither_torch_nor_onnx():
         "bad = {'torch', 'onnx', 'torchvision'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# --- missing modalities: the presence input ---------------------------------------------------------
+
+ALL = ("optical", "sar", "dem")
+
+
+def with_presence_input(path: Path, subsets) -> Path:
+    """Turn a format 1 test graph into format 2: add the ``presence`` input and list ``subsets``.
+
+    The test graphs ignore the flags (a real model's use of them is tested against PyTorch in
+    tests/test_export.py); what these tests check is what the pipeline feeds and refuses.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    meta = json.loads(model.metadata_props[0].value)
+    model.graph.input.append(helper.make_tensor_value_info("presence", TensorProto.FLOAT, ["batch", len(meta["modalities"])]))
+    meta.update(format="rtsmap-model/2", modality_subsets=[list(s) for s in subsets])
+    model.metadata_props[0].value = json.dumps(meta)
+    onnx.save(model, str(path))
+    return path
+
+
+class RecordingSession:
+    """The real onnxruntime session, keeping a copy of every feed it was given."""
+
+    def __init__(self, session):
+        self.session, self.feeds = session, []
+
+    def run(self, names, feed):
+        self.feeds.append({k: np.array(v) for k, v in feed.items()})
+        return self.session.run(names, feed)
+
+
+def dropout_detector(tmp_path, meta, subsets=None) -> Detector:
+    subsets = subsets or [ALL, ("optical", "dem"), ("sar", "dem"), ("optical",)]
+    det = load_model(with_presence_input(make_label_detector(tmp_path / "truth.onnx", meta), subsets))
+    det.session = RecordingSession(det.session)
+    return det
+
+
+def test_format_2_model_lists_its_subsets(tmp_path, meta):
+    det = dropout_detector(tmp_path, meta)
+    info = det.info
+    assert info.format == "rtsmap-model/2" and info.has_presence_input
+    assert info.modality_subsets == (ALL, ("optical", "dem"), ("sar", "dem"), ("optical",))
+    assert info.supports(["dem", "sar"]) and info.supports(ALL) and not info.supports(["sar"])
+    assert not info.supports(["optical", "lidar"])
+    # A format 1 model: only the full set.
+    v1 = load_model(make_label_detector(tmp_path / "v1.onnx", meta)).info
+    assert v1.format == "rtsmap-model/1" and not v1.has_presence_input and v1.modality_subsets == (ALL,)
+
+
+@pytest.mark.parametrize(
+    "subsets, expected",
+    [
+        (None, "'modality_subsets' must be a list"),
+        ([["optical", "dem"], list(ALL)], "full set"),
+        ([list(ALL), ["optical", "lidar"]], "lidar"),
+        ([list(ALL), ["dem", "optical"], ["optical", "dem"]], "twice"),
+        ([list(ALL), []], "'modality_subsets' must be"),
+    ],
+)
+def test_bad_modality_subsets_are_a_model_error(tmp_path, meta, subsets, expected):
+    path = with_presence_input(make_label_detector(tmp_path / "m.onnx", meta), [ALL])
+    import onnx
+
+    model = onnx.load(str(path))
+    stored = json.loads(model.metadata_props[0].value)
+    if subsets is None:
+        del stored["modality_subsets"]
+    else:
+        stored["modality_subsets"] = subsets
+    model.metadata_props[0].value = json.dumps(stored)
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match=expected):
+        read_model_info(path)
+
+
+def test_format_2_metadata_without_the_presence_input_is_refused(tmp_path):
+    meta = model_metadata(tile_size=T, max_detections=4, format="rtsmap-model/2", modality_subsets=[list(ALL)])
+    with pytest.raises(ModelError, match="plus 'presence'"):
+        read_model_info(make_label_detector(tmp_path / "m.onnx", meta))
+
+
+def test_format_1_model_refuses_a_partial_subset(tmp_path, meta):
+    det = load_model(make_label_detector(tmp_path / "v1.onnx", meta))
+    batch = {m: np.zeros((2, len(BANDS[m]), T, T), np.float32) for m in ALL}
+    with pytest.raises(ModelError, match="without a presence input.*runs only with all of"):
+        det.predict(batch, presence=[1, 0, 1])
+    with pytest.raises(ModelError, match=r"cannot run with modalities \['optical', 'dem'\]"):
+        infer_chunk(det, label_stack(), CHUNK.tiles, presence=["dem", "optical"])
+    # The full set is what it always ran with: the same detections with or without presence.
+    plain = infer_chunk(det, label_stack(), CHUNK.tiles)
+    full = infer_chunk(det, label_stack(), CHUNK.tiles, presence=ALL)
+    assert [len(r) for r in plain] == [len(r) for r in full] == [2, 0, 1, 1]
+    assert all(r.modalities == ALL for r in full + plain)
+    assert len(det.predict(batch, presence=[1, 1, 1])["scores"]) == 2
+
+
+def test_predict_checks_presence_and_fills_absent_modalities_with_zeros(tmp_path, meta):
+    det = dropout_detector(tmp_path, meta)
+    batch = {m: np.full((2, len(BANDS[m]), T, T), 3.0, np.float32) for m in ALL}
+    det.predict(batch, presence=[[1, 0, 1], [0, 1, 1]])
+    feed = det.session.feeds[-1]
+    np.testing.assert_array_equal(feed["presence"], [[1, 0, 1], [0, 1, 1]])
+    assert (feed["sar"][0] == 0).all() and (feed["sar"][1] == 3).all()
+    assert (feed["optical"][1] == 0).all() and (feed["optical"][0] == 3).all() and (feed["dem"] == 3).all()
+    assert (batch["sar"] == 3).all()  # the caller's arrays are not changed
+    det.predict(batch)  # no presence: every modality present
+    np.testing.assert_array_equal(det.session.feeds[-1]["presence"], np.ones((2, 3)))
+    det.predict(batch, presence=np.array([True, False, True]))  # one row for the whole batch
+    np.testing.assert_array_equal(det.session.feeds[-1]["presence"], [[1, 0, 1], [1, 0, 1]])
+    with pytest.raises(ModelError, match=r"cannot run with modalities \['sar'\].*trained for"):
+        det.predict(batch, presence=[[0, 1, 0], [1, 1, 1]])
+    with pytest.raises(ModelError, match=r"presence must be \[2, 3\]"):
+        det.predict(batch, presence=[1, 1])
+    with pytest.raises(ModelError, match="0 .absent. or 1"):
+        det.predict(batch, presence=[1, 0.5, 1])
+
+
+def test_chunk_without_sar_runs_with_sar_absent(tmp_path, meta):
+    det = dropout_detector(tmp_path, meta)
+    stack = label_stack()
+    del stack.data["sar"], stack.valid["sar"]
+    result = infer_chunk(det, stack, CHUNK.tiles, presence=["optical", "dem"])
+    assert [len(r) for r in result] == [2, 0, 1, 1]  # the DEM labels, as with every modality
+    assert all(r.modalities == ("optical", "dem") for r in result)
+    assert all((f["presence"] == [1, 0, 1]).all() and (f["sar"] == 0).all() for f in det.session.feeds)
+    assert result[0].invalid_fractions.tolist() == [1.0, 1.0]  # SAR has no data under them
+
+
+def test_absent_modality_is_fed_as_zeros_even_when_loaded(tmp_path, meta):
+    # The label detector reads the DEM: flagged absent, its labels must not reach the model.
+    det = dropout_detector(tmp_path, meta, [ALL, ("optical", "sar")])
+    result = infer_chunk(det, label_stack(), CHUNK.tiles, presence=["optical", "sar"])
+    assert sum(len(r) for r in result) == 0
+    assert all((f["dem"] == 0).all() for f in det.session.feeds)
+    with pytest.raises(ModelError, match="trained for"):
+        infer_chunk(det, label_stack(), CHUNK.tiles, presence=["sar", "dem"])
+    with pytest.raises(ValueError, match="stack lacks"):
+        infer_chunk(det, make_stack(modalities=("optical", "dem")), CHUNK.tiles, presence=ALL)
+
+
+def test_tile_without_valid_pixels_of_a_modality_runs_without_it_when_supported(tmp_path, meta):
+    det = dropout_detector(tmp_path, meta)
+    stack = label_stack()
+    first = CHUNK.tiles[0]
+    rows, cols = CHUNK.tile_window(first)
+    stack.valid["sar"][rows, cols] = False  # SAR swath edge: nothing in the first tile
+    stack.valid["optical"][:] = False  # optical clouded everywhere
+    result = infer_chunk(det, stack, CHUNK.tiles, presence=ALL)
+    # Tile 0 has DEM only -> (dem,) is not supported, so it keeps the chunk's set; the others
+    # have SAR and DEM -> (sar, dem).
+    assert result[0].modalities == ALL
+    assert all(r.modalities == ("sar", "dem") for r in result[1:])
+    assert [len(r) for r in result] == [2, 0, 1, 1]
+
+
+def test_check_compatible_accepts_data_without_a_modality_the_model_can_lack(tmp_path, meta):
+    det = dropout_detector(tmp_path, meta)
+    no_sar = {m: BANDS[m] for m in ("optical", "dem")}
+    check_compatible(det.info, no_sar, 10.0, T)
+    with pytest.raises(ModelError, match="'optical'.*needed.*it runs with"):
+        check_compatible(det.info, {"dem": BANDS["dem"]}, 10.0, T)
+    v1 = load_model(make_label_detector(tmp_path / "v1.onnx", meta)).info
+    with pytest.raises(ModelError, match="'sar'.*needed but the data has none; it runs only with all"):
+        check_compatible(v1, no_sar, 10.0, T)

@@ -248,6 +248,61 @@ def test_data_level_study_run_starts_from_the_optical_checkpoint(trained, tmp_pa
     assert load_detector(tmp_path / "study" / "fusion").config.fusion == "data_level"
 
 
+def test_fused_stage_with_modality_dropout(trained, tmp_path, monkeypatch):
+    """modality_dropout: the fused stage feeds dropped modalities as zeros with presence 0 (never
+    all of a chip's), and the model it writes lists the subsets it was trained for."""
+    from rtsmap.contract import modality_subsets
+    from rtsmap.models.detector import RTSDetector
+    from rtsmap.models.train import load_detector, train
+
+    tc, _, _ = trained
+    rates = {"optical": 0.5, "sar": 0.5, "dem": 0.5}
+    study = dataclasses.replace(tc, out=str(tmp_path / "dropout"), unimodal_from=tc.out, fusion_steps=4,
+                                modality_dropout=rates, evaluate=True)
+    seen = []
+    real_forward = RTSDetector.forward
+
+    def spy(self, inputs, targets=None, presence=None):  # the real forward, its arguments kept
+        if self.training:
+            seen.append(({m: x.clone() for m, x in inputs.items()}, None if presence is None else presence.clone()))
+        return real_forward(self, inputs, targets, presence)
+
+    monkeypatch.setattr(RTSDetector, "forward", spy)
+    run = train(study, "all", progress=lambda line: None)
+    assert set(run["stages"]) == {"fusion"} and run["stages"]["fusion"]["steps"] == 4
+    # Validation with each single modality absent too (on the val split, or the note that it is empty).
+    metrics = run["stages"]["fusion"]["metrics"]
+    if metrics["val"] is not None:
+        assert set(metrics) == {"val", "val_optical+sar", "val_optical+dem", "val_sar+dem"}, metrics
+        assert all(m["chips"] == metrics["val"]["chips"] > 0 for m in metrics.values())
+    else:
+        assert "no chips" in metrics["note"]
+    assert len(seen) == 4 and all(p is not None for _, p in seen)
+    flags = torch.cat([p for _, p in seen])
+    assert flags.shape == (4 * tc.batch_size, 3) and (flags.sum(1) >= 1).all() and (flags == 0).any()
+    for inputs, presence in seen:
+        for i, m in enumerate(("optical", "sar", "dem")):
+            for b in range(presence.shape[0]):
+                if presence[b, i] == 0:
+                    assert inputs[m][b].abs().sum() == 0, (m, b)  # the fill: zeros
+    model = load_detector(tmp_path / "dropout" / "fusion")
+    assert model.config.modality_subsets == modality_subsets(("optical", "sar", "dem"), rates)
+    # Exported, it runs with SAR absent as the checkpoint does; evaluation can ask for a subset.
+    from rtsmap.models.evaluate import evaluate_model
+    from rtsmap.models.export import export_onnx
+
+    monkeypatch.undo()
+    onnx_path = tmp_path / "dropout.onnx"
+    meta = export_onnx(model, model.config, onnx_path)
+    assert len(meta["modality_subsets"]) == 7 and meta["format"] == "rtsmap-model/2"
+    no_sar = {}
+    for path in (tmp_path / "dropout" / "fusion", onnx_path):
+        no_sar[path.suffix] = evaluate_model(path, tc.data, "all", present=["optical", "dem"], score_threshold=0.0)
+    assert no_sar[""]["chips"] == no_sar[".onnx"]["chips"] >= 40
+    assert abs(no_sar[""]["tp"] + no_sar[""]["fp"] - no_sar[".onnx"]["tp"] - no_sar[".onnx"]["fp"]) <= 2
+    assert abs(no_sar[""]["segm_AP"] - no_sar[".onnx"]["segm_AP"]) <= 0.02
+
+
 def test_train_command_repeats_a_config_with_another_seed_and_output(trained, tmp_path):
     """`rtsmap train --seed N --out DIR`: the same config, another seed, its own folder."""
     from click.testing import CliRunner
@@ -332,6 +387,13 @@ def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
     assert result.exit_code == 0, result.output
     from rtsmap.models.export import read_model_metadata
     assert read_model_metadata(tmp_path / "t03.onnx")["score_threshold"] == 0.3
+    # Trained without modality dropout: it lists only the full set and refuses a subset.
+    from rtsmap.models.evaluate import evaluate_model
+
+    assert read_model_metadata(onnx_path)["modality_subsets"] == [["optical", "sar", "dem"]]
+    for path in (onnx_path, Path(tc.out) / "fusion"):
+        with pytest.raises(ValueError, match="not trained for modalities"):
+            evaluate_model(path, chips, "all", present=["optical", "dem"])
 
 
 def test_recall_by_optical_view_splits_slumps_by_what_optical_sees(chips):
@@ -348,8 +410,10 @@ def test_recall_by_optical_view_splits_slumps_by_what_optical_sees(chips):
     assert found["visible"]["instances"] + found["hidden"]["instances"] == total
     assert found["hidden"]["instances"] > 0, "the demo region hides some slumps under cloud"
     assert found["visible"]["recall"] == found["hidden"]["recall"] == 1.0
-    # Below the operating point nothing counts; the threshold of "hidden" moves slumps between groups.
-    assert recall_by_optical_view(perfect, data, score_threshold=1.0)["visible"]["tp"] == 0
+    # At the operating point a result counts (the contract's >= rule), above it nothing does; the
+    # threshold of "hidden" moves slumps between groups.
+    assert recall_by_optical_view(perfect, data, score_threshold=1.0)["visible"]["recall"] == 1.0
+    assert recall_by_optical_view(perfect, data, score_threshold=1.0001)["visible"]["tp"] == 0
     assert recall_by_optical_view(perfect, data, 0.5, hidden=0.0)["hidden"]["instances"] == total
     assert recall_by_optical_view(perfect, data, 0.5, hidden=1.01)["visible"]["instances"] == total
 
