@@ -109,3 +109,17 @@ def test_cli_catalog_down_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith(f"error: catalog http://127.0.0.1:{port}/stac is unreachable")
+
+
+def test_kubernetes_workers_ask_for_gpus_and_advertise_them():
+    """Kubernetes honours cluster.gpus_per_worker as SLURM/PBS do (no cluster here: the KubeCluster
+    arguments are checked, not a running operator)."""
+    from rtsmap.workflows.cluster import kubernetes_options
+    from rtsmap.workflows.config import ClusterConfig
+
+    assert kubernetes_options(ClusterConfig(kind="kubernetes")) == {}
+    options = kubernetes_options(ClusterConfig(kind="kubernetes", gpus_per_worker=1, tasks_per_gpu=2))
+    assert options["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    command = options["worker_command"]
+    assert command[command.index("--resources") + 1] == "GPU=1"
+    assert command[command.index("--nthreads") + 1] == "2"

@@ -102,13 +102,27 @@ def _jobqueue_cluster(config: ClusterConfig):
     return cluster
 
 
+def kubernetes_options(config: ClusterConfig) -> dict:
+    """Keyword arguments for dask-kubernetes' ``KubeCluster`` beyond name and worker count.
+
+    With ``gpus_per_worker`` the worker pods ask Kubernetes for the GPUs (``nvidia.com/gpu``)
+    and each worker advertises them as the Dask resource ``GPU`` that inference tasks ask for,
+    with a thread per task that may share a GPU, as batch-job workers do (:func:`worker_extra_args`).
+    """
+    options: dict = {}
+    if config.gpus_per_worker > 0:
+        options["resources"] = {"limits": {"nvidia.com/gpu": str(config.gpus_per_worker)}}
+        threads = max(config.threads_per_worker, config.tasks_per_gpu)
+        options["worker_command"] = ["dask-worker", "--nthreads", str(threads), *worker_extra_args(config)]
+    return options
+
+
 def _kubernetes_cluster(config: ClusterConfig):
     try:
         from dask_kubernetes.operator import KubeCluster
     except ImportError:
         raise ConfigError("cluster.kind=kubernetes needs dask-kubernetes: pip install 'rtsmap[kubernetes]'") from None
-    cluster = KubeCluster(name="rtsmap", n_workers=config.jobs)
-    return cluster
+    return KubeCluster(name="rtsmap", n_workers=config.jobs, **kubernetes_options(config))
 
 
 @contextlib.contextmanager
