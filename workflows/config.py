@@ -193,8 +193,9 @@ class RunConfig:
     """Years to map, one inventory layer each."""
     catalog: Str | None = None
     """STAC API URL or local catalog path; None takes the profile's URL."""
-    profile: Str = "planetary-computer"
-    """Modality profile: a shipped name (demo, earth-search, planetary-computer) or a YAML path."""
+    profile: Str | None = None
+    """Modality profile: a shipped name (demo, earth-search, planetary-computer) or a YAML path;
+    None: chosen by the rule of ``workflows.planning`` (the catalog's URL or collections)."""
     model: Str = str(DEMO_MODEL)
     """Exported ONNX model (its metadata sets bands, tile size and resolution)."""
     out: Str = "rts_inventory.gpkg"

@@ -18,9 +18,8 @@ import click
 import numpy as np
 import shapely
 
-from rtsmap.pipeline.grid import Chunk
 from rtsmap.pipeline.profiles import ModalityProfile
-from rtsmap.workflows.config import RunConfig, load_run_config, replace
+from rtsmap.workflows.config import RunConfig, load_run_config
 from rtsmap.workflows.planning import (  # noqa: F401  (re-exported: older imports use workflows.plan)
     PROFILES_DIR,
     ItemIndex,
@@ -29,7 +28,6 @@ from rtsmap.workflows.planning import (  # noqa: F401  (re-exported: older impor
     footprint_in_grid,
     key_text,
     plan_chunks,
-    profile_given,
     profile_names,
     profile_path,
     resolve_profile,
@@ -96,13 +94,15 @@ def report(planned: Planned, *, tile_seconds: float = DEFAULT_TILE_SECONDS) -> d
     chunk_ids: list[str] = []
     n_chunks = n_tiles = 0
     for block in planned.iter_blocks():
-        chunk_ids.extend(c.id for c in block.chunks)
-        n_chunks += len(block.chunks)
-        n_tiles += sum(len(c.tiles) for c in block.chunks)
+        ids = block.cells.ids
+        chunk_ids.extend(ids)
+        n_chunks += len(ids)
+        n_tiles += int(block.cells.tile_counts.sum())
+        windows = block.cells.windows()
         cut = shapely.intersection(aoi.geometry, shapely.box(*_grown(block.block.bounds, planned)))
         for text, (modality, year) in texts:
             label = "static" if year is None else str(year)
-            gaps, parts = block_coverage(block.chunks, block.index.get(text), cut)
+            gaps, parts = block_coverage(ids, windows, block.index.get(text), cut)
             missing[modality][label].extend(gaps)
             partial[modality][label].extend(parts)
     counts = planned.item_counts()
@@ -138,17 +138,26 @@ def _grown(bounds, planned: Planned):
     return (bounds[0] - margin, bounds[1] - margin, bounds[2] + margin, bounds[3] + margin)
 
 
-def block_coverage(chunks: list[Chunk], index: ItemIndex | None, aoi: shapely.Geometry) -> tuple[list[str], list[str]]:
+SLIVER_M = 3.0
+"""Width (grid CRS units) under which an uncovered strip is reprojection noise (see ``FOOTPRINT_STEP_DEG``)."""
+
+
+def block_coverage(ids: list[str], windows: np.ndarray, index: ItemIndex | None,
+                   aoi: shapely.Geometry) -> tuple[list[str], list[str]]:
     """Chunk ids no footprint touches, and ids whose AOI part the footprints cover only in part.
 
-    The items of a chunk are those ``rtsmap run`` gives its task (``ItemIndex.covering``). One
-    union of the footprints per block (not one per chunk), then vectorised tests: a chunk whose
-    AOI part lies inside the union is covered; only the others measure what is left out.
+    The items of a chunk are those ``rtsmap run`` gives its task (``ItemIndex.covering``). A
+    chunk whose AOI part lies inside one footprint is covered (one vectorised test of the
+    chunk-footprint pairs); for the others, one union of the distinct footprints meeting them
+    per block (not one per chunk), then vectorised tests; only the chunks not inside the union
+    measure what is left out.
 
     Parameters
     ----------
-    chunks
-        The chunks of one block.
+    ids
+        The ids of the chunks of one block.
+    windows
+        Their read windows (shapely boxes, grid CRS), in the same order.
     index
         The items of one modality-year meeting the block (None: no item).
     aoi
@@ -158,26 +167,40 @@ def block_coverage(chunks: list[Chunk], index: ItemIndex | None, aoi: shapely.Ge
     -------
     (gaps, parts) : lists of chunk ids
     """
-    if not chunks:
+    if not len(ids):
         return [], []
     if index is None or not len(index.items):
-        return [c.id for c in chunks], []
-    windows = shapely.box(*np.array([c.bounds for c in chunks]).T)
-    hit_chunk, hit_item = index.tree.query(windows, predicate="intersects")
-    has = np.zeros(len(chunks), dtype=bool)
+        return list(ids), []
+    hit_chunk, hit_item = index.meeting(windows)
+    has = np.zeros(len(ids), dtype=bool)
     has[hit_chunk] = True
-    gaps = [c.id for c, h in zip(chunks, has) if not h]
-    covered = shapely.union_all(index.footprints[np.unique(hit_item)])
+    gaps = [i for i, h in zip(ids, has) if not h]
+    hit_ids = [i for i, h in zip(ids, has) if h]
+    needed_all = np.empty(len(ids), dtype=object)
+    needed_all[has] = shapely.intersection(windows[has], aoi)
+    needed = needed_all[has]
+    # Scenes are larger than chunks: most chunks' AOI part lies within one footprint (one
+    # vectorised test of the pairs); only the others need the union of the footprints that meet them.
+    within = hit_chunk[index.holding(needed_all, hit_chunk, hit_item)]
+    rest = ~np.isin(np.flatnonzero(has), within)
+    if not rest.any():
+        return gaps, []
+    rest_rows = np.flatnonzero(has)[rest]
+    meeting = hit_item[np.isin(hit_chunk, rest_rows)]
+    # Scenes of one place share their footprint (one tile, many dates): union each once.
+    footprints = index.footprints[np.unique(meeting)]
+    unique = dict(zip(shapely.to_wkb(footprints).tolist(), footprints))
+    covered = shapely.union_all(list(unique.values()))
     shapely.prepare(covered)
-    needed = shapely.intersection(windows[has], aoi)
-    inside = shapely.contains(covered, needed)
-    parts = []
-    for chunk, need, ok in zip([c for c, h in zip(chunks, has) if h], needed, inside):
-        if ok:
-            continue
-        # A sliver (< 0.1 % of the needed area) is reprojection noise, not a gap.
-        if shapely.difference(need, covered).area > 1e-3 * max(need.area, 1.0):
-            parts.append(chunk.id)
+    rest_ids = [c for c, r in zip(hit_ids, rest) if r]
+    rest_needed = needed[rest]
+    open_ = ~shapely.contains(covered, rest_needed)
+    # A sliver is reprojection noise, not a gap: less than 0.1 % of the needed area, or
+    # narrower than SLIVER_M (chords of footprints densified apart meet within ~1.3 m).
+    left = shapely.difference(rest_needed[open_], covered)
+    big = shapely.area(left) > 1e-3 * np.maximum(shapely.area(rest_needed[open_]), 1.0)
+    wide = ~shapely.is_empty(shapely.buffer(left, -SLIVER_M / 2))
+    parts = [c for c, p in zip([c for c, o in zip(rest_ids, open_) if o], big & wide) if p]
     return gaps, parts
 
 
@@ -303,8 +326,6 @@ def plan_command(
         "grid.tiles_per_chunk": tiles_per_chunk,
     }
     config = load_run_config(config_path, overrides)
-    if not profile_given(profile, config_path):
-        config = replace(config, profile=None)
     plan = plan_report(config, tile_seconds=tile_seconds)
     for line in plan["warnings"]:
         click.echo(f"warning: {line}", err=True)

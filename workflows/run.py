@@ -37,7 +37,6 @@ from rtsmap.workflows.planning import (
     check_readable,
     check_workers,
     plan_chunks,
-    profile_given,
 )
 from rtsmap.workflows.tasks import ChunkTask, process_chunk
 
@@ -616,8 +615,6 @@ def run_command(aoi, years, catalog, profile, model, config_path, out, workdir, 
             overrides["cluster.kind"] = cluster_kind
     check_workers(workers)
     config = load_run_config(config_path, overrides)
-    if not profile_given(profile, config_path):
-        config = replace(config, profile=None)  # chosen from the catalog (workflows.planning)
     result = run(config, region_name=region_name)
     print_summary(result)
     if result.partial:
