@@ -219,27 +219,43 @@ def test_dem_depressions_under_slumps_and_stabilised_scars_but_not_ridges(demo_r
         assert all(drop(p) < 0.0 for p in d.query("`class` == 'bare_ridge'").geometry)  # convex knolls
 
 
-def test_some_slumps_are_hidden_by_cloud_but_seen_by_sar(demo_region):
+def _sar_contrast(vv_db: np.ndarray, src, poly, others) -> float | None:
+    """Mean VV dB inside a slump (10 m in from its edge) minus a ring 20-60 m around it."""
+    inside, ring = _inside_and_ring(poly, 10.0, (20.0, 60.0))
+    mi, mr = _masks([inside], src), _masks([ring.difference(others)], src)
+    if mi.sum() < 3 or mr.sum() < 10:
+        return None
+    return float(vv_db[mi].mean() - vv_db[mr].mean())
+
+
+def test_slumps_hidden_by_cloud_are_seen_by_sar_only_at_their_own_contrast(demo_region):
+    """Under cloud, SAR shows a slump whose contrast is strong and not one whose contrast is ~0."""
     optical = _by_collection(demo_region, dr.OPTICAL_COLLECTION)
-    hidden_seen = 0
+    others = shapely.union_all(list(_truth(demo_region, "distractors").geometry))
+    seen, unseen = 0, 0
     for year in (2021, 2022, 2023):
         truth = _truth(demo_region, f"rts_{year}")
         sar = next(i for i in _by_collection(demo_region, dr.SAR_COLLECTION) if i.datetime.year == year)
         with rasterio.open(sar.assets["vv"].href) as src:
             vv_db = 10 * np.log10(src.read(1))
-            background = np.median(vv_db)
-            for poly, cloud in zip(truth.geometry, truth["cloud_fraction"]):
+            for sid, poly, cloud in zip(truth["slump_id"], truth.geometry, truth["cloud_fraction"]):
                 if cloud < 0.9:
                     continue
                 # every optical scene of the year flags the slump as cloud in its SCL
                 for item in (i for i in optical if i.datetime.year == year):
                     with rasterio.open(item.assets["scl"].href) as s:
                         assert np.isin(s.read(1)[_masks([poly], s)], (8, 9, 10)).mean() > 0.9
-                m = _masks([poly.buffer(-10)], src)
-                if m.sum() >= 3:
-                    assert vv_db[m].mean() > background + 2.0
-                    hidden_seen += 1
-    assert hidden_seen >= 1
+                drawn, _ = dr.slump_sar_contrast_db(demo_region.seed, sid)
+                measured = _sar_contrast(vv_db, src, poly, others.union(shapely.union_all(list(truth.geometry))))
+                if measured is None:
+                    continue
+                if drawn >= 2.0:
+                    assert measured > 1.0, (sid, year, drawn, measured)
+                    seen += 1
+                elif abs(drawn) < 0.5:
+                    assert abs(measured) < 2.0, (sid, year, drawn, measured)
+                    unseen += 1
+    assert seen >= 1 and unseen >= 1
 
 
 def test_a_slump_is_at_the_same_place_in_every_native_raster(demo_region):
@@ -252,7 +268,16 @@ def test_a_slump_is_at_the_same_place_in_every_native_raster(demo_region):
     assert len(big) >= 2
     with rasterio.open(clearest.assets["red"].href) as r, rasterio.open(clearest.assets["nir"].href) as n, \
             rasterio.open(sar.assets["vv"].href) as v, rasterio.open(dem_item.assets["dem"].href) as d:
-        vv_background = np.median(10 * np.log10(v.read(1)))
+        # SAR: a slump may be invisible there, so its landmark is the lake: dark water at the lake's
+        # interior point, land (10 dB brighter) 150 m outside its shore
+        vv_db = lambda p, half=1: 10 * np.log10(_sample(v, p.x, p.y, half).mean())  # noqa: E731
+        lakes = _truth(demo_region, "distractors").query("`class` == 'lake'").geometry
+        assert len(lakes) >= 1
+        for lake in lakes:
+            assert vv_db(polylabel(lake, 1.0)) < -19.0
+            shore = lake.buffer(150.0).exterior
+            outside = [vv_db(shore.interpolate(f, normalized=True)) for f in np.linspace(0, 1, 12, endpoint=False)]
+            assert np.median(outside) > vv_db(polylabel(lake, 1.0)) + 6.0
         for poly in big.geometry:
             p = polylabel(poly, 1.0)
             red, nir = _sample(r, p.x, p.y), _sample(n, p.x, p.y)
@@ -261,11 +286,146 @@ def test_a_slump_is_at_the_same_place_in_every_native_raster(demo_region):
             ring = [affinity.translate(p, 250 * np.cos(a), 250 * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 8, endpoint=False)]
             ndvi_ring = [((_sample(n, q.x, q.y) - _sample(r, q.x, q.y)) / (_sample(n, q.x, q.y) + _sample(r, q.x, q.y))).item() for q in ring]
             assert np.mean(np.array(ndvi_ring) > 0.5) >= 0.5
-            assert 10 * np.log10(_sample(v, p.x, p.y).mean()) > vv_background + 2.0
             # the DEM is lower at the slump's interior than on the rim 30 m outside it
             rim = poly.buffer(30).exterior
             rim_z = [_sample(d, q.x, q.y).item() for q in (rim.interpolate(f, normalized=True) for f in np.linspace(0, 1, 24))]
             assert _sample(d, p.x, p.y).item() < np.max(rim_z) - 1.0
+
+
+# --- the synthetic SAR: speckle, slump contrast, terrain, yearly offsets (docs/synthetic-sar.md) ----
+
+
+def test_speckle_is_unit_mean_gamma_with_the_stated_looks(demo_region):
+    rng = np.random.default_rng(7)
+    flat = np.full((400, 400), 0.05)
+    x = dr._speckle(rng, flat, dr.SAR_MODEL.looks)
+    assert x.mean() == pytest.approx(0.05, rel=0.01)
+    assert x.mean() ** 2 / x.var() == pytest.approx(dr.SAR_MODEL.looks, rel=0.03)
+    assert 4.0 <= dr.SAR_MODEL.looks <= 5.0  # multi-looked RTC, not single-look (ENL 1)
+    # in the written scenes: the lake's interior is one flat gamma0, so its spread is speckle alone
+    lakes = [g.buffer(-40.0) for g in _truth(demo_region, "distractors").query("`class` == 'lake'").geometry]
+    ratios = []
+    for item in _by_collection(demo_region, dr.SAR_COLLECTION):
+        for band in dr.SAR_BANDS:
+            with rasterio.open(item.assets[band].href) as src:
+                v = src.read(1)[_masks(lakes, src)].astype(np.float64)
+            ratios.append(v / v.mean())
+    pooled = np.concatenate(ratios)
+    assert pooled.size >= 500
+    assert pooled.mean() ** 2 / pooled.var() == pytest.approx(dr.SAR_MODEL.looks, abs=0.6)
+
+
+def test_slump_contrast_is_drawn_per_slump_from_the_stated_range():
+    m = dr.SAR_MODEL
+    draws = np.array([dr.slump_sar_contrast_db(0, f"s{k:03d}") for k in range(3000)])
+    vv, vh = draws[:, 0], draws[:, 1]
+    assert m.contrast_vv_db[0] <= vv.min() and vv.max() <= m.contrast_vv_db[1]
+    assert m.contrast_vv_db[0] <= 0.0 <= m.contrast_vv_db[1]  # the range includes "invisible"
+    assert vv.min() < m.contrast_vv_db[0] + 0.05 and vv.max() > m.contrast_vv_db[1] - 0.05  # uniform, the whole range
+    assert 0.15 < np.mean(np.abs(vv) < 0.5) < 0.35  # about a quarter within 0.5 dB of the tundra
+    assert (m.contrast_vh_minus_vv_db[0] <= vh - vv).all() and (vh - vv <= m.contrast_vh_minus_vv_db[1]).all()
+    # the slump's own stream: same seed and id, same contrast; another seed, another
+    assert dr.slump_sar_contrast_db(0, "s001") == dr.slump_sar_contrast_db(0, "s001")
+    assert dr.slump_sar_contrast_db(1, "s001") != dr.slump_sar_contrast_db(0, "s001")
+
+
+def test_written_slump_contrast_follows_the_drawn_one(demo_region):
+    """Measured in the COGs (20 m, speckled, moisture and terrain included) against the draw."""
+    others = shapely.union_all(list(_truth(demo_region, "distractors").geometry))
+    pairs = []
+    for item in _by_collection(demo_region, dr.SAR_COLLECTION):
+        truth = _truth(demo_region, f"rts_{item.datetime.year}")
+        near = others.union(shapely.union_all(list(truth.geometry)))
+        with rasterio.open(item.assets["vv"].href) as src:
+            vv_db = 10 * np.log10(src.read(1))
+            for sid, poly in zip(truth["slump_id"], truth.geometry):
+                measured = _sar_contrast(vv_db, src, poly, near)
+                if measured is not None:
+                    pairs.append((dr.slump_sar_contrast_db(demo_region.seed, sid)[0], measured))
+    drawn, measured = np.array(pairs).T
+    assert len(drawn) >= 12
+    assert np.median(np.abs(measured - drawn)) < 1.0
+    assert np.corrcoef(drawn, measured)[0, 1] > 0.7
+    assert measured.max() < dr.SAR_MODEL.contrast_vv_db[1] + 2.0  # nothing like the old +5 dB floors
+    assert np.mean(np.abs(measured) < 1.0) >= 0.25  # many slumps hardly differ from their surroundings
+
+
+def test_layover_faces_the_radar_and_shadow_faces_away_above_the_thresholds():
+    m, res = dr.SAR_MODEL, 5.0
+    # a ridge across the look direction (+x): 60-degree faces, then a 20-degree hill, on flat ground
+    x = np.arange(200) * res
+    ridge = np.clip(60.0 - np.tan(np.radians(60.0)) * np.abs(x - 250.0), 0, None)
+    hill = np.clip(40.0 - np.tan(np.radians(20.0)) * np.abs(x - 750.0), 0, None)
+    elevation = np.tile(ridge + hill, (40, 1))
+    geo = dr._sar_geometry(elevation, res, (1.0, 0.0), m)
+    row = slice(5, 35)
+    near_face = (x > 220) & (x < 245)  # rises away from the radar: faces it
+    far_face = (x > 255) & (x < 280)
+    assert geo.layover[row][:, near_face].all() and not geo.shadow[row][:, near_face].any()
+    assert geo.shadow[row][:, far_face].all() and not geo.layover[row][:, far_face].any()
+    gentle = (x > 660) & (x < 840) | (x < 150)
+    assert not (geo.layover | geo.shadow)[row][:, gentle].any()
+    assert geo.range_slope_deg[20, near_face] == pytest.approx(60.0, abs=0.5)
+    assert geo.layover.sum() + geo.shadow.sum() > 0
+    # thresholds: layover above the incidence angle, shadow beyond 90 degrees minus it
+    assert (geo.range_slope_deg[geo.layover] > m.incidence_deg).all()
+    assert (geo.range_slope_deg[geo.shadow] < -(90.0 - m.incidence_deg)).all()
+    # RTC flattening leaves little of the terrain: the 20-degree faces within 1.5 dB of flat
+    on_hill = (x > 680) & (x < 820) & (np.abs(x - 750) > 10)
+    assert np.all(np.abs(10 * np.log10(geo.terrain[20, on_hill])) < 1.5)
+    # rendered: layover bright, shadow at the noise level, whatever the land cover
+    shape = elevation.shape
+    canvas = dr._Grid("EPSG:3413", dr.Affine(res, 0, 0, 0, -res, 0), shape)
+    scene = dr._Scene(canvas, shapely.box(0, -200, 1000, 0), elevation.astype(np.float32), np.zeros(shape, np.float32),
+                      np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                      (np.zeros(shape, np.float32), np.zeros(shape, np.float32)))
+    g = dr._render_sar(scene, np.ones((2, *shape), np.float32), geo, np.zeros(shape, np.float32), m)
+    db = 10 * np.log10(g)
+    assert db[0][geo.layover] == pytest.approx(m.tundra_db[0] + m.layover_gain_db + 10 * np.log10(geo.terrain[geo.layover]), abs=1e-3)
+    assert np.allclose(db[:, geo.shadow], m.shadow_db, atol=1e-3)
+    assert np.allclose(db[0][:, x < 150], m.tundra_db[0], atol=1e-3)
+
+
+def test_look_direction_is_west_north_west_in_the_grid():
+    cx, cy = Transformer.from_crs("EPSG:4326", "EPSG:3413", always_xy=True).transform(*dr.REGION_CENTER_LONLAT)
+    north = dr._look_vector("EPSG:3413", (cx, cy), 0.0)
+    assert np.dot(north, -np.array([cx, cy]) / np.hypot(cx, cy)) > 0.999  # north points at the pole
+    west = dr._look_vector("EPSG:3413", (cx, cy), 270.0)
+    look = dr._look_vector("EPSG:3413", (cx, cy), dr.SAR_MODEL.look_azimuth_deg)
+    angle = np.degrees(np.arccos(np.clip(np.dot(look, west), -1, 1)))
+    assert angle == pytest.approx(dr.SAR_MODEL.look_azimuth_deg - 270.0, abs=0.01)
+    assert np.dot(look, north) > 0  # a little to the north of west
+
+
+def test_moisture_offsets_are_smooth_and_differ_between_years(demo_region):
+    m, res = dr.SAR_MODEL, 5.0
+    rng = np.random.default_rng(3)
+    canvas = dr._Grid("EPSG:3413", dr.Affine(res, 0, -2.3e6, 0, -res, -0.2e6), (800, 800))
+    a, b = (dr._moisture_offset_db(rng, canvas, m) for _ in range(2))
+    for f in (a, b):
+        assert np.isfinite(f).all()
+        snow = f < np.quantile(f, m.wet_snow_fraction)
+        assert f[~snow].std() == pytest.approx(m.moisture_std_db, rel=0.35)
+        assert f.min() < m.wet_snow_db + 0.5 * m.moisture_std_db  # wet snow patches exist
+        assert np.abs(np.diff(f, axis=1)).mean() < 0.05 * m.moisture_std_db  # smooth: ~0.02 dB per 5 m pixel
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.4
+    again = np.random.default_rng(3)
+    assert np.array_equal(dr._moisture_offset_db(again, canvas, m), a)  # deterministic per seed
+    assert np.abs(a - b).mean() > 0.5 * m.moisture_std_db
+    # in the written scenes: 200 m block means of land change between years by far more than
+    # speckle alone would move them (~0.3 dB for 100 pixels of ENL 4.4)
+    blocked = []
+    for item in sorted(_by_collection(demo_region, dr.SAR_COLLECTION), key=lambda i: i.datetime):
+        with rasterio.open(item.assets["vv"].href) as src:
+            vv_db = 10 * np.log10(src.read(1))
+            water = _masks([g.buffer(40.0) for g in _truth(demo_region, "distractors").geometry], src)
+            slumps = _masks([g.buffer(40.0) for g in _truth(demo_region, "rts_2023").geometry], src)
+        h, w = (s // 10 * 10 for s in vv_db.shape)
+        keep = ~(water | slumps)[:h, :w].reshape(h // 10, 10, w // 10, 10).any(axis=(1, 3))
+        blocked.append((vv_db[:h, :w].reshape(h // 10, 10, w // 10, 10).mean(axis=(1, 3)), keep))
+    for (y0, k0), (y1, k1) in zip(blocked, blocked[1:]):
+        d = (y1 - y0)[k0 & k1]
+        assert d.size >= 20 and d.std() > 0.9
 
 
 # --- determinism, CLI, real footprints, errors ------------------------------------------------------
@@ -300,6 +460,10 @@ def test_cli_writes_everything_and_generation_is_deterministic(tmp_path):
     assert b["truth_2021"] != a_fp["truth_2021"]
     dem_key = next(k for k in a_fp if k.endswith("dem.tif"))
     assert not np.array_equal(a_fp[dem_key], b[dem_key])
+    # the SAR scenes (speckle, moisture fields, slump contrasts) follow the seed too
+    sar_a = sorted(k for k in a_fp if dr.SAR_COLLECTION in k)
+    sar_b = sorted(k for k in b if dr.SAR_COLLECTION in k)
+    assert len(sar_a) == 4 and not any(np.array_equal(a_fp[x], b[y]) for x, y in zip(sar_a, sar_b))
     # running again into the same directory is refused without --overwrite, replaces the region with it
     args = ["--out", str(root), "--seed", "1", "--years", "2021-2022", "--size-km", "1.5"]
     res = runner.invoke(dr.demo_data_command, args)

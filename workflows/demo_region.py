@@ -4,8 +4,13 @@ Real imagery cannot be fetched everywhere rtsmap is tested, so this region stand
 tests, in ``rtsmap demo`` and in the demo model's training. It is built so that fusion matters:
 
 - active slumps: a depression under a steep headwall in the DEM, bright bare soil (low NDVI) in the
-  optical scenes, rough bright floors in SAR; they grow upslope every year and new ones appear;
-- some slumps sit under cloud in every optical scene of a year: only SAR and the DEM show them;
+  optical scenes, and in SAR a floor at the slump's own contrast to the tundra (-1 to +3 dB in VV,
+  so some are invisible there); they grow upslope every year and new ones appear;
+- some slumps sit under cloud in every optical scene of a year: only SAR (where their contrast
+  is strong) and the DEM (where they are older than it) show them;
+- SAR is an RTC-like gamma0: speckle of 4.4 looks, layover and shadow on steep slopes, and a
+  spatially smooth soil-moisture and wet-snow offset that changes every year
+  (``SarModel``; docs/synthetic-sar.md gives the parameters and their sources);
 - bare ridges look like slumps optically (bright, low NDVI) but have no depression;
 - old stabilised slumps have the depression but are green: not labelled as RTS;
 - lakes (flat, dark water) and rivers in valleys.
@@ -29,6 +34,7 @@ import os
 import shutil
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -625,25 +631,217 @@ def _render_optical(rng: np.random.Generator, scene: _Scene, slumps_now: np.ndar
     return refl.astype(np.float32), scl
 
 
-def _render_sar(rng: np.random.Generator, scene: _Scene, slumps_now: np.ndarray) -> np.ndarray:
-    """Noise-free gamma0 [2, H, W] (linear) on the canvas: land cover times a terrain factor."""
-    res = scene.canvas.res
-    drow, dcol = np.gradient(scene.elevation, res)
-    nx, ny, nz = -dcol, drow, np.ones_like(dcol)  # surface normal (map x, map y, up)
-    norm = np.sqrt(nx**2 + ny**2 + 1)
-    inc = np.radians(38.0)
-    look = (-np.sin(inc), 0.0, np.cos(inc))  # towards a sensor looking east (+x)
-    cos_local = (nx * look[0] + ny * look[1] + nz * look[2]) / norm
-    terrain = np.clip(cos_local / np.cos(inc), 0.1, 3.0) ** 1.2
+# ------------------------------------------------------------------------------------------------
+# SAR: Sentinel-1 RTC-like gamma0. Every number is in SarModel; docs/synthetic-sar.md gives the
+# sources and what is a modelling choice.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SarModel:
+    """The parameters of the synthetic Sentinel-1 RTC scenes (sources: docs/synthetic-sar.md)."""
+
+    looks: float = 4.4
+    """Equivalent number of looks of the speckle per product pixel (IW GRDH: 4.4)."""
+    incidence_deg: float = 38.0
+    """Incidence angle on a flat ellipsoid at the region (IW swath: about 29-46 degrees)."""
+    look_azimuth_deg: float = 293.0
+    """Azimuth (clockwise from true north) the radar looks towards: right-looking on a descending
+    pass (ground-track heading about 203 degrees at 67 N), i.e. towards the west-north-west."""
+    terrain_exponent: float = 0.5
+    """Residual terrain modulation after RTC flattening: gamma0 times (cos local / cos flat)**this."""
+    layover_gain_db: float = 6.0
+    """Added to gamma0 where the terrain facing the radar is steeper than the incidence angle."""
+    shadow_db: float = -25.0
+    """gamma0 where the terrain facing away is steeper than 90 degrees minus the incidence angle:
+    no signal, only the noise level (below the -22 dB NESZ the IW mode is specified to)."""
+    tundra_db: tuple[float, float] = (-13.5, -20.5)
+    """VV, VH gamma0 of shrub tundra (before texture, moisture and terrain)."""
+    texture_db: float = 0.8
+    """Standard deviation of the tundra's own spatial texture."""
+    ridge_db: tuple[float, float] = (-12.5, -20.0)
+    """VV, VH gamma0 of bare, wind-scoured ridge tops."""
+    water_db: tuple[float, float] = (-23.0, -29.0)
+    """VV, VH gamma0 of calm open water."""
+    contrast_vv_db: tuple[float, float] = (-1.0, 3.0)
+    """Range of the per-slump VV contrast (scar floor minus surrounding tundra), drawn uniformly:
+    a quarter of the slumps lie within 0.5 dB of their surroundings, i.e. invisible in SAR."""
+    contrast_vh_minus_vv_db: tuple[float, float] = (-1.5, 0.5)
+    """Range of the per-slump VH contrast minus the VV contrast (bare ground loses the shrubs'
+    volume scattering, which carries VH more than VV)."""
+    scene_offset_std_db: float = 0.5
+    """Standard deviation of one scene-wide offset per year (moisture after rain, calibration)."""
+    moisture_std_db: float = 1.0
+    """Standard deviation of the per-year, spatially smooth soil-moisture offset field."""
+    moisture_length_m: float = 400.0
+    """Correlation length (Gaussian sigma) of the soil-moisture field."""
+    wet_snow_db: float = -3.0
+    """Offset on late-lying wet snow patches (the usual C-band wet-snow threshold)."""
+    wet_snow_fraction: float = 0.02
+    """Share of the canvas under wet snow patches in a year's scene."""
+    wet_snow_length_m: float = 60.0
+    """Correlation length (Gaussian sigma) of the field whose top share is wet snow."""
+
+
+SAR_MODEL = SarModel()
+"""The SAR parameters every demo region is generated with."""
+
+_SAR_CONTRAST_STREAM = 0x5A12
+"""Mixed into the seed of each slump's contrast draw, so that it is its own stream."""
+
+
+def _db_to_linear(db) -> np.ndarray:
+    """Decibels to linear power (float64)."""
+    return np.power(10.0, np.asarray(db, dtype=np.float64) / 10.0)
+
+
+def slump_sar_contrast_db(seed: int, slump_id: str, model: SarModel = SAR_MODEL) -> tuple[float, float]:
+    """The VV and VH contrast (dB, scar floor minus surroundings) a slump has in every SAR scene.
+
+    Drawn from the slump's own stream (region seed and slump id), so it does not depend on the
+    order slumps are drawn in and can be recomputed from the truth layer's ``slump_id``.
+
+    Parameters
+    ----------
+    seed : int
+        The region's seed.
+    slump_id : str
+        The slump's id (``slump_id`` in ``truth.gpkg``).
+    model : SarModel
+        The SAR parameters (the contrast ranges).
+
+    Returns
+    -------
+    tuple of float
+        VV and VH contrast in dB.
+    """
+    rng = np.random.default_rng([int(seed), _SAR_CONTRAST_STREAM, zlib.crc32(slump_id.encode())])
+    vv = float(rng.uniform(*model.contrast_vv_db))
+    return vv, vv + float(rng.uniform(*model.contrast_vh_minus_vv_db))
+
+
+@dataclass(frozen=True)
+class _SarGeometry:
+    """What the terrain does to a SAR scene, per canvas pixel (the DEM does not change by year)."""
+
+    range_slope_deg: np.ndarray
+    """Slope along the look direction; positive where the terrain faces the radar."""
+    terrain: np.ndarray
+    """Residual terrain factor of RTC gamma0 (1 on flat ground)."""
+    layover: np.ndarray
+    """Facing slope steeper than the incidence angle."""
+    shadow: np.ndarray
+    """Slope facing away steeper than 90 degrees minus the incidence angle."""
+
+
+def _look_vector(crs: str, center_xy: tuple[float, float], azimuth_deg: float) -> tuple[float, float]:
+    """Unit vector, in map coordinates of ``crs``, of the horizontal direction the radar looks in.
+
+    The grid's north is not map-up in polar stereographic, so true north is measured at the centre.
+    """
+    to_ll = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    to_map = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    lon, lat = to_ll.transform(*center_xy)
+    nx, ny = np.subtract(to_map.transform(lon, lat + 0.01), center_xy)
+    n = np.array([nx, ny]) / np.hypot(nx, ny)
+    e = np.array([n[1], -n[0]])  # a conformal map keeps east 90 degrees clockwise of north
+    a = np.radians(azimuth_deg)
+    v = np.sin(a) * e + np.cos(a) * n
+    return float(v[0]), float(v[1])
+
+
+def _sar_geometry(elevation: np.ndarray, res: float, look_xy: tuple[float, float], model: SarModel = SAR_MODEL) -> _SarGeometry:
+    """Local layover, shadow and the residual terrain factor from a DEM (rows run southward).
+
+    Only the local slope is looked at: passive shadow and layover (cast by terrain further along
+    the range) are left out; relief of tens of metres over hundreds makes them a pixel or two.
+    """
+    drow, dcol = np.gradient(elevation.astype(np.float64), res)
+    gx, gy = dcol, -drow  # map y grows northward, rows southward
+    along = gx * look_xy[0] + gy * look_xy[1]  # > 0: rises away from the radar, faces it
+    range_slope = np.degrees(np.arctan(along))
+    inc = np.radians(model.incidence_deg)
+    # cosine of the local incidence angle: normal (-gx, -gy, 1) against the direction to the radar
+    cos_local = (np.sin(inc) * along + np.cos(inc)) / np.sqrt(gx**2 + gy**2 + 1.0)
+    terrain = np.clip(cos_local / np.cos(inc), 0.1, None) ** model.terrain_exponent
+    layover = range_slope > model.incidence_deg
+    shadow = range_slope < -(90.0 - model.incidence_deg)
+    return _SarGeometry(range_slope.astype(np.float32), terrain.astype(np.float32), layover, shadow)
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian random field: white noise blurred by a Gaussian of ``sigma_px``.
+
+    Filtered in the frequency domain without padding: a field that wraps around at the edges is
+    still a stationary random field, and skipping :func:`_blur`'s padding keeps it cheap.
+    """
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    kernel = np.exp(-2.0 * (np.pi * sigma_px) ** 2 * (fx**2 + fy**2))
+    f = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(shape)) * kernel, s=shape)
+    f -= f.mean()
+    return (f / (f.std() + 1e-12)).astype(np.float32)
+
+
+def _moisture_offset_db(rng: np.random.Generator, canvas: _Grid, model: SarModel = SAR_MODEL) -> np.ndarray:
+    """One year's spatially smooth dB offset of land on ``canvas``: soil moisture and wet snow.
+
+    Drawn on a grid 4 times coarser and resampled: both fields are smooth over several coarse
+    pixels, and the full canvas would cost two large FFTs a year.
+    """
+    k = 4
+    coarse = _Grid(canvas.crs, canvas.transform @ Affine.scale(float(k)), (canvas.shape[0] // k + 2, canvas.shape[1] // k + 2))
+    moisture = model.moisture_std_db * _smooth_field(rng, coarse.shape, model.moisture_length_m / coarse.res)
+    snow_field = _smooth_field(rng, coarse.shape, model.wet_snow_length_m / coarse.res)
+    edge = np.quantile(snow_field, 1.0 - model.wet_snow_fraction)
+    snow = _smoothstep(edge - 0.15, edge + 0.15, snow_field)  # soft-edged patches
+    return _resample(moisture + model.wet_snow_db * snow, coarse, canvas, Resampling.bilinear)
+
+
+def _slump_gain(scene: _Scene, year: int, contrasts: dict[str, tuple[float, float]], slumps_now: np.ndarray) -> np.ndarray:
+    """Linear gain [2, H, W] of each band: 1 off slumps, the slump's contrast on its floor.
+
+    ``slumps_now`` is the soft slump fraction (:func:`_slump_layer`); slumps lie 40 m apart, so
+    each soft edge belongs to one slump, found by rasterizing its footprint a few pixels wider.
+    """
+    now = [s for s in scene.slumps if year in s.footprints]
+    if not now:
+        return np.ones((2, *scene.canvas.shape), np.float32)
+    grow = 3.0 * scene.canvas.res  # beyond the soft edge of _slump_layer's blur
+    index = rasterio.features.rasterize(
+        [(s.footprints[year].buffer(grow), k + 1) for k, s in enumerate(now)],
+        out_shape=scene.canvas.shape, transform=scene.canvas.transform, dtype="int32",
+    )
+    excess = np.zeros((2, len(now) + 1), np.float32)  # index 0: no slump, gain 1
+    excess[:, 1:] = np.array([_db_to_linear(contrasts[s.slump_id]) - 1.0 for s in now]).T
+    return (1.0 + slumps_now[None] * excess[:, index]).astype(np.float32)
+
+
+def _render_sar(scene: _Scene, gain: np.ndarray, geometry: _SarGeometry, offset_db: np.ndarray, model: SarModel = SAR_MODEL) -> np.ndarray:
+    """Noise-free gamma0 [2, H, W] (linear) on the canvas.
+
+    Land cover (tundra with texture, bare ridges, slump floors at their own contrast) times the
+    year's moisture offset and the residual terrain factor; water flat; layover bright; shadow at
+    the noise level.
+    """
     t1, _ = scene.veg_texture
-    offset = rng.normal(0, 0.4)
-    db = lambda v: 10 ** (v / 10.0)  # noqa: E731
-    tundra = np.stack([db(-13.5 + 0.8 * t1 + offset), db(-20.5 + 0.8 * t1 + offset)])
-    floor = np.stack([np.full_like(t1, db(-8.5 + offset)), np.full_like(t1, db(-15.5 + offset))])  # rough wet debris
-    ridge = np.stack([np.full_like(t1, db(-12.5 + offset)), np.full_like(t1, db(-20.0 + offset))])
-    water = np.array([db(-23.0), db(-29.0)], np.float32)[:, None, None]
-    land = (1 - slumps_now) * ((1 - scene.ridges) * tundra + scene.ridges * ridge) + slumps_now * floor
-    return ((1 - scene.water) * land * terrain + scene.water * water).astype(np.float32)
+    # the per-pixel powers of ten once for both bands (float32: this runs on the whole canvas)
+    texture = _db_to_linear(model.texture_db * t1).astype(np.float32)
+    common = (_db_to_linear(offset_db) * geometry.terrain).astype(np.float32)
+    bands = []
+    for b in range(2):
+        tundra = np.float32(_db_to_linear(model.tundra_db[b])) * texture
+        ridge = np.float32(_db_to_linear(model.ridge_db[b]))
+        land = ((1 - scene.ridges) * tundra + scene.ridges * ridge) * gain[b] * common
+        g = (1 - scene.water) * land + scene.water * np.float32(_db_to_linear(model.water_db[b]))
+        g = np.where(geometry.layover, g * np.float32(_db_to_linear(model.layover_gain_db)), g)
+        bands.append(np.where(geometry.shadow, np.float32(_db_to_linear(model.shadow_db)), g))
+    return np.stack(bands).astype(np.float32)
+
+
+def _speckle(rng: np.random.Generator, gamma0: np.ndarray, looks: float) -> np.ndarray:
+    """Multiplicative speckle: unit-mean gamma with shape ``looks`` (multi-look intensity)."""
+    return gamma0 * rng.gamma(looks, 1.0 / looks, size=gamma0.shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -814,7 +1012,7 @@ def generate_region(
     _prepare_out_dir(out)
 
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
-    rng_scene, rng_plan, rng_clouds, rng_optical, rng_sar, _ = rngs
+    rng_scene, rng_plan, rng_clouds, rng_optical, rng_sar, rng_sar_fields = rngs
 
     # Region square in EPSG:3413, snapped to the 10 m grid, and the native grids around it.
     cx, cy = Transformer.from_crs("EPSG:4326", DEM_CRS, always_xy=True).transform(*center_lonlat)
@@ -847,8 +1045,12 @@ def generate_region(
               {"platform": "synthetic", "rtsmap:synthetic": True})
     )
 
-    # Optical and SAR, year by year
+    # Optical and SAR, year by year. The SAR geometry comes from the (static) terrain; each slump
+    # keeps its own SAR contrast in every year.
     plans = _optical_plans(rng_plan, years, region.area / 1e6)
+    look_xy = _look_vector(DEM_CRS, (cx, cy), SAR_MODEL.look_azimuth_deg)
+    sar_geometry = _sar_geometry(scene.elevation, canvas.res, look_xy)
+    contrasts = {s.slump_id: slump_sar_contrast_db(seed, s.slump_id) for s in scene.slumps}
     cloud_alpha: dict[str, np.ndarray] = {}
     for year in years:
         slumps_now = _slump_layer(scene, year)
@@ -884,17 +1086,18 @@ def generate_region(
             EOExtension.ext(item, add_if_missing=True).cloud_cover = round(float(cloud_cover), 2)
             items[OPTICAL_COLLECTION].append(item)
 
-        # SAR: noise-free gamma0 averaged onto the 20 m grid, then speckle (multiplicative gamma,
-        # equivalent number of looks ~4.4, as in multi-looked RTC products).
+        # SAR: noise-free gamma0 averaged onto the 20 m grid, then speckle. rng_sar is drawn in the
+        # order it always was (date, scene offset, speckle per band), so the acquisition dates (the
+        # item ids) stay those of earlier regions; the new fields come from rng_sar_fields.
         when = dt.datetime(year, 7, 18, 15, 40, tzinfo=dt.timezone.utc) + dt.timedelta(days=int(rng_sar.integers(0, 20)))
         sar_id = f"rtsmap-demo-s1-{when:%Y%m%d}"
-        gamma0 = _render_sar(rng_sar, scene, slumps_now)
+        offset_db = _moisture_offset_db(rng_sar_fields, canvas)
+        offset_db += rng_sar.normal(0.0, SAR_MODEL.scene_offset_std_db)
+        gamma0 = _render_sar(scene, _slump_gain(scene, year, contrasts, slumps_now), sar_geometry, offset_db)
         grid = grids["sar"]
         paths = {}
         for k, name in enumerate(SAR_BANDS):
-            g = _resample(gamma0[k], canvas, grid, Resampling.average)
-            looks = 4.4
-            g = g * rng_sar.gamma(looks, 1.0 / looks, size=g.shape)
+            g = _speckle(rng_sar, _resample(gamma0[k], canvas, grid, Resampling.average), SAR_MODEL.looks)
             g = np.where(np.isnan(g), 0.0, np.maximum(g, 1e-5)).astype(np.float32)
             paths[name] = cogs / SAR_COLLECTION / sar_id / f"{name}.tif"
             _write_cog(paths[name], g, grid, 0.0, "AVERAGE")
