@@ -26,15 +26,25 @@ SAME_AREA_TOLERANCE = 1e-6
 EXIT_MISMATCH = 1
 
 
-def ensure_region(region_dir: Path, *, seed: int, years: tuple[int, ...], size_km: float) -> dict:
-    """Generate the demo region into ``region_dir`` unless it is already there; return region.json."""
+def ensure_region(region_dir: Path, *, seed: int, years: tuple[int, ...], size_km: float, sar: str = "legacy") -> dict:
+    """Generate the demo region into ``region_dir`` unless it is already there; return region.json.
+
+    Raises
+    ------
+    ConfigError
+        If the region there was made with another SAR synthesis than ``sar``.
+    """
     from rtsmap.workflows.demo_region import generate_region
 
     meta = region_dir / "region.json"
     if not meta.is_file():
         print(f"[rtsmap] generating the synthetic demo region in {region_dir} ...", file=sys.stderr, flush=True)
-        generate_region(region_dir, seed=seed, years=years, size_m=(size_km * 1000.0, size_km * 1000.0))
-    return json.loads(meta.read_text())
+        generate_region(region_dir, seed=seed, years=years, size_m=(size_km * 1000.0, size_km * 1000.0), sar=sar)
+    region = json.loads(meta.read_text())
+    if region.get("sar", "legacy") != sar:  # regions made before the SAR variants are legacy
+        raise ConfigError(f"the region in {region_dir} has {region.get('sar', 'legacy')} SAR, not {sar}: "
+                          "give another --out or the same --sar")
+    return region
 
 
 @click.command("demo")
@@ -49,7 +59,10 @@ def ensure_region(region_dir: Path, *, seed: int, years: tuple[int, ...], size_k
 @click.option("--remote", is_flag=True,
               help="Then serve the region over HTTP (nginx on 127.0.0.1), run again reading every COG "
                    "from there, and check that both inventories hold the same polygons.")
-def demo_command(out_dir, model, workers, years, size_km, seed, remote):
+@click.option("--sar", type=click.Choice(("legacy", "realistic")), default="legacy", show_default=True,
+              help="SAR synthesis of the generated region; the shipped demo model was trained on legacy "
+                   "(docs/synthetic-sar.md).")
+def demo_command(out_dir, model, workers, years, size_km, seed, remote, sar):
     """Run rtsmap end to end on the synthetic demo region (generated if absent).
 
     The demo model was trained on synthetic scenes only: it shows that the pipeline works, it is
@@ -64,7 +77,7 @@ def demo_command(out_dir, model, workers, years, size_km, seed, remote):
     out.mkdir(parents=True, exist_ok=True)
     if not Path(model).is_file():
         raise ModelError(f"model {model} not found; train and export one with `rtsmap train` (see README)")
-    region = ensure_region(out / "region", seed=seed, years=parse_years(years), size_km=size_km)
+    region = ensure_region(out / "region", seed=seed, years=parse_years(years), size_km=size_km, sar=sar)
     region_dir = out / "region"
     config = RunConfig(
         aoi=str(region_dir / "aoi.geojson"),

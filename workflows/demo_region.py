@@ -839,6 +839,30 @@ def _render_sar(scene: _Scene, gain: np.ndarray, geometry: _SarGeometry, offset_
     return np.stack(bands).astype(np.float32)
 
 
+SAR_VARIANTS = ("realistic", "legacy")
+"""``realistic``: :class:`SarModel` (the default). ``legacy``: the first generator's SAR (every
+slump a +5 dB floor, terrain looking east, one 0.4 dB offset a year), kept because the shipped
+demo model was trained on it: ``rtsmap demo`` and the tests that score that model use it, until
+the demo model is retrained on the realistic SAR."""
+
+
+def _render_sar_legacy(rng: np.random.Generator, scene: _Scene, slumps_now: np.ndarray) -> np.ndarray:
+    """The first generator's noise-free gamma0 [2, H, W] (linear): see :data:`SAR_VARIANTS`."""
+    drow, dcol = np.gradient(scene.elevation, scene.canvas.res)
+    norm = np.sqrt(dcol**2 + drow**2 + 1)
+    inc = np.radians(38.0)
+    cos_local = (-dcol * -np.sin(inc) + np.cos(inc)) / norm  # a sensor looking east (+x)
+    terrain = np.clip(cos_local / np.cos(inc), 0.1, 3.0) ** 1.2
+    t1, _ = scene.veg_texture
+    offset = rng.normal(0, 0.4)
+    tundra = np.stack([_db_to_linear(-13.5 + 0.8 * t1 + offset), _db_to_linear(-20.5 + 0.8 * t1 + offset)])
+    floor = np.stack([np.full_like(t1, _db_to_linear(-8.5 + offset)), np.full_like(t1, _db_to_linear(-15.5 + offset))])
+    ridge = np.stack([np.full_like(t1, _db_to_linear(-12.5 + offset)), np.full_like(t1, _db_to_linear(-20.0 + offset))])
+    water = np.array([_db_to_linear(-23.0), _db_to_linear(-29.0)], np.float32)[:, None, None]
+    land = (1 - slumps_now) * ((1 - scene.ridges) * tundra + scene.ridges * ridge) + slumps_now * floor
+    return ((1 - scene.water) * land * terrain + scene.water * water).astype(np.float32)
+
+
 def _speckle(rng: np.random.Generator, gamma0: np.ndarray, looks: float) -> np.ndarray:
     """Multiplicative speckle: unit-mean gamma with shape ``looks`` (multi-look intensity)."""
     return gamma0 * rng.gamma(looks, 1.0 / looks, size=gamma0.shape)
@@ -943,6 +967,7 @@ def generate_region(
     center_lonlat: tuple[float, float] = REGION_CENTER_LONLAT,
     fine_resolution: float = 5.0,
     overwrite: bool = False,
+    sar: str = "realistic",
 ) -> DemoRegion:
     """Generate the synthetic demo region (rasters, truth, STAC) under ``out_dir``.
 
@@ -967,6 +992,9 @@ def generate_region(
         native grid (finer than every native grid).
     overwrite : bool
         Replace an earlier demo region in ``out_dir``.
+    sar : str
+        The SAR synthesis, one of :data:`SAR_VARIANTS`: ``realistic`` (:class:`SarModel`) or
+        ``legacy`` (what the shipped demo model was trained on).
 
     Returns
     -------
@@ -982,6 +1010,8 @@ def generate_region(
         earlier demo region and ``overwrite`` is False.
     """
     # Every check comes before _prepare_out_dir: a bad argument never costs an existing region.
+    if sar not in SAR_VARIANTS:
+        raise ConfigError(f"sar must be one of {', '.join(SAR_VARIANTS)}, got {sar!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     try:
@@ -1091,9 +1121,12 @@ def generate_region(
         # item ids) stay those of earlier regions; the new fields come from rng_sar_fields.
         when = dt.datetime(year, 7, 18, 15, 40, tzinfo=dt.timezone.utc) + dt.timedelta(days=int(rng_sar.integers(0, 20)))
         sar_id = f"rtsmap-demo-s1-{when:%Y%m%d}"
-        offset_db = _moisture_offset_db(rng_sar_fields, canvas)
-        offset_db += rng_sar.normal(0.0, SAR_MODEL.scene_offset_std_db)
-        gamma0 = _render_sar(scene, _slump_gain(scene, year, contrasts, slumps_now), sar_geometry, offset_db)
+        if sar == "legacy":  # the same rng_sar draws in the same order as the realistic branch
+            gamma0 = _render_sar_legacy(rng_sar, scene, slumps_now)
+        else:
+            offset_db = _moisture_offset_db(rng_sar_fields, canvas)
+            offset_db += rng_sar.normal(0.0, SAR_MODEL.scene_offset_std_db)
+            gamma0 = _render_sar(scene, _slump_gain(scene, year, contrasts, slumps_now), sar_geometry, offset_db)
         grid = grids["sar"]
         paths = {}
         for k, name in enumerate(SAR_BANDS):
@@ -1133,6 +1166,7 @@ def generate_region(
         "center_lonlat": list(center_lonlat),
         "bounds_3413": list(region.bounds),
         "fine_resolution": fine_resolution,
+        "sar": sar,
         "shapes": str(Path(shapes).resolve()) if shapes is not None else None,
         "dem_year": years[0],
         "grids": {k: {"crs": g.crs, "resolution": g.res, "shape": list(g.shape), "transform": list(g.transform)[:6]} for k, g in grids.items()},
@@ -1203,7 +1237,10 @@ def _parse_years(text: str) -> tuple[int, ...]:
 @click.option("--years", "years_text", default="2021-2023", show_default=True, help="Years, as a range (2021-2023) or a list (2021,2023).")
 @click.option("--size-km", default=6.0, show_default=True, type=float, help="Side of the square region in km (1-50).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo region in --out.")
-def demo_data_command(out_dir: Path, seed: int, shapes: Path | None, years_text: str, size_km: float, overwrite: bool) -> None:
+@click.option("--sar", type=click.Choice(SAR_VARIANTS), default="realistic", show_default=True,
+              help="SAR synthesis: realistic (docs/synthetic-sar.md) or legacy (what the shipped demo model was trained on).")
+def demo_data_command(out_dir: Path, seed: int, shapes: Path | None, years_text: str, size_km: float, overwrite: bool,
+                      sar: str) -> None:
     """Generate the synthetic multimodal demo region (COGs, STAC, truth) into --out.
 
     Every option is checked before anything is written; an earlier region in --out is replaced
@@ -1211,7 +1248,7 @@ def demo_data_command(out_dir: Path, seed: int, shapes: Path | None, years_text:
     """
     t0 = time.perf_counter()
     region = generate_region(out_dir, seed=seed, years=_parse_years(years_text),
-                             size_m=(size_km * 1000.0, size_km * 1000.0), shapes=shapes, overwrite=overwrite)
+                             size_m=(size_km * 1000.0, size_km * 1000.0), shapes=shapes, overwrite=overwrite, sar=sar)
     counts = json.loads(region.region_json.read_text())["counts"]
     click.echo(f"demo region written to {region.root} in {time.perf_counter() - t0:.1f} s")
     click.echo(f"  STAC items: {region.items}")
