@@ -1,6 +1,8 @@
 """Terrain derivatives of a DEM: slope, hillshade and relative elevation.
 
-Plain numpy on one array in a projected CRS with square pixels. Every derivative looks at a
+Plain numpy on one array in a projected CRS with square pixels, in float32 (window means are
+summed in float64, whose running sums stay exact) and in strips of :data:`STRIP_ROWS` rows, so
+the temporaries are a strip's size, not the buffered chunk's. Every derivative looks at a
 neighbourhood, so a chunk's derivatives are only exact where that neighbourhood lies inside the
 array: compute them on an elevation window grown by :func:`required_buffer_px` pixels on each
 side and crop the result (``pipeline.load`` does this), and adjacent chunks agree on their
@@ -20,6 +22,9 @@ RELATIVE_ELEVATION_WINDOW_M = 300.0
 #: Sun position for the hillshade (the cartographic convention: from the north-west, 45 deg up).
 HILLSHADE_AZIMUTH_DEG = 315.0
 HILLSHADE_ALTITUDE_DEG = 45.0
+#: Rows computed at a time: the temporaries (gradients, window sums) are the size of a strip
+#: (``STRIP_ROWS + 2 * radius`` rows), not of the buffered chunk window.
+STRIP_ROWS = 256
 
 
 def window_radius_px(resolution: float, window_m: float = RELATIVE_ELEVATION_WINDOW_M) -> int:
@@ -59,17 +64,20 @@ def required_buffer_px(resolution: float, window_m: float = RELATIVE_ELEVATION_W
 
 
 def _gradients(elevation: np.ndarray, resolution: float) -> tuple[np.ndarray, np.ndarray]:
-    """dz/dx (east) and dz/dy (north) by central differences, NaN on the array border.
+    """dz/dx (east) and dz/dy (north) by central differences in float32, NaN on the array border.
 
     The border is NaN rather than a one-sided difference so that a value is either exact or
     absent: an exact value never depends on where the array happens to end.
     """
-    z = elevation.astype(np.float64, copy=False)
-    dzdx = np.full(z.shape, np.nan)
-    dzdy = np.full(z.shape, np.nan)
-    dzdx[:, 1:-1] = (z[:, 2:] - z[:, :-2]) / (2.0 * resolution)
+    z = np.asarray(elevation, dtype=np.float32)
+    step = np.float32(2.0 * resolution)
+    dzdx = np.full(z.shape, np.nan, dtype=np.float32)
+    dzdy = np.full(z.shape, np.nan, dtype=np.float32)
+    np.subtract(z[:, 2:], z[:, :-2], out=dzdx[:, 1:-1])
+    dzdx[:, 1:-1] /= step
     # rows grow southward, so north is minus the row direction
-    dzdy[1:-1, :] = (z[:-2, :] - z[2:, :]) / (2.0 * resolution)
+    np.subtract(z[:-2, :], z[2:, :], out=dzdy[1:-1, :])
+    dzdy[1:-1, :] /= step
     return dzdx, dzdy
 
 
@@ -92,7 +100,14 @@ def slope_degrees(elevation: np.ndarray, resolution: float) -> np.ndarray:
 
 
 def _slope(dzdx: np.ndarray, dzdy: np.ndarray) -> np.ndarray:
-    return np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
+    # sqrt of the sum of squares, not np.hypot: several times faster, and a float32 gradient
+    # would need to pass 1e19 to overflow
+    slope = dzdx * dzdx
+    slope += dzdy * dzdy
+    np.sqrt(slope, out=slope)
+    np.arctan(slope, out=slope)
+    np.degrees(slope, out=slope)
+    return slope.astype(np.float32, copy=False)
 
 
 def hillshade(
@@ -124,27 +139,81 @@ def _hillshade(dzdx: np.ndarray, dzdy: np.ndarray, azimuth_deg: float, altitude_
     az = np.radians(azimuth_deg)
     alt = np.radians(altitude_deg)
     # Unit vector towards the sun (east, north, up) dotted with the unnormalised surface
-    # normal (-dz/dx, -dz/dy, 1).
-    sun_e, sun_n, sun_u = np.cos(alt) * np.sin(az), np.cos(alt) * np.cos(az), np.sin(alt)
-    shade = (-dzdx * sun_e - dzdy * sun_n + sun_u) / np.sqrt(1.0 + dzdx**2 + dzdy**2)
-    return np.clip(shade, 0.0, 1.0).astype(np.float32)
+    # normal (-dz/dx, -dz/dy, 1); float32 constants keep the arithmetic in float32.
+    sun_e, sun_n, sun_u = (np.float32(v) for v in (np.cos(alt) * np.sin(az), np.cos(alt) * np.cos(az), np.sin(alt)))
+    norm = dzdx * dzdx
+    norm += dzdy * dzdy
+    norm += np.float32(1.0)
+    np.sqrt(norm, out=norm)
+    shade = dzdx * -sun_e
+    shade -= dzdy * sun_n
+    shade += sun_u
+    shade /= norm
+    return np.clip(shade, 0.0, 1.0, out=shade).astype(np.float32, copy=False)
 
 
-def _box_sum(values: np.ndarray, radius: int) -> np.ndarray:
-    """Sum over the ``(2r+1)^2`` window around each pixel, NaN where the window leaves the array.
+def _window_sums(values: np.ndarray, k: int) -> np.ndarray:
+    """Sums of ``k`` consecutive rows (``[h - k + 1, w]``), accumulated in float64.
 
-    Written with an integral image because numpy has no box filter (scipy is not a dependency);
-    NaN near the border keeps every value exact or absent, as in :func:`_gradients`.
+    A running sum down the rows (contiguous in memory, so numpy vectorises it across the row)
+    differenced ``k`` rows apart; float64 keeps the difference of two large running sums exact
+    to far below float32's resolution.
     """
-    h, w = values.shape
+    running = np.zeros((values.shape[0] + 1, values.shape[1]), dtype=np.float64)
+    np.cumsum(values, axis=0, dtype=np.float64, out=running[1:])
+    return running[k:] - running[:-k]
+
+
+def _box_sums(values: np.ndarray, k: int) -> np.ndarray:
+    """Sums over every whole ``k x k`` window (``[h - k + 1, w - k + 1]``, float64).
+
+    Separable: sums down the rows, then (on the transposed, contiguous result) across the
+    columns, because numpy has no box filter (scipy is not a dependency) and a running sum along
+    a row is several times slower than one down the rows.
+    """
+    columns = _window_sums(values, k)
+    return _window_sums(np.ascontiguousarray(columns.T), k).T
+
+
+def _reference_level(z: np.ndarray) -> float:
+    """A typical elevation of the window, subtracted before summing (smaller sums, same result).
+
+    The median of every 8th pixel each way: any level near the data does, and a subsample
+    costs a 64th of the full median.
+    """
+    sample = z[::8, ::8]
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        finite = z[np.isfinite(z)]
+        return float(finite[0]) if finite.size else 0.0
+    return float(np.median(sample))
+
+
+def _relative_rows(z: np.ndarray, radius: int, ref: float, r0: int, r1: int) -> np.ndarray:
+    """Relative elevation of rows ``r0:r1`` of ``z`` (float32), read from rows ``r0 - radius``
+    to ``r1 + radius`` only; NaN where the window leaves ``z`` (so every value is exact or absent,
+    as in :func:`_gradients`) or the elevation is NaN."""
+    h, w = z.shape
     k = 2 * radius + 1
-    out = np.full((h, w), np.nan)
-    if h < k or w < k:
+    out = np.full((r1 - r0, w), np.nan, dtype=np.float32)
+    top, bottom = max(0, r0 - radius), min(h, r1 + radius)
+    if bottom - top < k or w < k:
         return out
-    integral = np.zeros((h + 1, w + 1))
-    np.cumsum(np.cumsum(values, axis=0), axis=1, out=integral[1:, 1:])
-    window = integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]
-    out[radius : h - radius, radius : w - radius] = window
+    slab = z[top:bottom]
+    valid = np.isfinite(slab)
+    # centred on one level of the whole window, so the sums are small and every strip agrees
+    centred = np.where(valid, slab - np.float32(ref), np.float32(0.0))
+    total = _box_sums(centred, k)
+    # a count only where elevation is missing; otherwise every whole window holds k*k pixels
+    count = float(k * k) if valid.all() else _box_sums(valid, k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (total / count).astype(np.float32)  # NaN only where the pixel itself is NaN
+    # rows of z with a whole window inside the slab, within r0:r1
+    lo, hi = max(r0, top + radius), min(r1, bottom - radius)
+    inner = (slice(lo - top, hi - top), slice(radius, w - radius))
+    rel = centred[inner] - mean[lo - top - radius : hi - top - radius]
+    rel[~valid[inner]] = np.nan
+    out[lo - r0 : hi - r0, radius : w - radius] = rel
     return out
 
 
@@ -156,7 +225,7 @@ def relative_elevation(
     Parameters
     ----------
     elevation : np.ndarray
-        ``[H, W]`` elevation in metres, NaN where invalid.
+        ``[H, W]`` elevation in metres, NaN where invalid (computed as float32).
     resolution : float
         Pixel size in metres.
     window_m : float
@@ -168,23 +237,22 @@ def relative_elevation(
         float32 ``[H, W]`` in metres; NaN where the elevation is NaN or the window leaves the
         array.
     """
+    z = np.asarray(elevation, dtype=np.float32)
     radius = window_radius_px(resolution, window_m)
-    z = elevation.astype(np.float64)
-    valid = np.isfinite(z)
-    # Subtract one reference level so the integral image sums small numbers (better precision
-    # and the same rounding for any window position).
-    ref = float(np.nanmedian(z)) if valid.any() else 0.0
-    centred = np.where(valid, z - ref, 0.0)
-    total = _box_sum(centred, radius)
-    count = _box_sum(valid.astype(np.float64), radius)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-    rel = np.where(valid & (count > 0), (z - ref) - mean, np.nan)
-    return rel.astype(np.float32)
+    ref = _reference_level(z)
+    out = np.empty(z.shape, dtype=np.float32)
+    for r0 in range(0, z.shape[0], STRIP_ROWS):
+        r1 = min(z.shape[0], r0 + STRIP_ROWS)
+        out[r0:r1] = _relative_rows(z, radius, ref, r0, r1)
+    return out
 
 
 def terrain_derivatives(elevation: np.ndarray, resolution: float) -> dict[str, np.ndarray]:
     """All derivatives by their model-facing band names.
+
+    Computed in float32, strip by strip (:data:`STRIP_ROWS` rows plus the rows each derivative
+    looks at), so the temporaries are the size of a strip, not of the window; the result does
+    not depend on the strip height (up to float32 rounding of the window means).
 
     Parameters
     ----------
@@ -198,12 +266,19 @@ def terrain_derivatives(elevation: np.ndarray, resolution: float) -> dict[str, n
     dict[str, np.ndarray]
         ``{"slope": deg, "hillshade": 0..1, "relative_elevation": m}``, float32 ``[H, W]``.
     """
-    # gradients once for both slope and hillshade (two float64 arrays the size of the window)
-    dzdx, dzdy = _gradients(elevation, resolution)
-    out = {
-        "slope": _slope(dzdx, dzdy),
-        "hillshade": _hillshade(dzdx, dzdy, HILLSHADE_AZIMUTH_DEG, HILLSHADE_ALTITUDE_DEG),
-    }
-    del dzdx, dzdy
-    out["relative_elevation"] = relative_elevation(elevation, resolution)
+    z = np.asarray(elevation, dtype=np.float32)
+    h = z.shape[0]
+    radius = window_radius_px(resolution)
+    ref = _reference_level(z)
+    out = {name: np.empty(z.shape, dtype=np.float32) for name in ("slope", "hillshade", "relative_elevation")}
+    for r0 in range(0, h, STRIP_ROWS):
+        r1 = min(h, r0 + STRIP_ROWS)
+        # gradients need one row either side; rows 0 and h-1 stay NaN (the array border)
+        top, bottom = max(0, r0 - 1), min(h, r1 + 1)
+        dzdx, dzdy = _gradients(z[top:bottom], resolution)
+        rows = slice(r0 - top, r1 - top)
+        dzdx, dzdy = dzdx[rows], dzdy[rows]
+        out["slope"][r0:r1] = _slope(dzdx, dzdy)
+        out["hillshade"][r0:r1] = _hillshade(dzdx, dzdy, HILLSHADE_AZIMUTH_DEG, HILLSHADE_ALTITUDE_DEG)
+        out["relative_elevation"][r0:r1] = _relative_rows(z, radius, ref, r0, r1)
     return out

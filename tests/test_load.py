@@ -330,6 +330,93 @@ def test_item_without_the_asset_raises_asset_error(tmp_path):
         load_chunk(chunk, {"x": [item]}, {"x": prof}, YEAR)
 
 
+# --- several items per odc-stac call ---------------------------------------------------------
+
+
+@pytest.fixture
+def count_odc_calls(monkeypatch):
+    """Counts ``odc.stac.load`` calls (and their items) while the real function does the work."""
+    import odc.stac
+
+    calls: list[int] = []
+    real = odc.stac.load
+
+    def counting(items, *args, **kwargs):
+        items = list(items)
+        calls.append(len(items))
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(odc.stac, "load", counting)
+    return calls
+
+
+def grouping(monkeypatch, first: int, group_bytes: int) -> None:
+    import rtsmap.pipeline.load as load_module
+
+    monkeypatch.setattr(load_module, "FIRST_GROUP_ITEMS", first)
+    monkeypatch.setattr(load_module, "LOAD_GROUP_BYTES", group_bytes)
+
+
+def test_items_read_in_groups_equal_items_read_one_by_one(tmp_path, monkeypatch, count_odc_calls):
+    a, b, prof, _ = _optical_pair(tmp_path)
+    # copies ranked after A and B whose cloud stays where B's is, so the mosaic reads them all
+    copies = []
+    for n in range(4):
+        copy = b.clone()
+        copy.id = f"B{n}"
+        copy.properties["eo:cloud_cover"] = 50.0 + n
+        copies.append(copy)
+    cx, cy = centre_3413()
+    chunk = make_chunk(cx - 240.0, cy + 240.0, (48, 48))  # reaches past the rasters: never full
+    items = {"optical": [b, a, *copies]}
+
+    grouping(monkeypatch, first=1, group_bytes=0)  # one item per call
+    alone = load_chunk(chunk, items, {"optical": prof}, YEAR)
+    assert count_odc_calls == [1] * 6
+    count_odc_calls.clear()
+    grouping(monkeypatch, first=2, group_bytes=2**30)  # sizes 2, then 4
+    grouped = load_chunk(chunk, items, {"optical": prof}, YEAR)
+    assert count_odc_calls == [2, 4]
+    count_odc_calls.clear()
+    grouping(monkeypatch, first=1, group_bytes=3 * 5 * 48 * 48 * 4)  # sizes 1, 2, then 3 by memory
+    bounded = load_chunk(chunk, items, {"optical": prof}, YEAR)
+    assert count_odc_calls == [1, 2, 3]
+
+    for got in (grouped, bounded):
+        np.testing.assert_array_equal(got.data["optical"], alone.data["optical"])
+        np.testing.assert_array_equal(got.valid["optical"], alone.valid["optical"])
+        assert got.item_ids["optical"] == alone.item_ids["optical"] == ["A", "B"]
+
+
+def test_items_declaring_different_raster_metadata_are_not_grouped(tmp_path, monkeypatch, count_odc_calls):
+    a, b, prof, _ = _optical_pair(tmp_path)
+    b.assets["blue"].extra_fields["raster:bands"] = [{"nodata": 0, "data_type": "uint16"}]
+    cx, cy = centre_3413()
+    grouping(monkeypatch, first=8, group_bytes=2**30)
+    load_chunk(make_chunk(cx - 240.0, cy + 240.0, (48, 48)), {"optical": [a, b]}, {"optical": prof}, YEAR)
+    assert count_odc_calls == [1, 1]
+
+
+def test_a_failed_group_names_the_broken_item_and_the_mosaic_still_stops_before_it(tmp_path, monkeypatch):
+    a, b, prof, _ = _optical_pair(tmp_path)
+    broken = b.clone()
+    broken.id = "BROKEN"
+    broken.properties["eo:cloud_cover"] = 60.0
+    bad = tmp_path / "corrupt.tif"
+    bad.write_bytes(np.random.default_rng(2).bytes(4096))
+    broken.assets["red"].href = str(bad)
+    grouping(monkeypatch, first=8, group_bytes=2**30)
+    cx, cy = centre_3413()
+    never_full = make_chunk(cx - 240.0, cy + 240.0, (48, 48))
+    with pytest.raises(AssetError, match=r"asset 'red' of item 'BROKEN'"):
+        load_chunk(never_full, {"optical": [a, b, broken]}, {"optical": prof}, YEAR)
+    # A chunk that A and B fill: read one by one after the group failed, the mosaic stops before
+    # the broken item, as it did before items were grouped.
+    filled_by_a_and_b = make_chunk(cx - 40.0, cy + 40.0, (8, 8))
+    stack = load_chunk(filled_by_a_and_b, {"optical": [a, b, broken]}, {"optical": prof}, YEAR)
+    assert stack.valid["optical"].all() and "BROKEN" not in stack.item_ids["optical"]
+
+
 # --- DEM derivatives: seamless across chunks -------------------------------------------------
 
 
@@ -472,3 +559,24 @@ def test_item_whose_declared_crs_disagrees_with_its_file_is_read_from_the_file(t
     np.testing.assert_array_equal(got, expected)
     warnings = [r.getMessage() for r in caplog.records if "declares" in r.getMessage()]
     assert len(warnings) == 1 and "wrong-1" in warnings[0] and "EPSG:32633" in warnings[0] and "32608" in warnings[0]
+
+
+def test_a_group_read_warns_about_a_wrong_declared_crs_too(tmp_path, caplog, monkeypatch):
+    import logging
+
+    import rtsmap.pipeline.load as load_module
+
+    cx, cy = centre_3413()
+    transform = native_grid("EPSG:32608", (cx, cy), 10.0, 20)
+    path = write_tif(tmp_path / "a.tif", np.ones((40, 40), np.float32), "EPSG:32608", transform, nodata=-1)
+    hole = write_tif(tmp_path / "hole.tif", np.full((40, 40), -1, np.float32), "EPSG:32608", transform, nodata=-1)
+    first = make_item("empty-1", {"b": str(hole)}, dt.datetime(YEAR, 7, 20), "test-a")  # gives nothing
+    wrong = make_item("wrong-group-1", {"b": str(path)}, dt.datetime(YEAR, 7, 21), "test-a")
+    wrong.properties["proj:code"] = "EPSG:32633"
+    monkeypatch.setattr(load_module, "FIRST_GROUP_ITEMS", 2)
+    with caplog.at_level(logging.WARNING, logger="rtsmap.pipeline.load"):
+        stack = load_chunk(make_chunk(cx - 100.0, cy + 100.0, (20, 20)), {"a": [first, wrong]},
+                           {"a": profile("a", [BandSpec("b", "b")])}, YEAR)
+    assert stack.item_ids["a"] == ["wrong-group-1"] and stack.valid["a"].all()
+    warnings = [r.getMessage() for r in caplog.records if "declares" in r.getMessage()]
+    assert len(warnings) == 1 and "wrong-group-1" in warnings[0]

@@ -317,3 +317,27 @@ def test_expired_token_is_renewed_once_and_the_read_retried(region, local_stack,
     assert len(sas_endpoint.requests) == 3
     assert "TOKEN" not in str(err.value) and "TOKEN" not in caplog.text
     assert "signing" in str(err.value)
+
+
+@needs_nginx
+def test_expired_token_in_a_group_read_is_renewed_and_read_item_by_item(region, local_stack, proxy, sas_endpoint, fast_retries, monkeypatch, caplog):
+    """Several items in one odc-stac call: the 403 fails the group, the items are read again one
+    at a time, and the first one re-signs (GDAL's cached failure still names the 403)."""
+    import rtsmap.pipeline.load as load_module
+
+    caplog.set_level(logging.DEBUG)
+    root, profile, chunk, items = region
+    monkeypatch.setattr(load_module, "FIRST_GROUP_ITEMS", 8)
+    monkeypatch.setattr(load_module, "LOAD_GROUP_BYTES", 2**31)
+    monkeypatch.setenv("GDAL_HTTP_PROXY", proxy.url.removeprefix("http://"))
+    optical = rehref(items, root, f"http://{BLOB_HOST}/{CONTAINER}", "?v=group")["optical"]
+    assert len(optical) >= 2 and len(local_stack.item_ids["optical"]) >= 2  # a real group
+    sign = make_signer("planetary-computer")
+    sign(optical[0].assets["red"].href, optical[0].collection_id)  # token 1 is cached ...
+    proxy.reject_query(f"sig=TOKEN{sas_endpoint.nonce}x1", 403)  # ... and has expired at the server
+    remote = load_chunk(chunk, {"optical": optical}, profile.modalities, YEAR, sign=sign)
+    assert_same(local_stack, remote, ["optical"])
+    assert len(sas_endpoint.requests) == 2  # one renewal
+    assert any(r.status == 403 for r in proxy.requests)
+    assert "items in one call failed" in caplog.text and "403" in caplog.text
+    assert "TOKEN" not in caplog.text
