@@ -1,6 +1,6 @@
 """Seam-merge benchmark: quality against two baselines, then throughput and memory.
 
-``python -m benchmarks.bench_merge [--sizes 10000,100000] [--json out.json]``
+``python -m benchmarks.bench_merge [--sizes 10000,100000] [--workers 2] [--json out.json]``
 
 1. Quality, on the seam-test scene (tests/test_seams.py: 32 real ARTS footprints across tile
    and chunk seams, per-tile masks vectorized by pipeline.vectorize): recall (one-to-one,
@@ -14,6 +14,9 @@
 2. Throughput: merge_detections on synthetic detections (slumps clipped to the tiles of the
    default grid, 10 m, 256 px tiles, 32 px overlap) at each size, each in its own process so its
    peak RSS is its own; the growth exponent is the log-log slope of time against size.
+   ``--workers N`` (N > 1) also runs ``merge_by_blocks(..., workers=N)`` at each size: the same
+   result, blocks merged in N processes (its peak RSS is the largest of the main process and
+   any one worker).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import shapely
 
 from rtsmap.pipeline.evaluation import match_polygons
 from rtsmap.pipeline.grid import GridSpec
-from rtsmap.pipeline.merge import merge_detections, tile_boxes, tile_indices
+from rtsmap.pipeline.merge import merge_by_blocks, merge_detections, tile_boxes, tile_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +102,8 @@ def quality(outputs: list, truths: list) -> dict:
 
 def run_quality() -> dict:
     seams = _seam_module()
-    truths = seams.footprints(30) + seams.touching_pair(seams.footprints(31)[-1])
+    arts = REPO.parent / "shared" / "data" / "arts" / "ARTS_main_dataset_v.0.0.7-alpha.geojson"
+    truths = seams.footprints(arts, 30) + seams.touching_pair(seams.footprints(arts, 31)[-1])
     dets = seams.detect(truths)
     masks = [seams.raster_truth(t) for t in truths]
     ours = list(merge_detections(dets, spec=seams.SPEC).geometry)
@@ -144,26 +148,42 @@ def synthetic(n_detections: int, spec: GridSpec, seed: int = 0) -> gpd.GeoDataFr
     }, geometry=geoms, crs=spec.crs)
 
 
-def run_one(n: int) -> dict:
+def run_one(n: int, workers: int = 1) -> dict:
+    """One size in this process: merge_detections, or merge_by_blocks in ``workers`` processes."""
     spec = GridSpec()
     dets = synthetic(n, spec)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t0 = time.perf_counter()
-    merged = merge_detections(dets, spec=spec)
-    seconds = time.perf_counter() - t0
-    return {"detections": len(dets), "slumps_out": len(merged), "seconds": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_merge_mb": rss_before}
+    t0, c0 = time.perf_counter(), time.process_time()
+    if workers > 1:
+        merged = merge_by_blocks(dets, spec=spec, workers=workers)
+    else:
+        merged = merge_detections(dets, spec=spec)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return {"detections": len(dets), "slumps_out": len(merged), "workers": workers, "seconds": seconds,
+            "main_process_cpu_seconds": cpu, "peak_rss_mb": peak / 1024, "rss_before_merge_mb": rss_before}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated detection counts (add 1000000 to opt in)")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="also time merge_by_blocks in this many processes (> 1)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+    except ValueError:
+        parser.exit(2, f"error: --sizes must be comma-separated integers, got {args.sizes!r}\n")
+    if any(n < 100 for n in sizes) or args.workers < 1:
+        parser.exit(2, "error: --sizes must be at least 100 and --workers at least 1\n")
+    if args.json and Path(args.json).exists():
+        parser.exit(2, f"error: {args.json} exists\n")
     if args.one:
-        print(json.dumps(run_one(args.one)))
+        print(json.dumps(run_one(args.one, args.one_workers)))
         return
     report: dict = {}
     if not args.skip_quality:
@@ -173,21 +193,25 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("ours", "drop-edge", "greedy-nmm"):
             q = report["quality"][name]
             print(f"{name:>11} {q['outputs']:>8} {q['recall']:>7.3f} {q['whole_iou95']:>6.3f} {q['duplicates']:>5} {q['wrongly_joined']:>7}")
-    runs = []
-    for n in [int(s) for s in args.sizes.split(",") if s]:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_merge", "--one", str(n)], capture_output=True,
-                             text=True, env=env, cwd=REPO, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        runs.append(r)
-        print(f"merge {r['detections']:>9} detections -> {r['slumps_out']:>8} slumps: {r['seconds']:8.2f} s, "
-              f"{r['detections'] / r['seconds']:9.0f} det/s, peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"(before merge {r['rss_before_merge_mb']:.0f} MB)")
-    if len(runs) >= 2:
-        slope = float(np.polyfit(np.log([r["detections"] for r in runs]), np.log([r["seconds"] for r in runs]), 1)[0])
-        print(f"growth exponent (log-log slope of time vs detections): {slope:.2f}")
-        report["growth_exponent"] = slope
-    report["throughput"] = runs
+    for workers in sorted({1, args.workers}):
+        runs = []
+        for n in sizes:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_merge", "--one", str(n),
+                                  "--one-workers", str(workers)], capture_output=True, text=True, env=env, cwd=REPO,
+                                 check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            runs.append(r)
+            how = "merge_detections" if workers == 1 else f"merge_by_blocks, {workers} processes"
+            print(f"{how}: {r['detections']:>9} detections -> {r['slumps_out']:>8} slumps: {r['seconds']:8.2f} s, "
+                  f"{r['detections'] / r['seconds']:9.0f} det/s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                  f"(before merge {r['rss_before_merge_mb']:.0f} MB)")
+        key = "throughput" if workers == 1 else f"throughput_{workers}_workers"
+        report[key] = runs
+        if len(runs) >= 2:
+            slope = float(np.polyfit(np.log([r["detections"] for r in runs]), np.log([r["seconds"] for r in runs]), 1)[0])
+            print(f"growth exponent (log-log slope of time vs detections): {slope:.2f}")
+            report["growth_exponent" if workers == 1 else f"growth_exponent_{workers}_workers"] = slope
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

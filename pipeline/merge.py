@@ -16,10 +16,11 @@ pixels. So the measures are taken *inside O*:
   also gives ~1. Two distinct slumps that touch share only a boundary: ~0. A pair is an edge of
   the match graph when ``IoS_O >= ios_threshold`` and they share area (more than
   ``min_overlap_px`` pixels, default 0).
-- Groups are the connected components of that graph (union-find). IoS alone would let one big
-  detection swallow its small neighbours, so each group is **verified**: for each tile, the
-  union of the group's members from that tile is that tile's *view* of the slump; for every two
-  tiles of the group whose views meet in their shared window, the views must agree there:
+- Groups are the connected components of that graph (each labelled by its first detection).
+  IoS alone would let one big detection swallow its small neighbours, so each group is
+  **verified**: for each tile, the union of the group's members from that tile is that tile's
+  *view* of the slump; for every two tiles of the group whose views meet in their shared
+  window, the views must agree there:
   ``IoU(view_t & O_ts, view_s & O_ts) >= view_iou_threshold`` (a pair where one tile sees
   nothing in O_ts is a miss, not a conflict, and is not checked). Both tiles saw the same pixels in
   O_ts, so copies of one slump agree (~1 for a good model), while a chain through a big slump
@@ -36,9 +37,15 @@ big one score < 0.2, so 0.5 sits in the wide gap between the two.
 Scale
 -----
 Candidate pairs come from one ``shapely.STRtree`` bulk query and all pair measures are
-vectorized shapely calls, so the merge is O(n log n). :func:`merge_by_blocks` gives the same
-result as :func:`merge_detections` while holding one block of chunks at a time: groups that
-reach a block border are passed on to a pass with blocks twice as large (see there).
+vectorized shapely calls, so the merge is O(n log n). There is no Python step per detection
+or per group: components come from numpy label propagation, every group's view check, union
+and cleaning are a few vectorized shapely calls over all groups (unions batched by group size),
+and only a group that fails its check is split one join at a time. What is left is GEOS work
+(the overlays of the pair measures, the view check and the unions), so speeding it up further
+on one core would mean other measures, hence other results. :func:`merge_by_blocks` gives the
+same result as :func:`merge_detections` while holding one block of chunks at a time: groups
+that reach a block border are passed on to a pass with blocks twice as large (see there); the
+blocks of a pass run in parallel (local processes or any ``concurrent.futures`` executor).
 
 Each group becomes one slump: the union of its members (``shapely.union_all``, made valid,
 parts and holes below ``min_part_px`` pixels dropped), the max score, every tile, chunk and
@@ -59,7 +66,9 @@ overlap by more than the tolerance (tests/test_merge.py checks it on random scen
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import multiprocessing
 from typing import Any
 
 import geopandas as gpd
@@ -91,43 +100,49 @@ OVERLAP_TOLERANCE = 0.01
 MIN_KEPT_FRACTION = 0.5
 
 
-class _UnionFind:
-    """Disjoint sets over 0..n-1.
+def _components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Connected components of the graph on 0..n-1 with edges (left, right).
 
-    Hand-written because it is twenty lines and the Kruskal split below needs to try a union
-    and roll it back, which scipy's connected_components cannot do (and scipy is not a
-    dependency of the pipeline).
+    Each node is labelled with the smallest node of its component, so labels do not depend on
+    edge order. Min-label propagation with pointer jumping, all numpy: a few passes, as match
+    groups are small (the number of passes grows with a group's diameter, not with n).
     """
-
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n, dtype=np.int64)
-
-    def find(self, x: int) -> int:
-        parent = self.parent
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:  # path compression
-            parent[x], x = root, parent[x]
-        return int(root)
-
-    def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        # The smaller index stays root, so labels do not depend on edge order.
-        lo, hi = (ra, rb) if ra < rb else (rb, ra)
-        self.parent[hi] = lo
-        return lo
-
-    def labels(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+    labels = np.arange(n, dtype=np.int64)
+    if len(left) == 0:
+        return labels
+    while True:
+        low = np.minimum(labels[left], labels[right])
+        new = labels.copy()
+        np.minimum.at(new, left, low)
+        np.minimum.at(new, right, low)
+        new = new[new]  # a label's own label is in the same component and no larger
+        if np.array_equal(new, labels):
+            return labels
+        labels = new
 
 
 def _grid_numbers(spec: Any) -> tuple[float, float, float]:
     """(resolution, tile size in metres, stride in metres) of a GridSpec-like object."""
     res = float(spec.resolution)
     return res, spec.tile_px * res, (spec.tile_px - spec.overlap_px) * res
+
+
+def _tile_codes(tile_ids: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A tile code per row (equal ids, equal codes) and the (i, j) of each row's tile.
+
+    The id pattern is parsed once per distinct tile, not once per detection.
+    """
+    codes, uniques = pd.factorize(pd.Series(np.asarray(tile_ids, dtype=object), dtype=object).astype(str))
+    ids = pd.Series(np.asarray(uniques, dtype=object), dtype=object)
+    parts = ids.str.extract(_TILE_ID_PATTERN)
+    bad = parts[0].isna()
+    if bad.any():  # uniques come in order of first appearance: this is the first bad row's id
+        raise RtsmapError(
+            f"merge: tile_id {ids[bad].iloc[0]!r} does not look like '<epsg>_<res>m_t<i>_<j>' "
+            "(docs/contracts.md, Grid); detections must come from pipeline/vectorize.py"
+        )
+    ij = parts.astype(np.int64).to_numpy().reshape(-1, 2)
+    return codes.astype(np.int64), ij[codes]
 
 
 def tile_indices(tile_ids: pd.Series | np.ndarray) -> np.ndarray:
@@ -148,15 +163,7 @@ def tile_indices(tile_ids: pd.Series | np.ndarray) -> np.ndarray:
     RtsmapError
         If an id does not follow the contract.
     """
-    ids = pd.Series(np.asarray(tile_ids, dtype=object), dtype=object).astype(str)
-    parts = ids.str.extract(_TILE_ID_PATTERN)
-    bad = parts[0].isna()
-    if bad.any():
-        raise RtsmapError(
-            f"merge: tile_id {ids[bad].iloc[0]!r} does not look like '<epsg>_<res>m_t<i>_<j>' "
-            "(docs/contracts.md, Grid); detections must come from pipeline/vectorize.py"
-        )
-    return parts.astype(np.int64).to_numpy()
+    return _tile_codes(tile_ids)[1]
 
 
 def tile_boxes(ij: np.ndarray, spec: Any) -> np.ndarray:
@@ -192,20 +199,48 @@ def _check_detections(gdf: gpd.GeoDataFrame) -> None:
         raise RtsmapError("merge: detections have no CRS; they must be in the grid CRS")
 
 
+def _sort_rank(values: np.ndarray) -> np.ndarray:
+    """Rank of each value in sorted order (equal values, equal ranks), for np.lexsort keys.
+
+    For str or bytes objects. Python-level comparisons are slow on a million objects, so the
+    distinct values are sorted (strings), or fixed-width prefixes are sorted in C and only
+    values sharing a prefix are compared whole (bytes). Zero-padded prefixes order as the
+    values do, except that equal prefixes may hide a difference further on.
+    """
+    values = np.asarray(values, dtype=object)
+    if len(values) == 0:
+        return np.zeros(0, np.int64)
+    if not isinstance(values[0], bytes):
+        codes, uniques = pd.factorize(values)
+        rank_of = np.empty(len(uniques), np.int64)
+        rank_of[np.argsort(np.asarray(uniques, dtype=object), kind="stable")] = np.arange(len(uniques))
+        return rank_of[codes]  # equal strings share a code, hence a rank
+    _, prefix = np.unique(values.astype("S64"), return_inverse=True)
+    prefix = prefix.reshape(-1).astype(np.int64)
+    shared = np.bincount(prefix)[prefix] > 1
+    rest = np.zeros(len(values), np.int64)
+    if shared.any():
+        rest[shared] = np.unique(values[shared], return_inverse=True)[1].reshape(-1)
+    return prefix * (int(rest.max()) + 1) + rest
+
+
 def _sorted_detections(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """Detections in a stable order (year, tile, geometry), so input order never matters."""
-    df = gdf[list(DETECTION_COLUMNS)].copy()
-    df = df[~(df.geometry.isna() | df.geometry.is_empty)]
-    key = pd.DataFrame({
-        "year": df["year"].astype(np.int64).to_numpy(),
-        "tile": df["tile_id"].astype(str).to_numpy(),
-        "wkb": shapely.to_wkb(df.geometry.values, hex=True),
-        "score": df["score"].astype(np.float64).to_numpy(),
-    })
-    order = key.sort_values(["year", "tile", "wkb", "score"], kind="mergesort").index.to_numpy()
-    df = df.iloc[order].reset_index(drop=True)
-    df["year"] = df["year"].astype(np.int64)
-    df["tile_id"] = df["tile_id"].astype(str)
+    """Detections in a stable order (year, tile, geometry, score), so input order never matters.
+
+    The geometry key is the WKB: raw bytes sort as their (upper-case) hex spelling does, which
+    the order was first defined on.
+    """
+    df = gdf[list(DETECTION_COLUMNS)]
+    geoms = np.asarray(df.geometry.values, dtype=object)
+    present = np.flatnonzero(~(shapely.is_missing(geoms) | shapely.is_empty(geoms)))
+    year = df["year"].to_numpy()[present].astype(np.int64)
+    tile = df["tile_id"].to_numpy()[present].astype(str).astype(object)
+    wkb = shapely.to_wkb(geoms[present])
+    score = df["score"].to_numpy()[present].astype(np.float64)
+    order = np.lexsort((score, _sort_rank(wkb), _sort_rank(tile), year))
+    df = df.iloc[present[order]].reset_index(drop=True)
+    df["year"] = year[order]
+    df["tile_id"] = tile[order]
     return df
 
 
@@ -214,21 +249,22 @@ class _Graph:
 
     def __init__(self, df: gpd.GeoDataFrame, spec: Any, ios_threshold: float, min_overlap_px: float) -> None:
         res, _, _ = _grid_numbers(spec)
-        self.df = df
-        self.spec = spec
-        self.geoms = df.geometry.values.to_numpy() if hasattr(df.geometry.values, "to_numpy") else np.asarray(df.geometry.values)
-        self.ij = tile_indices(df["tile_id"].to_numpy())
-        years = df["year"].to_numpy()
-        tiles = df["tile_id"].to_numpy()
-        tree = shapely.STRtree(self.geoms)
-        left, right = tree.query(self.geoms, predicate="intersects")
-        keep = (left < right) & (years[left] == years[right]) & (tiles[left] != tiles[right])
+        self.n = len(df)
+        self.geoms = np.asarray(df.geometry.values, dtype=object)
+        codes, self.ij = _tile_codes(df["tile_id"].to_numpy())
+        years = df["year"].to_numpy(np.int64)
+        # Bounding-box candidates first, then the exact test on the pairs that can match only:
+        # the tree's own predicate would test the same-tile and mirrored pairs too.
+        left, right = shapely.STRtree(self.geoms).query(self.geoms)
+        keep = (left < right) & (years[left] == years[right]) & (codes[left] != codes[right])
         left, right = left[keep], right[keep]
+        hit = shapely.intersects(self.geoms[left], self.geoms[right])
+        left, right = left[hit], right[hit]
         windows = _shared_windows(self.ij[left], self.ij[right], spec)
         a, b = self.geoms[left], self.geoms[right]
         inter = shapely.area(shapely.intersection(a, b))
-        a_o = shapely.area(shapely.intersection(a, windows))
-        b_o = shapely.area(shapely.intersection(b, windows))
+        a_in_o, b_in_o = shapely.intersection(a, windows), shapely.intersection(b, windows)
+        a_o, b_o = shapely.area(a_in_o), shapely.area(b_in_o)
         smaller = np.minimum(a_o, b_o)
         ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
         strong = (ios >= ios_threshold) & (inter > min_overlap_px * res * res)
@@ -240,85 +276,244 @@ class _Graph:
         # View IoU of each edge's pair alone (their views when a group is just these two).
         pair_union = (a_o + b_o - inter)[strong][order]
         self.pair_iou = np.divide(inter[strong][order], pair_union, out=np.zeros_like(pair_union), where=pair_union > 0)
+        # Each edge's detections inside their shared window: a one-detection view of a group
+        # cut to that window is exactly this (the view check reuses it).
+        self.left_in_window = a_in_o[strong][order]
+        self.right_in_window = b_in_o[strong][order]
+        self.edge_code = self.left * max(self.n, 1) + self.right
+        self.edge_by_code = np.argsort(self.edge_code)
 
     def components(self) -> np.ndarray:
-        uf = _UnionFind(len(self.df))
-        for a, b in zip(self.left.tolist(), self.right.tolist()):
-            uf.union(a, b)
-        return uf.labels()
+        return _components(self.n, self.left, self.right)
 
 
-def _views_agree(members: list[int], graph: _Graph, spec: Any, view_iou_threshold: float, min_overlap: float) -> bool:
-    """True if every two tiles of a group agree on the group's shape in their shared window."""
-    tiles: dict[tuple[int, int], list[int]] = {}
-    for m in members:
-        tiles.setdefault(tuple(graph.ij[m]), []).append(m)
-    if len(tiles) < 2:
-        return True
-    keys = sorted(tiles)
-    views = {k: shapely.union_all(graph.geoms[tiles[k]]) for k in keys}
-    for x in range(len(keys)):
-        for y in range(x + 1, len(keys)):
-            ta, tb = keys[x], keys[y]
-            if abs(ta[0] - tb[0]) > 1 or abs(ta[1] - tb[1]) > 1:
-                continue  # tiles that do not overlap have no shared window
-            window = _shared_windows(np.array([ta]), np.array([tb]), spec)[0]
-            va = shapely.intersection(views[ta], window)
-            vb = shapely.intersection(views[tb], window)
-            if min(shapely.area(va), shapely.area(vb)) <= min_overlap:
-                continue  # only one tile sees the slump here: a miss, not a conflict
-            inter = shapely.area(shapely.intersection(va, vb))
-            union = shapely.area(shapely.union(va, vb))
-            if inter / union < view_iou_threshold:
-                return False
-    return True
+class _ViewCheck:
+    """The view check of one group at a time (:func:`_groups_agree`'s calls on the same
+    geometries), for the split of a failed group.
 
+    A split tries many joins of sub-groups that share most of their tiles' views, so views and
+    the verdicts on pairs of views are kept: each is computed once.
+    """
 
-def _groups(graph: _Graph, component: np.ndarray, spec: Any, view_iou_threshold: float, min_overlap: float) -> list[list[int]]:
-    """Verified groups (lists of detection positions) of the detections flagged in ``component``."""
-    labels = component
-    by_label: dict[int, list[int]] = {}
-    for pos, lab in enumerate(labels.tolist()):
-        by_label.setdefault(lab, []).append(pos)
-    # Edges of each component, in graph (strength) order.
-    edges_of: dict[int, list[tuple[int, int]]] = {}
-    pair_iou: dict[int, float] = {}
-    for a, b, v in zip(graph.left.tolist(), graph.right.tolist(), graph.pair_iou.tolist()):
-        edges_of.setdefault(int(labels[a]), []).append((a, b))
-        pair_iou[int(labels[a])] = v
-    groups: list[list[int]] = []
-    for lab in sorted(by_label):
-        if lab < 0:
-            continue  # open: left for a later pass
-        members = by_label[lab]
-        if len(members) == 2:
-            # Fast path, same rule: two detections of two tiles; their views are themselves,
-            # and the view IoU was computed with the edge.
-            if pair_iou[lab] >= view_iou_threshold:
-                groups.append(members)
+    def __init__(self, graph: _Graph, spec: Any, view_iou_threshold: float, min_overlap: float) -> None:
+        self.graph, self.spec = graph, spec
+        self.threshold, self.min_overlap = view_iou_threshold, min_overlap
+        self.views: dict[tuple[int, ...], Any] = {}
+        self.clipped: dict[tuple, Any] = {}
+        self.windows: dict[tuple, Any] = {}
+        self.verdicts: dict[tuple, bool] = {}
+
+    def _view(self, members: tuple[int, ...], ta: tuple[int, int], tb: tuple[int, int]) -> Any:
+        """The view of these members (one tile's) inside the window of tiles ta and tb."""
+        if members not in self.views:
+            self.views[members] = shapely.union_all(self.graph.geoms[list(members)])
+        if (ta, tb) not in self.windows:
+            self.windows[ta, tb] = _shared_windows(np.array([ta]), np.array([tb]), self.spec)[0]
+        key = (members, ta, tb)
+        if key not in self.clipped:
+            self.clipped[key] = shapely.intersection(self.views[members], self.windows[ta, tb])
+        return self.clipped[key]
+
+    def _pair_agrees(self, ta: tuple[int, int], tb: tuple[int, int], ma: tuple[int, ...], mb: tuple[int, ...]) -> bool:
+        key = (ta, tb, ma, mb)
+        if key not in self.verdicts:
+            va, vb = self._view(ma, ta, tb), self._view(mb, ta, tb)
+            if min(shapely.area(va), shapely.area(vb)) <= self.min_overlap:
+                verdict = True  # only one tile sees the slump here: a miss, not a conflict
             else:
-                groups.extend([[members[0]], [members[1]]])
+                inter = shapely.area(shapely.intersection(va, vb))
+                union = shapely.area(shapely.union(va, vb))
+                verdict = bool(inter / union >= self.threshold)
+            self.verdicts[key] = verdict
+        return self.verdicts[key]
+
+    def agree(self, members: list[int]) -> bool:
+        """True if every two tiles of the group (members ascending) agree in their shared window."""
+        tiles: dict[tuple[int, int], list[int]] = {}
+        for m in members:
+            tiles.setdefault(tuple(self.graph.ij[m].tolist()), []).append(m)
+        keys = sorted(tiles)
+        for x in range(len(keys)):
+            for y in range(x + 1, len(keys)):
+                ta, tb = keys[x], keys[y]
+                if abs(ta[0] - tb[0]) > 1 or abs(ta[1] - tb[1]) > 1:
+                    continue  # tiles that do not overlap have no shared window
+                if not self._pair_agrees(ta, tb, tuple(tiles[ta]), tuple(tiles[tb])):
+                    return False
+        return True
+
+
+def _runs(flat: np.ndarray, bounds: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs ``which`` of ``flat`` (run k is ``flat[bounds[k]:bounds[k + 1]]``) as a new
+    (flat, bounds) pair."""
+    sizes = np.diff(bounds)[which]
+    if len(sizes) == 0:
+        return np.zeros(0, np.int64), np.zeros(1, np.int64)
+    offsets = np.arange(sizes.max())
+    picks = (bounds[which][:, None] + offsets)[offsets < sizes[:, None]]  # row-major: run by run
+    return flat[picks], np.r_[0, np.cumsum(sizes)]
+
+
+def _as_is(geoms: np.ndarray) -> np.ndarray:
+    """Valid polygons and multipolygons: their union with nothing else is themselves."""
+    return shapely.is_valid(geoms) & np.isin(shapely.get_type_id(geoms), (3, 6))
+
+
+def _ragged_union(geoms: np.ndarray, flat: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``shapely.union_all`` of each run ``flat[starts[k]:starts[k + 1]]`` of ``geoms``.
+
+    One vectorized call per run length (a 2-D array reduced along its rows): the same GEOS
+    unary union of the same geometries in the same order as one call per run. The union of
+    one valid polygon is that polygon (GEOS returns it vertex for vertex), so it is not computed.
+    """
+    sizes = np.diff(starts)
+    out = np.empty(len(sizes), dtype=object)
+    for k in np.unique(sizes).tolist():
+        runs = np.flatnonzero(sizes == k)
+        if k == 1:
+            one = geoms[flat[starts[runs]]]
+            as_is = _as_is(one)
+            out[runs[as_is]] = one[as_is]
+            runs = runs[~as_is]
+        out[runs] = shapely.union_all(geoms[flat[starts[runs][:, None] + np.arange(k)]], axis=1)
+    return out
+
+
+def _groups_agree(flat: np.ndarray, starts: np.ndarray, graph: _Graph, spec: Any, view_iou_threshold: float,
+                  min_overlap: float) -> np.ndarray:
+    """Whether each group's tiles agree on its shape in their shared windows (module docstring).
+
+    ``flat[starts[g]:starts[g + 1]]`` are group g's members in ascending order. Each tile's view
+    (the union of the group's members of that tile) is cut to every window it shares with
+    another tile of the group; two views that both see the slump there must have an IoU of at
+    least ``view_iou_threshold``. All groups are checked with a handful of vectorized calls.
+    """
+    n_groups = len(starts) - 1
+    ok = np.ones(n_groups, bool)
+    starts = np.asarray(starts, np.int64)
+    if n_groups == 0:
+        return ok
+    group = np.repeat(np.arange(n_groups), np.diff(starts))
+    ij = graph.ij[flat]
+    # Members by (group, tile i, tile j), ascending within a tile: the views' unions.
+    order = np.lexsort((flat, ij[:, 1], ij[:, 0], group))
+    members, group, ij = flat[order], group[order], ij[order]
+    new_unit = np.r_[True, (group[1:] != group[:-1]) | (ij[1:] != ij[:-1]).any(axis=1)]
+    unit_starts = np.r_[np.flatnonzero(new_unit), len(members)]
+    unit_group, unit_ij = group[new_unit], ij[new_unit]
+    # Every two views of one group (x before y in tile order) whose tiles overlap.
+    n_units = np.bincount(unit_group, minlength=n_groups)
+    first_unit = np.r_[0, np.cumsum(n_units)[:-1]]
+    rank = np.arange(len(unit_group)) - first_unit[unit_group]
+    partners = n_units[unit_group] - 1 - rank
+    x = np.repeat(np.arange(len(unit_group)), partners)
+    y = x + 1 + (np.arange(len(x)) - np.repeat(np.cumsum(partners) - partners, partners))
+    near = (np.abs(unit_ij[x] - unit_ij[y]) <= 1).all(axis=1)
+    x, y = x[near], y[near]
+    if len(x) == 0:
+        return ok
+    used = np.unique(np.r_[x, y])
+    views = np.empty(len(unit_group), dtype=object)
+    views[used] = _ragged_union(graph.geoms, *_runs(members, unit_starts, used))
+    va = np.empty(len(x), dtype=object)
+    vb = np.empty(len(x), dtype=object)
+    # Two one-detection views whose detections share an edge: their cut views are the edge's.
+    unit_size = np.diff(unit_starts)
+    one = unit_size[x] == 1
+    one &= unit_size[y] == 1
+    mx, my = members[unit_starts[x]], members[unit_starts[y]]
+    one[one] = _as_is(graph.geoms[mx[one]]) & _as_is(graph.geoms[my[one]])  # the view is the detection
+    edge = np.full(len(x), -1)
+    if one.any() and len(graph.edge_code):
+        code = np.minimum(mx, my) * max(graph.n, 1) + np.maximum(mx, my)
+        at = np.minimum(np.searchsorted(graph.edge_code[graph.edge_by_code], code[one]), len(graph.edge_code) - 1)
+        found = graph.edge_code[graph.edge_by_code[at]] == code[one]
+        edge[np.flatnonzero(one)[found]] = graph.edge_by_code[at[found]]
+    reuse = edge >= 0
+    e, x_is_left = edge[reuse], mx[reuse] < my[reuse]
+    va[reuse] = np.where(x_is_left, graph.left_in_window[e], graph.right_in_window[e])
+    vb[reuse] = np.where(x_is_left, graph.right_in_window[e], graph.left_in_window[e])
+    cut = ~reuse
+    window = _shared_windows(unit_ij[x[cut]], unit_ij[y[cut]], spec)
+    va[cut] = shapely.intersection(views[x[cut]], window)
+    vb[cut] = shapely.intersection(views[y[cut]], window)
+    # Only one tile sees the slump here: a miss, not a conflict.
+    both = np.minimum(shapely.area(va), shapely.area(vb)) > min_overlap
+    va, vb, pair_group = va[both], vb[both], unit_group[x[both]]
+    inter = shapely.area(shapely.intersection(va, vb))
+    union = shapely.area(shapely.union(va, vb))
+    ok[pair_group[inter / union < view_iou_threshold]] = False
+    return ok
+
+
+def _groups(graph: _Graph, component: np.ndarray, spec: Any, view_iou_threshold: float,
+            min_overlap: float) -> tuple[np.ndarray, np.ndarray]:
+    """Verified groups of the detections whose ``component`` label is not negative.
+
+    Returns
+    -------
+    flat, bounds : numpy.ndarray
+        Group g's members (detection positions, ascending) are ``flat[bounds[g]:bounds[g + 1]]``;
+        groups in the order of their component's label, a split component's parts in the order
+        of their smallest member.
+    """
+    labels = component
+    closed = np.flatnonzero(labels >= 0)
+    flat = closed[np.argsort(labels[closed], kind="stable")]
+    lab = labels[flat]
+    starts = np.r_[np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]), len(flat)] if len(flat) else np.zeros(1, np.int64)
+    sizes = np.diff(starts)
+    # A new group starts at each of these member positions; failed checks add more below.
+    cut = np.zeros(len(flat) + 1, bool)
+    cut[starts] = True
+    # Pairs: two detections of two tiles; their views are themselves, and the view IoU was
+    # computed with their edge (each pair has exactly one).
+    edge_label = labels[graph.left]
+    edge_open = edge_label < 0
+    pair_iou = np.full(len(labels), np.inf)
+    pair_iou[edge_label[~edge_open]] = graph.pair_iou[~edge_open]
+    pairs = np.flatnonzero(sizes == 2)
+    failed_pairs = pairs[pair_iou[lab[starts[pairs]]] < view_iou_threshold]
+    cut[starts[failed_pairs] + 1] = True
+    # Larger groups: the full view check, all at once.
+    big = np.flatnonzero(sizes >= 3)
+    agree = _groups_agree(*_runs(flat, starts, big), graph, spec, view_iou_threshold, min_overlap)
+    failed = big[~agree]
+    if len(failed):
+        # Edges of the failed components, in graph (strength) order.
+        failed_labels = lab[starts[failed]]
+        mine = np.flatnonzero(np.isin(edge_label, failed_labels))
+        edges_of: dict[int, list[tuple[int, int]]] = {}
+        check = _ViewCheck(graph, spec, view_iou_threshold, min_overlap)
+        for e in mine.tolist():
+            edges_of.setdefault(int(edge_label[e]), []).append((int(graph.left[e]), int(graph.right[e])))
+        for g in failed.tolist():
+            s, e = int(starts[g]), int(starts[g + 1])
+            parts = _split(flat[s:e].tolist(), edges_of.get(int(lab[s]), []), check)
+            flat[s:e] = [m for p in parts for m in p]
+            cut[s:e] = False
+            cut[s + np.r_[0, np.cumsum([len(p) for p in parts])[:-1]]] = True
+    return flat, np.flatnonzero(cut)
+
+
+def _split(members: list[int], edges: list[tuple[int, int]], check: _ViewCheck) -> list[list[int]]:
+    """Split a group that fails the view check: replay its edges strongest first, joining two
+    sub-groups only while their views still agree (Kruskal with a check)."""
+    sub: dict[int, list[int]] = {m: [m] for m in members}
+    root = {m: m for m in members}
+    for a, b in edges:
+        ra, rb = root[a], root[b]
+        if ra == rb:
             continue
-        if len(members) == 1 or _views_agree(members, graph, spec, view_iou_threshold, min_overlap):
-            groups.append(members)
+        joined = sorted(sub[ra] + sub[rb])
+        if not check.agree(joined):
             continue
-        # Split: replay the edges strongest first, join only while the views still agree.
-        sub: dict[int, list[int]] = {m: [m] for m in members}
-        root = {m: m for m in members}
-        for a, b in edges_of.get(lab, []):
-            ra, rb = root[a], root[b]
-            if ra == rb:
-                continue
-            joined = sorted(sub[ra] + sub[rb])
-            if not _views_agree(joined, graph, spec, view_iou_threshold, min_overlap):
-                continue
-            keep, drop = min(ra, rb), max(ra, rb)
-            sub[keep] = joined
-            for m in sub.pop(drop):
-                root[m] = keep
-        log.debug("merge: split a group of %d detections into %d", len(members), len(sub))
-        groups.extend(sub[k] for k in sorted(sub))
-    return groups
+        keep, drop = min(ra, rb), max(ra, rb)
+        sub[keep] = joined
+        for m in sub.pop(drop):
+            root[m] = keep
+    log.debug("merge: split a group of %d detections into %d", len(members), len(sub))
+    return [sub[k] for k in sorted(sub)]
 
 
 def _clean(geom: shapely.Geometry, min_area: float) -> shapely.Geometry:
@@ -341,6 +536,37 @@ def _clean(geom: shapely.Geometry, min_area: float) -> shapely.Geometry:
     return out[0] if len(out) == 1 else shapely.MultiPolygon(out)
 
 
+def _clean_all(geoms: np.ndarray, min_area: float) -> np.ndarray:
+    """:func:`_clean` of each geometry; the common case (nothing to drop) in vectorized calls.
+
+    A valid Polygon, or MultiPolygon of two or more parts, none of whose parts or holes is
+    below ``min_area``, is what ``_clean`` returns for it unchanged; only the others go
+    through ``_clean`` one by one.
+    """
+    out = np.empty(len(geoms), dtype=object)
+    if len(geoms) == 0:
+        return out
+    fixed = shapely.make_valid(geoms)
+    kind = shapely.get_type_id(fixed)
+    n_parts = shapely.get_num_geometries(fixed)
+    simple = ((kind == 3) | ((kind == 6) & (n_parts >= 2))) & ~shapely.is_empty(fixed)
+    parts, owner = shapely.get_parts(fixed[simple], return_index=True)
+    owner = np.flatnonzero(simple)[owner]
+    small = np.zeros(len(geoms), bool)
+    small[owner[shapely.area(parts) < min_area]] = True
+    n_holes = shapely.get_num_interior_rings(parts)
+    with_holes = n_holes > 0
+    if with_holes.any():
+        rings, ring_owner = shapely.get_rings(parts[with_holes], return_index=True)
+        first = np.r_[True, ring_owner[1:] != ring_owner[:-1]]  # the exterior comes first
+        holes, hole_owner = rings[~first], owner[np.flatnonzero(with_holes)[ring_owner[~first]]]
+        small[hole_owner[shapely.area(shapely.polygons(holes)) < min_area]] = True
+    ready = simple & ~small
+    out[ready] = fixed[ready]
+    out[~ready] = [_clean(g, min_area) for g in geoms[~ready]]
+    return out
+
+
 def _join_ids(values: list[str]) -> str:
     items = set()
     for v in values:
@@ -348,38 +574,50 @@ def _join_ids(values: list[str]) -> str:
     return ",".join(sorted(items))
 
 
-def _build(df: gpd.GeoDataFrame, groups: list[list[int]], min_part_area: float) -> gpd.GeoDataFrame:
-    """One row per group (no rts_id yet)."""
+def _build(df: gpd.GeoDataFrame, flat: np.ndarray, bounds: np.ndarray, min_part_area: float) -> gpd.GeoDataFrame:
+    """One row per group ``flat[bounds[g]:bounds[g + 1]]`` (no rts_id yet)."""
     geoms = np.asarray(df.geometry.values, dtype=object)
-    valid = shapely.is_valid(geoms)
-    rows = {k: [] for k in ("year", "score", "n_detections", "tile_ids", "chunk_ids", "source_items")}
-    out_geoms = []
+    first, sizes = bounds[:-1], np.diff(bounds)
     score = df["score"].to_numpy(dtype=np.float64)
     year = df["year"].to_numpy()
-    tile = df["tile_id"].to_numpy()
-    chunk = df["chunk_id"].astype(str).to_numpy()
-    items = df["source_items"].fillna("").astype(str).to_numpy()
-    for members in groups:
-        if len(members) == 1:
-            m = members[0]
-            # Valid single polygons pass as they are (vectorize's output); the rest are cleaned.
-            out_geoms.append(geoms[m] if valid[m] and geoms[m].geom_type in ("Polygon", "MultiPolygon")
-                             else _clean(geoms[m], min_part_area))
-            rows["tile_ids"].append(tile[m])
-            rows["chunk_ids"].append(chunk[m])
-            rows["source_items"].append(_join_ids([items[m]]))
-        else:
-            out_geoms.append(_clean(shapely.union_all(geoms[members]), min_part_area))
-            rows["tile_ids"].append(",".join(sorted(set(tile[members]))))
-            rows["chunk_ids"].append(",".join(sorted(set(chunk[members]))))
-            rows["source_items"].append(_join_ids(items[members].tolist()))
-        rows["year"].append(int(year[members[0]]))
-        rows["score"].append(float(score[members].max()))
-        rows["n_detections"].append(len(members))
-    out = gpd.GeoDataFrame(rows, geometry=gpd.GeoSeries(out_geoms, crs=df.crs), crs=df.crs)
-    out = out[~out.geometry.is_empty].reset_index(drop=True)
-    out["area_m2"] = out.geometry.area
-    out["perimeter_m"] = out.geometry.length
+    tile = df["tile_id"].to_numpy().astype(object)
+    chunk = df["chunk_id"].astype(str).to_numpy().astype(object)
+    items = df["source_items"].fillna("").astype(str).to_numpy().astype(object)
+    out_geoms = np.empty(len(sizes), dtype=object)
+    tile_ids = np.empty(len(sizes), dtype=object)
+    chunk_ids = np.empty(len(sizes), dtype=object)
+    source_items = np.empty(len(sizes), dtype=object)
+    # Single detections: valid polygons pass as they are (vectorize's output); the rest are cleaned.
+    one = np.flatnonzero(sizes == 1)
+    m = flat[first[one]]
+    g = geoms[m]
+    as_is = shapely.is_valid(g) & np.isin(shapely.get_type_id(g), (3, 6))
+    out_geoms[one[as_is]] = g[as_is]
+    out_geoms[one[~as_is]] = [_clean(x, min_part_area) for x in g[~as_is]]
+    tile_ids[one], chunk_ids[one] = tile[m], chunk[m]
+    codes, uniques = pd.factorize(items[m])  # few distinct item lists: each is split and sorted once
+    source_items[one] = np.asarray([_join_ids([u]) for u in uniques], dtype=object)[codes] if len(m) else []
+    # Groups: the union of their members, cleaned.
+    many = np.flatnonzero(sizes > 1)
+    if len(many):
+        many_flat, many_starts = _runs(flat, bounds, many)
+        out_geoms[many] = _clean_all(_ragged_union(geoms, many_flat, many_starts), min_part_area)
+        for k, s, e in zip(many.tolist(), many_starts[:-1].tolist(), many_starts[1:].tolist()):
+            members = many_flat[s:e]
+            tile_ids[k] = ",".join(sorted(set(tile[members])))
+            chunk_ids[k] = ",".join(sorted(set(chunk[members])))
+            source_items[k] = _join_ids(items[members].tolist())
+    out_geoms = np.asarray(out_geoms, dtype=object)
+    keep = ~shapely.is_empty(out_geoms) if len(out_geoms) else np.zeros(0, bool)
+    kept = out_geoms[keep]
+    out = gpd.GeoDataFrame({
+        "year": year[flat[first]][keep].astype(np.int64),
+        "score": np.maximum.reduceat(score[flat], first)[keep] if len(first) else np.zeros(0),
+        "n_detections": sizes[keep].astype(np.int64),
+        "tile_ids": tile_ids[keep], "chunk_ids": chunk_ids[keep], "source_items": source_items[keep],
+    }, geometry=gpd.GeoSeries(kept, crs=df.crs), crs=df.crs)
+    out["area_m2"] = shapely.area(kept)
+    out["perimeter_m"] = shapely.length(kept)
     return out
 
 
@@ -412,10 +650,19 @@ def overlapping_pairs(geoms: Any, tolerance: float = OVERLAP_TOLERANCE) -> tuple
     if len(geoms) < 2:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0)
-    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    left, right = shapely.STRtree(geoms).query(geoms)
     keep = left < right
     left, right = left[keep], right[keep]
     area = shapely.area(geoms)
+    # Pairs whose bounding boxes overlap by no more than the tolerance cannot overlap by more;
+    # most neighbours that touch or nearly touch end here, before any exact test.
+    box = shapely.bounds(geoms)
+    box_inter = np.prod(np.clip(np.minimum(box[left, 2:], box[right, 2:]) - np.maximum(box[left, :2], box[right, :2]),
+                                0, None), axis=1)
+    maybe = box_inter > tolerance * np.minimum(area[left], area[right]) * (1 - 1e-9)
+    left, right = left[maybe], right[maybe]
+    hit = shapely.intersects(geoms[left], geoms[right])
+    left, right = left[hit], right[hit]
     inter = shapely.area(shapely.intersection(geoms[left], geoms[right]))
     smaller = np.minimum(area[left], area[right])
     share = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
@@ -468,28 +715,41 @@ def resolve_overlaps(
     if len(left) == 0:
         return slumps.reset_index(drop=True)
     area = shapely.area(geoms)
-    key = pd.DataFrame({"score": -slumps["score"].to_numpy(np.float64), "area": -area,
-                        "wkb": shapely.to_wkb(geoms, hex=True)})
-    rank = np.empty(len(geoms), np.int64)
-    rank[key.sort_values(["score", "area", "wkb"], kind="mergesort").index.to_numpy()] = np.arange(len(geoms))
+    # Rank only the slumps in contested pairs: their order among themselves is all that is used.
+    involved = np.unique(np.r_[left, right])
+    rank = np.full(len(geoms), -1, np.int64)
+    rank[involved[np.lexsort((_sort_rank(shapely.to_wkb(geoms[involved])), -area[involved],
+                               -slumps["score"].to_numpy(np.float64)[involved]))]] = np.arange(len(involved))
     winner = np.where(rank[left] < rank[right], left, right)
     loser = np.where(rank[left] < rank[right], right, left)
-    beaten_by: dict[int, list[int]] = {}
-    for w, lo in zip(winner.tolist(), loser.tolist()):
-        beaten_by.setdefault(lo, []).append(w)
+    # Each loser is cut by its winners' final shapes. A winner is final once its own winners
+    # are done, so losers go in rounds (a winner's round before its losers'), each round a few
+    # vectorized calls: the same cuts of the same shapes as one loser at a time in rank order.
+    depth = np.zeros(len(geoms), np.int64)
+    while True:
+        new = depth.copy()
+        np.maximum.at(new, loser, depth[winner] + 1)
+        if np.array_equal(new, depth):
+            break
+        depth = new
+    # Winners of each loser, in pair order.
+    by_loser = np.argsort(loser, kind="stable")
     current = geoms.copy()
     dropped = np.zeros(len(geoms), bool)
-    # Higher-ranked slumps first, so each winner's shape is final when a loser is cut by it.
-    for lo in sorted(beaten_by, key=lambda k: rank[k]):
-        winners = [w for w in beaten_by[lo] if not dropped[w]]
-        if not winners:
+    for level in range(1, int(depth.max()) + 1):
+        pairs = by_loser[depth[loser[by_loser]] == level]
+        pairs = pairs[~dropped[winner[pairs]]]
+        if len(pairs) == 0:
             continue
-        rest = _clean(shapely.difference(current[lo], shapely.union_all(current[winners])), min_part_area)
-        if rest.is_empty or rest.area < min_kept_fraction * area[lo]:
-            dropped[lo] = True
-        else:
-            current[lo] = rest
-    log.debug("resolve_overlaps: %d contested slumps, %d dropped", len(beaten_by), int(dropped.sum()))
+        los = loser[pairs]
+        bounds = np.r_[np.flatnonzero(np.r_[True, los[1:] != los[:-1]]), len(los)]
+        cut_by = _ragged_union(current, winner[pairs], bounds)
+        lo = los[bounds[:-1]]
+        rest = _clean_all(shapely.difference(current[lo], cut_by), min_part_area)
+        lost = shapely.is_empty(rest) | (shapely.area(rest) < min_kept_fraction * area[lo])
+        dropped[lo[lost]] = True
+        current[lo[~lost]] = rest[~lost]
+    log.debug("resolve_overlaps: %d contested slumps, %d dropped", len(np.unique(loser)), int(dropped.sum()))
     out = slumps.copy()
     out = out.set_geometry(gpd.GeoSeries(current, index=slumps.index, crs=slumps.crs))
     out = out[~dropped]
@@ -523,16 +783,18 @@ def assign_rts_ids(merged: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     c = shapely.centroid(merged.geometry.values)
     x = np.round(shapely.get_x(c)).astype(np.int64)
     y = np.round(shapely.get_y(c)).astype(np.int64)
-    base = [f"{epsg}_{yr}_x{a}_y{b}" for yr, a, b in zip(merged["year"].tolist(), x.tolist(), y.tolist())]
-    wkb = shapely.to_wkb(merged.geometry.values, hex=True)
-    key = pd.DataFrame({"base": base, "wkb": wkb})
-    order = key.sort_values(["base", "wkb"], kind="mergesort").index.to_numpy()
-    ids = [""] * len(base)
-    seen: dict[str, int] = {}
-    for pos in order.tolist():
-        n = seen.get(base[pos], 0) + 1
-        seen[base[pos]] = n
-        ids[pos] = base[pos] if n == 1 else f"{base[pos]}_{n}"
+    base = np.asarray([f"{epsg}_{yr}_x{a}_y{b}" for yr, a, b in zip(merged["year"].tolist(), x.tolist(), y.tolist())],
+                      dtype=object)
+    ids = base.copy()
+    # Only ids shared by two or more slumps need the WKB to order them.
+    shared = np.flatnonzero(pd.Series(base).duplicated(keep=False).to_numpy())
+    if len(shared):
+        wkb = shapely.to_wkb(merged.geometry.values[shared])
+        seen: dict[str, int] = {}
+        for pos in shared[np.lexsort((_sort_rank(wkb), _sort_rank(base[shared])))].tolist():
+            n = seen.get(base[pos], 0) + 1
+            seen[base[pos]] = n
+            ids[pos] = base[pos] if n == 1 else f"{base[pos]}_{n}"
     out = merged.copy()
     out["rts_id"] = ids
     return out.sort_values("rts_id", kind="mergesort").reset_index(drop=True)[list(MERGED_COLUMNS)]
@@ -551,8 +813,8 @@ def _merge_sorted(df: gpd.GeoDataFrame, spec: Any, *, ios_threshold: float, view
     else:
         is_open = np.zeros(len(df), dtype=bool)
     closed_labels = np.where(is_open, -1, labels)
-    groups = _groups(graph, closed_labels, spec, view_iou_threshold, min_overlap_px * res * res)
-    merged = _build(df, groups, min_part_px * res * res)
+    flat, bounds = _groups(graph, closed_labels, spec, view_iou_threshold, min_overlap_px * res * res)
+    merged = _build(df, flat, bounds, min_part_px * res * res)
     return merged, df[is_open].reset_index(drop=True)
 
 
@@ -678,11 +940,19 @@ def _thresholds(kwargs: dict) -> dict:
     return {**known, **kwargs}
 
 
+def _merge_block_task(args: tuple) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
+    """:func:`merge_block` on one tuple of arguments (what an executor's ``map`` passes)."""
+    block, spec, block_tiles, opts = args
+    return merge_block(block, spec=spec, block_tiles=block_tiles, **opts)
+
+
 def merge_by_blocks(
     gdf: gpd.GeoDataFrame,
     *,
     spec: Any,
     block_chunks: int = 4,
+    workers: int = 1,
+    executor: concurrent.futures.Executor | None = None,
     **kwargs: Any,
 ) -> gpd.GeoDataFrame:
     """The same result as :func:`merge_detections`, one block of chunks at a time.
@@ -695,6 +965,12 @@ def merge_by_blocks(
     only at a component's own members in the global stable order, so the result equals the
     all-at-once merge (tests/test_merge.py checks it).
 
+    The blocks of a pass are independent (:func:`merge_block` is a pure function of its
+    detections), so they can run in parallel: in ``workers`` local processes, or on any
+    ``concurrent.futures`` executor (a Dask client's ``get_executor()`` runs them on the
+    cluster). Results are collected in block order, so the output is the same for any number of
+    workers.
+
     Parameters
     ----------
     gdf : geopandas.GeoDataFrame
@@ -703,6 +979,12 @@ def merge_by_blocks(
         The grid.
     block_chunks : int
         Side of the first-pass blocks, in chunks.
+    workers : int
+        Local processes merging blocks at once (1: all in this process). Ignored when
+        ``executor`` is given.
+    executor : concurrent.futures.Executor, optional
+        Where the blocks of each pass are merged (its ``map`` is called with picklable
+        arguments).
     **kwargs
         Thresholds and overlap options as for :func:`merge_detections`.
 
@@ -710,36 +992,53 @@ def merge_by_blocks(
     -------
     geopandas.GeoDataFrame
         As :func:`merge_detections`.
+
+    Raises
+    ------
+    RtsmapError
+        As :func:`merge_detections`, or if ``workers`` is not a positive integer.
     """
     _check_detections(gdf)
     overlap_tolerance = kwargs.pop("overlap_tolerance", OVERLAP_TOLERANCE)
     min_kept_fraction = kwargs.pop("min_kept_fraction", MIN_KEPT_FRACTION)
     opts = _thresholds(kwargs)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise RtsmapError(f"merge: workers must be a positive integer, got {workers!r}")
     if len(gdf) == 0:
         return _empty(gdf.crs)
-    pending = _sorted_detections(gdf)
+    if executor is None and workers > 1:
+        # Spawned, not forked: the parent may hold threads (GDAL, Arrow, Dask) a fork would copy mid-use.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(int(workers), mp_context=context) as pool:
+            return merge_by_blocks(gdf, spec=spec, block_chunks=block_chunks, executor=pool,
+                                   overlap_tolerance=overlap_tolerance, min_kept_fraction=min_kept_fraction, **opts)
+    # Unsorted: each block sorts its own detections (the stable order is a total order on their
+    # content, so a block's order is the global one restricted to it).
+    pending = gdf[list(DETECTION_COLUMNS)]
+    geoms = np.asarray(pending.geometry.values, dtype=object)
+    pending = pending[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
     side = max(1, int(block_chunks)) * int(spec.tiles_per_chunk)
     done: list[gpd.GeoDataFrame] = []
     while len(pending):
         ij = tile_indices(pending["tile_id"].to_numpy())
         span = (ij.max(axis=0) - ij.min(axis=0) + 1).max()
-        blocks = np.floor_divide(ij, side)
-        keys = [tuple(b) for b in blocks.tolist()]
-        if len(set(keys)) == 1 or side >= span:
-            merged, _ = _merge_sorted(pending, spec, **opts)
+        keys, block = np.unique(np.floor_divide(ij, side), axis=0, return_inverse=True)
+        if len(keys) == 1 or side >= span:
+            merged, _ = _merge_sorted(_sorted_detections(pending), spec, **opts)
             done.append(merged)
             break
+        # Rows of each block (blocks in (i, j) order, rows in input order).
+        by_block = np.argsort(block.reshape(-1), kind="stable")
+        cuts = np.searchsorted(block.reshape(-1)[by_block], np.arange(1, len(keys)))
+        tasks = [(pending.iloc[rows], spec, side, opts) for rows in np.split(by_block, cuts)]
+        results = executor.map(_merge_block_task, tasks) if executor is not None else map(_merge_block_task, tasks)
         still_open = []
-        by_block: dict[tuple[int, int], list[int]] = {}
-        for pos, k in enumerate(keys):
-            by_block.setdefault(k, []).append(pos)
-        for k in sorted(by_block):
-            merged, open_ = merge_block(pending.iloc[by_block[k]], spec=spec, block_tiles=side, **opts)
+        for merged, open_ in results:  # in block order, whoever merged them
             done.append(merged)
             still_open.append(open_)
         log.debug("merge_by_blocks: side %d tiles, %d blocks, %d detections open",
-                  side, len(by_block), sum(len(o) for o in still_open))
-        pending = _sorted_detections(pd.concat(still_open, ignore_index=True)) if still_open else pending.iloc[:0]
+                  side, len(keys), sum(len(o) for o in still_open))
+        pending = pd.concat(still_open, ignore_index=True)
         side *= 2
     done = [d for d in done if len(d)]
     if not done:

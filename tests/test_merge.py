@@ -7,11 +7,14 @@ same with rasterized masks of real ARTS footprints.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import numpy as np
 import pytest
 import shapely
 import geopandas as gpd
 
+import merge_scenes
 from rtsmap.pipeline.errors import RtsmapError
 from rtsmap.pipeline.grid import GridSpec
 from rtsmap.pipeline.merge import merge_block, merge_by_blocks, merge_detections, overlapping_pairs, tile_indices
@@ -332,3 +335,30 @@ def test_no_output_pair_overlaps_more_than_the_tolerance(seed):
     # Same result one block at a time and for any input order.
     assert canonical(merge_by_blocks(gdf.sample(frac=1.0, random_state=seed), spec=SPEC, block_chunks=1)).equals(
         canonical(out))
+
+
+# ---- the fast merge against the saved outputs of the merge before its speed-up ----
+
+@pytest.mark.parametrize("name", ["clean", "noisy"])
+def test_merge_gives_the_saved_groups_and_polygons(name):
+    gdf = merge_scenes.scene(name)
+    out = merge_detections(gdf, spec=merge_scenes.SPEC)
+    if name == "noisy":  # the scene exercises splits and overlap resolution
+        assert (out["n_detections"] == 1).sum() > 100 and out["year"].nunique() == 2
+    merge_scenes.assert_matches_reference(out, name)
+    blocks = merge_by_blocks(gdf.sample(frac=1.0, random_state=4), spec=merge_scenes.SPEC, block_chunks=1)
+    assert canonical(blocks).equals(canonical(out))
+
+
+def test_merge_by_blocks_in_two_processes_equals_merging_everything():
+    objects = random_scene(5, n=70)
+    gdf = detections(objects, tiles=[(i, j) for i in range(-2, 6) for j in range(-2, 6)])
+    whole = merge_detections(gdf, spec=SPEC)
+    parallel = merge_by_blocks(gdf.sample(frac=1.0, random_state=1), spec=SPEC, block_chunks=1, workers=2)
+    assert canonical(parallel).equals(canonical(whole))
+    # Any concurrent.futures executor will do (a Dask client's get_executor() too).
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        threaded = merge_by_blocks(gdf, spec=SPEC, block_chunks=1, executor=pool)
+    assert canonical(threaded).equals(canonical(whole))
+    with pytest.raises(RtsmapError, match="workers"):
+        merge_by_blocks(gdf, spec=SPEC, workers=0)

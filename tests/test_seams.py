@@ -225,3 +225,12 @@ def test_duplicates_must_go_before_the_merge(scene):
                           for s in truth[:-2]])
 
     assert median_iou(early) >= 0.97 > median_iou(late)
+
+
+def test_merge_gives_the_saved_groups_and_polygons(scene):
+    """The seam scene's inventory equals the one saved before the merge and vectorize speed-up
+    (tests/merge_scenes.py): same groups, ids and polygons."""
+    from merge_scenes import assert_matches_reference
+
+    _, dets = scene
+    assert_matches_reference(merge_detections(dets, spec=SPEC), "seam")

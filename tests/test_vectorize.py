@@ -11,7 +11,10 @@ from rtsmap.pipeline.grid import GridSpec, chunk_by_id
 from rtsmap.pipeline.infer import TileDetections, infer_chunk, load_model
 from rtsmap.pipeline.load import ChunkStack
 from rtsmap.pipeline.merge import overlapping_pairs
-from rtsmap.pipeline.vectorize import COLUMNS, mask_to_geometry, suppress_overlaps, vectorize_detections
+from rtsmap.pipeline import vectorize as vectorize_module
+from rtsmap.pipeline.vectorize import (
+    COLUMNS, mask_to_geometry, suppress_overlaps, tile_geometries, vectorize_detections,
+)
 from onnx_models import BANDS, make_label_detector, model_metadata
 
 CRS = "EPSG:3413"
@@ -233,3 +236,66 @@ def test_random_overlapping_instances_give_disjoint_polygons():
     # Simplified outlines may overlap along shared edges by a sliver, within the tolerance.
     simple = vectorize_detections([detections(masks, scores=scores)], TRANSFORM, CRS, year=2022)
     assert len(overlapping_pairs(simple.geometry.values, tolerance=0.01)[0]) == 0
+
+
+# ---- one GDAL call per tile (tile_geometries) ----
+
+def random_tile(seed, n=40):
+    """Overlapping ragged masks with holes and several parts, some sharing edges after the rule."""
+    rng = np.random.default_rng(seed)
+    masks, scores = [], []
+    for _ in range(n):
+        noise = rng.random((int(rng.integers(6, 40)), int(rng.integers(6, 40)))) < 0.6
+        blob = np.zeros_like(noise)
+        blob[1:-1, 1:-1] = (noise[:-2, :-2].astype(int) + noise[1:-1, 1:-1] + noise[2:, 2:] + noise[1:-1, :-2]) >= 2
+        masks.append((blob, (int(rng.integers(0, 60)), int(rng.integers(0, 60)))))
+        scores.append(float(rng.random()))
+    return detections(masks, scores=scores)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("min_part_area", [0.0, 300.0])
+def test_one_call_per_tile_gives_the_polygons_of_one_call_per_mask(seed, min_part_area):
+    tile = suppress_overlaps(random_tile(seed), min_kept_fraction=0.2)
+    assert len(tile) >= 10
+    # The scene has what makes tracing one label image differ from tracing one mask: instances
+    # sharing edges, holes, and instances in several parts.
+    together = tile_geometries(tile, TRANSFORM, min_part_area=min_part_area)
+    geoms = np.asarray(together, dtype=object)
+    assert shapely.touches(geoms[:, None], geoms[None, :]).any()
+    alone = [mask_to_geometry(m, TRANSFORM @ Affine.translation(c, r), min_part_area=min_part_area)
+             for m, (r, c) in zip(tile.masks, tile.offsets)]
+    assert len(together) == len(alone) == len(tile)
+    assert any(g.geom_type == "MultiPolygon" for g in alone)
+    assert any(len(p.interiors) for g in alone for p in shapely.get_parts(g))
+    for a, b in zip(together, alone):
+        # The same vertices in the same order (a stricter check than the same polygon).
+        assert a.wkb == b.wkb
+
+
+def test_vectorize_makes_one_gdal_call_per_tile(monkeypatch):
+    calls = []
+    real = vectorize_module.shapes
+
+    def counting(*args, **kwargs):  # the real GDAL polygonizer, counted
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vectorize_module, "shapes", counting)
+    tiles = [random_tile(3), random_tile(4)]
+    fast = vectorize_detections(tiles, TRANSFORM, CRS, year=2022)
+    assert len(calls) == 2 and len(fast) > 20
+    # Overlapping masks (no rule) are traced one by one; with the rule applied beforehand the
+    # per-mask way gives the same table.
+    calls.clear()
+    slow = vectorize_detections([suppress_overlaps(t) for t in tiles], TRANSFORM, CRS, year=2022,
+                                min_kept_fraction=None)
+    assert len(calls) == len(slow) == len(fast)
+    assert fast.drop(columns="geometry").equals(slow.drop(columns="geometry"))
+    assert all(a.wkb == b.wkb for a, b in zip(fast.geometry, slow.geometry))
+
+
+def test_overlapping_masks_are_refused_by_the_one_call_way():
+    a = np.ones((10, 10), bool)
+    with pytest.raises(ValueError, match="overlap"):
+        tile_geometries(detections([(a, (0, 0)), (a, (0, 4))]), TRANSFORM)
