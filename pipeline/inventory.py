@@ -17,7 +17,8 @@ Layout (docs/contracts.md, "Detections, polygons, fragments, inventory"):
   growth rate, retreat). Layers not linked by the caller are linked here, with the coverage, so
   every inventory carries its tracks.
 - ``coverage_<year>``: polygons with ``status`` in processed / no_data / failed and a
-  ``reason``, so "no slump here" and "no data here" never look alike.
+  ``reason``, so "no slump here" and "no data here" never look alike; where the caller gives
+  them, ``chunk_id`` and ``modalities`` (what a processed part was mapped with, ``sar+dem``).
 - ``run_metadata``: a table without geometry, one row per key, the value as JSON
   (configuration, model hash and metadata, software version, STAC item ids, times).
 
@@ -209,9 +210,11 @@ def _coverage_layer(gdf: gpd.GeoDataFrame, year: int, crs: Any) -> gpd.GeoDataFr
         "status": g["status"].astype(str).to_numpy(dtype=object),
         "reason": (g["reason"].fillna("").astype(str) if "reason" in g else pd.Series([""] * len(g))).to_numpy(dtype=object),
     })
-    for extra in ("chunk_id",):
+    # Optional columns: the chunk, and the modalities a processed part was mapped with
+    # ("optical+sar+dem", "sar+dem"; empty on rows without one).
+    for extra in ("chunk_id", "modalities"):
         if extra in g:
-            out[extra] = g[extra].astype(str).to_numpy(dtype=object)
+            out[extra] = g[extra].fillna("").astype(str).to_numpy(dtype=object)
     multi = [shapely.MultiPolygon([p]) if p.geom_type == "Polygon" else p for p in g.geometry.values]
     return gpd.GeoDataFrame(out, geometry=gpd.GeoSeries(multi, crs=crs), crs=crs)
 

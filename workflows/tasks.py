@@ -5,6 +5,10 @@ Runs on workers. The model is loaded once per worker process (a module-level cac
 the model file, its hash and the providers), not once per task; so is the asset signer
 (``pipeline.stac.shared_signer``, keyed by the signing scheme), so that a worker fetches one
 token per collection, not one per task.
+
+A chunk-year lacking some modality's items runs with the others when the model was trained for
+that subset (``ModelInfo.supports``), else it is no_data; records and coverage rows name the
+modalities used. The next year loads on one background thread while this one is inferred.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,13 +143,29 @@ def _record(task: _Year, status: str, reason: str = "", **values: Any) -> dict[s
     return {**base, "status": status, "reason": reason, **values}
 
 
-def _write_no_data(task: _Year, core: shapely.Geometry, missing: list[str]) -> dict[str, Any]:
-    """Record a chunk-year lacking a modality the model needs as no_data (never run with zeros)."""
-    reason = f"no {', '.join(missing)} items for {task.year}"
-    record = _record(task, "no_data", reason, n_detections=0, seconds=0.0)
-    record["coverage"] = [{"status": "no_data", "reason": reason, "wkb": core.wkb_hex}]
+def _write_no_data(task: _Year, core: shapely.Geometry, missing: list[str], needs: str = "") -> dict[str, Any]:
+    """Record a chunk-year lacking a modality the model needs as no_data (never run with zeros).
+
+    ``needs`` says why the model cannot do without it (appended to the reason).
+    """
+    reason = f"no {', '.join(missing)} items for {task.year}" + (f": {needs}" if needs else "")
+    record = _record(task, "no_data", reason, n_detections=0, seconds=0.0, modalities="")
+    record["coverage"] = [{"status": "no_data", "reason": reason, "modalities": "", "wkb": core.wkb_hex}]
     task.store.write(task.year, task.chunk.id, empty_polygons(task.chunk.spec.crs), record)
     return record
+
+
+def _needs(info, missing: list[str]) -> str:
+    """Why a model cannot map without the ``missing`` modalities (the no_data reason's tail)."""
+    if len(info.modality_subsets) <= 1:
+        return f"model {info.name} needs {', '.join(missing)} (it runs only with all of {list(info.modalities)})"
+    return (f"model {info.name} needs {', '.join(missing)} here "
+            f"(it runs with {['+'.join(s) for s in info.modality_subsets]})")
+
+
+def modality_label(modalities) -> str:
+    """The modalities a coverage part was mapped with, as written in records: ``optical+sar+dem``."""
+    return "+".join(modalities)
 
 
 def signed_items(task: ChunkTask, year: int, modalities=None) -> dict[str, list[pystac.Item]]:
@@ -164,12 +185,14 @@ def signed_items(task: ChunkTask, year: int, modalities=None) -> dict[str, list[
     return items
 
 
-def _infer(task: _Year, stack) -> Any:
-    """Detections of the chunk's tiles as polygons (the model cached per process)."""
+def _infer(task: _Year, stack, present: list[str]) -> tuple[Any, list]:
+    """Detections of the chunk's tiles as polygons, and the per-tile detections (the model cached
+    per process); the model runs with the modalities ``present`` (those with items)."""
     detector = get_detector(task.model_path, task.model_sha256, task.inference)
-    detections = infer_chunk(detector, stack, task.chunk.tiles, batch_size=task.inference.batch_size)
+    detections = infer_chunk(detector, stack, task.chunk.tiles, batch_size=task.inference.batch_size,
+                             presence=present)
     source_items = sorted({i for ids in stack.item_ids.values() for i in ids})
-    return vectorize_detections(
+    gdf = vectorize_detections(
         detections,
         stack.transform,
         stack.crs,
@@ -177,103 +200,180 @@ def _infer(task: _Year, stack) -> Any:
         min_area_m2=task.inference.min_area_m2,
         source_items=source_items,
     )
+    return gdf, detections
 
 
-def _coverage(stack, core: shapely.Geometry) -> list[dict[str, str]]:
-    """The chunk's coverage rows: processed where some modality had data, no_data elsewhere."""
+def _tile_cell(tile, spec) -> shapely.Geometry:
+    """The part of the chunk a tile answers for: its stride cell (as ``run.chunk_core`` cuts it)."""
+    step = spec.stride_px * spec.resolution
+    return shapely.box(tile.bounds[0], tile.bounds[3] - step, tile.bounds[0] + step, tile.bounds[3])
+
+
+def _coverage(stack, core: shapely.Geometry, chunk: Chunk | None = None, detections=(),
+              present: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """The chunk's coverage rows: processed where some modality had data, no_data elsewhere.
+
+    Each processed row names the modalities the model ran with there (``modalities``): one row
+    when every tile ran with the same ones, else one per set (a model trained with modality
+    dropout drops, per tile, a modality with no valid pixel in it). Skipped tiles count as
+    ``present``, the chunk's modalities.
+    """
     no_data = _no_data_geometry(stack, core)
-    coverage = [{"status": "processed", "reason": "", "wkb": shapely.difference(core, no_data).wkb_hex}]
+    processed = shapely.difference(core, no_data)
+    groups: dict[tuple[str, ...], list] = {}
+    for tile, found in zip(chunk.tiles if chunk is not None else (), detections):
+        groups.setdefault(tuple(found.modalities) or tuple(present), []).append(tile)
+    if len(groups) <= 1:
+        label = modality_label(next(iter(groups), present))
+        coverage = [{"status": "processed", "reason": "", "modalities": label, "wkb": processed.wkb_hex}]
+    else:
+        coverage = []
+        for modalities, tiles in sorted(groups.items(), key=lambda kv: (-len(kv[0]), kv[0])):
+            part = shapely.intersection(processed, shapely.union_all([_tile_cell(t, chunk.spec) for t in tiles]))
+            if not part.is_empty:
+                coverage.append({"status": "processed", "reason": "", "modalities": modality_label(modalities),
+                                 "wkb": part.wkb_hex})
     if not no_data.is_empty:
-        coverage.append({"status": "no_data", "reason": "no valid pixels in any modality", "wkb": no_data.wkb_hex})
+        coverage.append({"status": "no_data", "reason": "no valid pixels in any modality", "modalities": "",
+                         "wkb": no_data.wkb_hex})
     return coverage
 
 
-def _static_stack(task: ChunkTask, static: dict[str, ModalityProfile]):
-    """The static modalities (the DEM and its derivatives) of the chunk, loaded once for all years."""
-    year = task.years[0]
-    return load_chunk(task.chunk, signed_items(task, year, static), static, year)
+class _Loader:
+    """Loads a chunk's years; the static modalities (the DEM) once for all of them.
+
+    Used by one thread at a time (the task's thread, or its one prefetch thread, whose loads
+    are waited for in order), so the static stack needs no lock.
+    """
+
+    def __init__(self, task: ChunkTask, static: dict[str, ModalityProfile], per_year: dict[str, ModalityProfile]):
+        self.task, self.static, self.per_year = task, static, per_year
+        self.static_stack = None
+        self.static_error: AssetError | None = None
+
+    def load(self, year: int, present: list[str]) -> tuple[Any, float]:
+        """The stack of one year with the modalities ``present``, and the seconds it took.
+
+        Raises
+        ------
+        AssetError
+            An item could not be read (a static item's error is raised for every year).
+        """
+        started = time.perf_counter()
+        per_year = {m: p for m, p in self.per_year.items() if m in present}
+        static = {m: p for m, p in self.static.items() if m in present}
+        stack = load_chunk(self.task.chunk, signed_items(self.task, year, per_year), per_year, year) if per_year else None
+        if static:
+            if self.static_stack is None:
+                if self.static_error is not None:
+                    raise self.static_error  # the DEM failed for an earlier year: it fails every year
+                try:
+                    self.static_stack = load_chunk(self.task.chunk, signed_items(self.task, year, static), static, year)
+                except AssetError as exc:
+                    self.static_error = exc
+                    raise
+            stack = self.static_stack if stack is None else dataclasses.replace(
+                stack,
+                data={**self.static_stack.data, **stack.data},
+                valid={**self.static_stack.valid, **stack.valid},
+                item_ids={**self.static_stack.item_ids, **stack.item_ids},
+                band_names={**self.static_stack.band_names, **stack.band_names},
+            )
+        return stack, time.perf_counter() - started
 
 
-def process_chunk(task: ChunkTask) -> list[dict[str, Any]]:
+def process_chunk(task: ChunkTask, *, prefetch: bool = True) -> list[dict[str, Any]]:
     """Process one chunk for all its missing years; write one fragment per chunk-year.
 
     The chunk's grid, its static modalities (DEM, slope, hillshade) and the model are made once
     for the task, not once per year. A year whose fragment exists is skipped (a rerun of a
-    partly done chunk runs only the missing years). Asset errors are recorded as that
-    chunk-year's failure (a static modality's as every year's) and returned, not raised, so the
-    run goes on; anything else raises, and Dask retries the task.
+    partly done chunk runs only the missing years). A year lacking some modality's items runs
+    with the others when the model supports that subset (``ModelInfo.supports``: trained with
+    modality dropout); else it is no_data, the reason naming what is missing. While a year is
+    inferred, the next one loads on one background thread (at most one year ahead). Asset
+    errors, of a background load too, are recorded as that chunk-year's failure (a static
+    modality's as every year's) and returned, not raised, so the run goes on; anything else
+    raises, and Dask retries the task.
 
     Parameters
     ----------
     task
         The chunk and its years.
+    prefetch
+        Load the next year while this one is inferred (False: load each year when its turn comes;
+        the fragments are the same).
 
     Returns
     -------
     list of dict
         One record per year: ``chunk_id``, ``year``, ``status`` (``skipped``, ``no_data``,
-        ``failed``, ``processed``), ``reason`` and, when processed, counts, item ids, valid
-        fractions and timings.
+        ``failed``, ``processed``), ``reason`` and, when processed, the ``modalities`` used
+        (``optical+sar+dem``), counts, item ids, valid fractions and timings.
     """
     static = {m: p for m, p in task.profiles.items() if not p.per_year}
     per_year = {m: p for m, p in task.profiles.items() if p.per_year}
     core = shapely.from_wkb(task.core_wkb)
-    records: list[dict[str, Any]] = []
-    static_stack, static_error = None, None
+    info = get_detector(task.model_path, task.model_sha256, task.inference).info
+    loader = _Loader(task, static, per_year)
+
+    # What each year does, decided before any load: skip, no_data, or load these modalities.
+    records: dict[int, dict[str, Any]] = {}
+    to_load: list[tuple[int, list[str]]] = []
     for year in task.years:
         one = _Year(task.chunk, year, task.store, task.inference, task.model_path, task.model_sha256)
         if task.store.is_done(year, task.chunk.id):
-            records.append({"chunk_id": task.chunk.id, "year": year, "status": "skipped"})
+            records[year] = {"chunk_id": task.chunk.id, "year": year, "status": "skipped"}
             continue
-        started = time.perf_counter()
-        missing = [m for m in task.profiles if not task.items[year].get(m)]
-        if missing:
-            records.append(_write_no_data(one, core, missing))
+        present = [m for m in info.modalities if task.items[year].get(m)]
+        missing = [m for m in info.modalities if m not in present]
+        if missing and not info.supports(present):
+            records[year] = _write_no_data(one, core, missing, _needs(info, missing))
             continue
-        try:
-            stack = load_chunk(task.chunk, signed_items(task, year, per_year), per_year, year)
-            if static and static_stack is None:
-                if static_error is not None:
-                    raise static_error  # the DEM failed for an earlier year: it fails every year
-                try:
-                    static_stack = _static_stack(task, static)
-                except AssetError as exc:
-                    static_error = exc
-                    raise
-        except AssetError as exc:
-            record = _record(one, "failed", str(exc))
-            task.store.write_failure(year, task.chunk.id, record)
-            records.append(record)
-            continue
-        if static_stack is not None:
-            stack = dataclasses.replace(
-                stack,
-                data={**static_stack.data, **stack.data},
-                valid={**static_stack.valid, **stack.valid},
-                item_ids={**static_stack.item_ids, **stack.item_ids},
-                band_names={**static_stack.band_names, **stack.band_names},
-            )
-        records.append(_process_stack(one, stack, core, started))
-    return records
+        to_load.append((year, present))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{task.chunk.id}") as pool:
+        ahead = None  # the next year's load, submitted while this one is inferred
+        for k, (year, present) in enumerate(to_load):
+            one = _Year(task.chunk, year, task.store, task.inference, task.model_path, task.model_sha256)
+            started = time.perf_counter()
+            try:
+                stack, load_s = ahead.result() if ahead is not None else loader.load(year, present)
+            except AssetError as exc:
+                record = _record(one, "failed", str(exc), modalities=modality_label(present))
+                task.store.write_failure(year, task.chunk.id, record)
+                records[year] = record
+                stack = None
+            ahead = None
+            # Bounded memory: at most this year's stack and the next one's exist at once.
+            if prefetch and k + 1 < len(to_load):
+                ahead = pool.submit(loader.load, *to_load[k + 1])
+            if stack is not None:
+                records[year] = _process_stack(one, stack, core, started, load_s, present)
+            del stack
+    return [records[year] for year in task.years]
 
 
-def _process_stack(one: _Year, stack, core: shapely.Geometry, started: float) -> dict[str, Any]:
+def _process_stack(one: _Year, stack, core: shapely.Geometry, started: float, load_s: float,
+                   present: list[str]) -> dict[str, Any]:
     """Infer, vectorize and write one chunk-year whose stack is loaded."""
     loaded = time.perf_counter()
     _keep_hillshade(one.store, one.chunk.id, stack)
-    gdf = _infer(one, stack)
+    gdf, detections = _infer(one, stack, present)
     inferred = time.perf_counter()
-    coverage = _coverage(stack, core)
+    coverage = _coverage(stack, core, one.chunk, detections, tuple(present))
     finished = time.perf_counter()
     record = _record(
         one,
         "processed",
+        modalities=modality_label(present),
         n_detections=int(len(gdf)),
         n_tiles=len(one.chunk.tiles),
         items={m: list(ids) for m, ids in stack.item_ids.items()},
         valid_fraction={m: _valid_fraction(stack, m) for m in stack.valid},
-        seconds={"load": loaded - started, "infer": inferred - loaded, "vectorize": finished - inferred,
-                 "total": finished - started},
+        # load: the load's own time (on the prefetch thread, mostly hidden behind the previous
+        # year's inference); load_wait: how long this year waited for it.
+        seconds={"load": load_s, "load_wait": loaded - started, "infer": inferred - loaded,
+                 "vectorize": finished - inferred, "total": finished - started},
         coverage=coverage,
     )
     one.store.write(one.year, one.chunk.id, gdf, record)
