@@ -58,6 +58,44 @@ def run_case(catalog: str, aoi: Path, years: str, extra: list[str]) -> dict:
     }
 
 
+def api_case(catalog: str, aoi: Path, years: str, folder: Path) -> dict:
+    """The same plan against a real STAC API: ``rustac serve`` holding the catalog's items over ``aoi``.
+
+    The served items are those of the local catalog meeting the AOI's bounds in the years (the
+    in-memory server holds them all, so keep this to a few boxes); the plan then asks the API
+    once per block, modality and year.
+    """
+    import datetime as dt
+
+    from rtsmap.pipeline.geoparquet import search_geoparquet
+    from rtsmap.pipeline.aoi import read_aoi
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from stac_server import rustac_server
+
+    lo, _, hi = years.partition("-")
+    start = dt.datetime(int(lo), 1, 1, tzinfo=dt.timezone.utc)
+    end = dt.datetime(int(hi or lo), 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
+    bounds = read_aoi(aoi).geometry_wgs84.bounds
+    hrefs, served = [], 0
+    for collection in ("cop-dem-glo-30", "sentinel-2-l2a", "sentinel-1-rtc"):
+        window = (None, None) if collection == "cop-dem-glo-30" else (start, end)
+        items = list(search_geoparquet(catalog, collections=[collection], bbox=bounds, start=window[0], end=window[1]))
+        served += len(items)
+        meta = folder / f"{collection}.collection.json"
+        meta.write_text(json.dumps({
+            "type": "Collection", "stac_version": "1.1.0", "id": collection, "description": collection, "license": "other",
+            "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]}, "temporal": {"interval": [[None, None]]}},
+            "links": []}))
+        features = folder / f"{collection}.items.json"
+        features.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+        hrefs += [meta, features]
+    with rustac_server(hrefs[0::2] + hrefs[1::2]) as url:
+        fig = run_case(url, aoi, years, [])
+    fig["api_items_served"] = served
+    return fig
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", required=True, help="stac-geoparquet file or folder, NDJSON, or a STAC API URL")
@@ -65,15 +103,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--years", nargs="+", default=["2024", "2022-2024", "2017-2024"])
     parser.add_argument("--areas", nargs="+", type=int, default=[1, 4, 16], help="sixteenths of the AOI file")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--api-boxes", type=int, default=0,
+                        help="also plan the first N boxes against a rustac serve STAC API of the same items")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `rtsmap plan` flags")
     args = parser.parse_args(argv)
     figures = []
     with tempfile.TemporaryDirectory() as folder:
-        for area in sorted(args.areas):
+        for area in sorted(args.areas) if args.areas != [0] else []:
             aoi = args.aoi if area >= 16 else _sub_aoi(args.aoi, area / 16, Path(folder))
             for years in args.years:
                 fig = run_case(args.catalog, aoi, years, args.extra)
                 fig["area_sixteenths"] = area
+                print(json.dumps(fig), flush=True)
+                figures.append(fig)
+        if args.api_boxes:
+            aoi = _sub_aoi(args.aoi, args.api_boxes / len(json.loads(args.aoi.read_text())["features"]), Path(folder))
+            for years in args.years:
+                fig = api_case(args.catalog, aoi, years, Path(folder))
+                fig["api_boxes"] = args.api_boxes
                 print(json.dumps(fig), flush=True)
                 figures.append(fig)
     if args.json:

@@ -415,12 +415,118 @@ def plan_blocks(aoi_geometry: BaseGeometry, spec: GridSpec, block_chunks: int = 
     return blocks
 
 
-def chunks_of_block(aoi_geometry: BaseGeometry, spec: GridSpec, block: Block) -> list[Chunk]:
-    """The chunks of one block that :func:`plan_grid` would return, sorted by id.
+@dataclass(frozen=True)
+class BlockCells:
+    """The chunks of one block as arrays: ids, tile counts and windows without Chunk or Tile objects.
+
+    A plan needs tile counts and chunk windows, not tiles: a pan-Arctic AOI has ~10^7 tiles.
+    :meth:`chunk` makes the full :class:`Chunk` (with its tiles) of one cell when a task needs it.
+    """
+
+    spec: GridSpec
+    """The grid."""
+    block: Block
+    """The block these chunks belong to."""
+    cols: np.ndarray
+    """Chunk columns (int64), in chunk id order."""
+    rows: np.ndarray
+    """Chunk rows (int64), in chunk id order."""
+    tile_mask: np.ndarray
+    """(chunks, tiles_per_chunk ** 2) bool: which tiles of each chunk share area with the AOI,
+    tile offsets row by row."""
+
+    def __len__(self) -> int:
+        return len(self.cols)
+
+    @property
+    def ids(self) -> list[str]:
+        """Chunk ids, sorted."""
+        return [self.spec.chunk_id(int(c), int(r)) for c, r in zip(self.cols, self.rows)]
+
+    @property
+    def tile_counts(self) -> np.ndarray:
+        """Tiles touching the AOI, per chunk."""
+        return self.tile_mask.sum(axis=1)
+
+    def windows(self) -> np.ndarray:
+        """The chunks' read windows as shapely boxes (grid CRS)."""
+        spec = self.spec
+        return _boxes(self.cols * spec.chunk_px, self.rows * spec.chunk_px, spec.window_px, spec.resolution)
+
+    def bounds(self) -> np.ndarray:
+        """(chunks, 4) array of the read windows' (minx, miny, maxx, maxy)."""
+        spec = self.spec
+        x0 = self.cols * spec.chunk_px * spec.resolution
+        y1 = -(self.rows * spec.chunk_px) * spec.resolution
+        size = spec.window_px * spec.resolution
+        return np.column_stack([x0, y1 - size, x0 + size, y1]).astype(float)
+
+    def chunk(self, i: int) -> Chunk:
+        """The :class:`Chunk` of cell ``i``, with its tiles (equal to :func:`plan_grid`'s)."""
+        spec, n = self.spec, self.spec.tiles_per_chunk
+        col, row = int(self.cols[i]), int(self.rows[i])
+        trow, tcol = np.divmod(np.flatnonzero(self.tile_mask[i]), n)
+        return _make_chunk(spec, col, row, zip((col * n + tcol).tolist(), (row * n + trow).tolist()))
+
+    def chunks(self) -> list[Chunk]:
+        """Every chunk of the block, sorted by id."""
+        return [self.chunk(i) for i in range(len(self))]
+
+
+def block_cells(aoi_geometry: BaseGeometry, spec: GridSpec, block: Block) -> BlockCells:
+    """The chunks of one block that :func:`plan_grid` would return, as arrays (no Tile objects).
 
     The AOI is first cut to the block (with a margin of one read window), so the predicates
     test a small geometry; a chunk or tile lying inside the cut meets the cut AOI exactly as it
-    meets the whole one, so the chunks and tiles are the same as :func:`plan_grid`'s.
+    meets the whole one. Chunks inside the AOI take all their tiles untested; the tiles of the
+    boundary chunks are tested in one vectorised call.
+
+    Parameters
+    ----------
+    aoi_geometry : shapely geometry
+        The AOI in ``spec.crs``.
+    spec : GridSpec
+        The grid.
+    block : Block
+        From :func:`plan_blocks`.
+
+    Returns
+    -------
+    BlockCells
+    """
+    n = block.block_chunks
+    t = spec.tiles_per_chunk
+    empty = BlockCells(spec, block, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, t * t), bool))
+    margin = spec.window_px * spec.resolution
+    minx, miny, maxx, maxy = block.bounds
+    cut = shapely.intersection(aoi_geometry, shapely.box(minx - margin, miny - margin, maxx + margin, maxy + margin))
+    if cut.is_empty:
+        return empty
+    shapely.prepare(cut)
+    ccol, crow = (a.ravel().astype(np.int64) for a in np.meshgrid(np.arange(block.col * n, block.col * n + n),
+                                                                  np.arange(block.row * n, block.row * n + n)))
+    windows = _boxes(ccol * spec.chunk_px, crow * spec.chunk_px, spec.window_px, spec.resolution)
+    hit = _shares_area(cut, windows)
+    inside = shapely.contains(cut, windows[hit])
+    ccol, crow = ccol[hit], crow[hit]
+    mask = np.ones((len(ccol), t * t), dtype=bool)
+    edge = np.flatnonzero(~inside)
+    if len(edge):
+        trow, tcol = np.divmod(np.arange(t * t), t)
+        cols = (ccol[edge, None] * t + tcol[None, :]).ravel()
+        rows = (crow[edge, None] * t + trow[None, :]).ravel()
+        keep = _shares_area(cut, _boxes(cols * spec.stride_px, rows * spec.stride_px, spec.tile_px, spec.resolution))
+        mask[edge] = keep.reshape(len(edge), t * t)
+    some = mask.any(axis=1)
+    ccol, crow, mask = ccol[some], crow[some], mask[some]
+    order = sorted(range(len(ccol)), key=lambda i: spec.chunk_id(int(ccol[i]), int(crow[i])))
+    return BlockCells(spec, block, ccol[order], crow[order], mask[order])
+
+
+def chunks_of_block(aoi_geometry: BaseGeometry, spec: GridSpec, block: Block) -> list[Chunk]:
+    """The chunks of one block that :func:`plan_grid` would return, sorted by id (with tiles).
+
+    See :func:`block_cells` (the same chunks as arrays, which a plan uses instead).
 
     Parameters
     ----------
@@ -435,14 +541,7 @@ def chunks_of_block(aoi_geometry: BaseGeometry, spec: GridSpec, block: Block) ->
     -------
     list of Chunk
     """
-    margin = spec.window_px * spec.resolution
-    minx, miny, maxx, maxy = block.bounds
-    cut = shapely.intersection(aoi_geometry, shapely.box(minx - margin, miny - margin, maxx + margin, maxy + margin))
-    if cut.is_empty:
-        return []
-    n = block.block_chunks
-    return plan_grid_cells(cut, spec, range(block.col * n, block.col * n + n),
-                           range(block.row * n, block.row * n + n))
+    return block_cells(aoi_geometry, spec, block).chunks()
 
 
 def plan_grid_cells(geom: BaseGeometry, spec: GridSpec, cols: range, rows: range) -> list[Chunk]:

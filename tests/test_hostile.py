@@ -182,6 +182,12 @@ CASES = [
     Case("run-aoi-folder", ("run", "--aoi", "{w}/chips", "--years", "2021", *LOCAL, "--out", "{w}/o.gpkg"), 2, "chips"),
     Case("run-quicklook-of-user-exists", ("run", "--aoi", "{w}/aoi.geojson", "--years", "2021", *LOCAL,
                                           "--out", "{w}/out.gpkg"), 2, "out_2021.png"),
+    # The AOI is read before the catalog is opened: offline, a broken AOI is what the user hears about.
+    Case("run-broken-aoi-offline-catalog", ("run", "--aoi", "{w}/garbage.geojson", "--years", "2021", "--profile",
+                                            "planetary-computer", "--catalog", "http://127.0.0.1:9/stac", "--out",
+                                            "{w}/o.gpkg"), 2, "garbage"),
+    Case("plan-broken-aoi-offline-catalog", ("plan", "--aoi", "{w}/garbage.geojson", "--years", "2021", "--profile",
+                                             "planetary-computer", "--catalog", "http://127.0.0.1:9/stac"), 2, "garbage"),
     Case("run-out-under-file", ("run", "--aoi", "{w}/aoi.geojson", "--years", "2021", *LOCAL, "--out", "{w}/afile/o.gpkg"), 2, "afile"),
     Case("run-model-text", ("run", "--aoi", "{w}/aoi.geojson", "--years", "2021", *LOCAL, "--model", "{w}/text.onnx",
                             "--out", "{w}/o.gpkg"), 2, "text.onnx"),

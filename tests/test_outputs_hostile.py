@@ -255,7 +255,7 @@ def test_fragment_records_hold_no_credentials(tmp_path):
     for path in store.root.rglob("*.json"):
         text = path.read_text()
         assert "PASSWORD" not in text and "KEY123" not in text and "SIG456" not in text
-    assert json.loads((store.root / "2021" / "c2.failed.json").read_text())["reason"].startswith("AssetError: 403 for https://")
+    assert store.read_failure(2021, "c2")["reason"].startswith("AssetError: 403 for https://")
 
 
 # --- quick-looks --------------------------------------------------------------------------------

@@ -159,13 +159,15 @@ def test_plan_refuses_bad_years(region, years):
     assert "years" in str(result.exception)
 
 
-def test_profile_resolution_errors():
+def test_profile_resolution_errors(tmp_path):
+    aoi = tmp_path / "aoi.geojson"  # the AOI is read first (before the catalog), so it must exist
+    aoi.write_text('{"type": "Polygon", "coordinates": [[[-135.3, 67.4], [-135.2, 67.4], [-135.2, 67.5], [-135.3, 67.4]]]}')
     assert resolve_profile("demo").name == "demo"
     assert resolve_profile(REPO / "workflows" / "profiles" / "earth-search.yaml").url.startswith("https://earth-search")
     with pytest.raises(ConfigError, match="neither a shipped profile"):
         resolve_profile("no-such-profile")
     with pytest.raises(ConfigError, match="give --profile"):
-        plan_report(RunConfig(aoi="aoi.geojson", years=(2021,), catalog="https://stac.example.org/v1", profile=None))
+        plan_report(RunConfig(aoi=str(aoi), years=(2021,), catalog="https://stac.example.org/v1", profile=None))
 
 
 def test_cli_missing_aoi_is_one_line_exit_2(region, tmp_path):

@@ -2,9 +2,16 @@
 
 Layout::
 
-    <workdir>/<run key>/<year>/<chunk_id>.parquet   detections (GeoParquet)
-    <workdir>/<run key>/<year>/<chunk_id>.json      the done marker: coverage and timings
-    <workdir>/<run key>/<year>/<chunk_id>.failed.json   last failure (retried on the next run)
+    <workdir>/<run key>/<year>/<shard>/<chunk_id>.parquet   detections (GeoParquet)
+    <workdir>/<run key>/<year>/<shard>/<chunk_id>.json      the done marker: coverage and timings
+    <workdir>/<run key>/<year>/<shard>/<chunk_id>.failed.json   last failure (retried on the next run)
+    <workdir>/<run key>/hillshade/<shard>/<chunk_id>.npz     quick-look thumbnail (once per chunk)
+
+``<shard>`` is the first two hex digits of the SHA-1 of the chunk id (:func:`shard_of`): a
+pan-Arctic year has ~100,000 chunks, and 256 folders of a few hundred files each keep
+listings and file creation fast on every file system (Lustre and NFS included). Work
+directories written before sharding (``<year>/<chunk_id>.*``) are still read: a fragment is
+looked for in its shard first, then in the year folder; new fragments always go to the shard.
 
 The run key joins the model's hash and the hash of the configuration that changes results, so a
 new model or new settings never reuse old fragments. The parquet file is renamed into place
@@ -35,6 +42,11 @@ from affine import Affine
 
 from rtsmap.pipeline.errors import OutputError
 from rtsmap.pipeline.inventory import redact_metadata
+
+
+def shard_of(chunk_id: str) -> str:
+    """The shard folder of a chunk: the first two hex digits of the SHA-1 of its id."""
+    return hashlib.sha1(chunk_id.encode()).hexdigest()[:2]
 
 
 def run_key(model_sha256: str, settings: dict[str, Any]) -> str:
@@ -92,26 +104,39 @@ class FragmentStore:
             raise _write_error(self.root, exc) from None
 
     def _base(self, year: int, chunk_id: str) -> Path:
-        return self.root / str(year) / chunk_id
+        """Where a new fragment of the chunk-year goes (its shard)."""
+        return self.root / str(year) / shard_of(chunk_id) / chunk_id
+
+    def path(self, year: int, chunk_id: str, suffix: str) -> Path:
+        """The file of a chunk-year with ``suffix`` (``.json``, ``.parquet``, ``.failed.json``).
+
+        The sharded path, unless only an unsharded one (a work directory written before
+        sharding) exists.
+        """
+        sharded = self._base(year, chunk_id).with_name(chunk_id + suffix)
+        if sharded.exists():
+            return sharded
+        legacy = self.root / str(year) / (chunk_id + suffix)
+        return legacy if legacy.exists() else sharded
 
     def is_done(self, year: int, chunk_id: str) -> bool:
         """True when the chunk-year finished (its marker exists)."""
-        return self._base(year, chunk_id).with_suffix(".json").is_file()
+        return self.path(year, chunk_id, ".json").is_file()
 
     def write(self, year: int, chunk_id: str, detections: gpd.GeoDataFrame, record: dict[str, Any]) -> None:
         """Write the detections, then the marker, each atomically; clear an old failure record."""
         base = self._base(year, chunk_id)
         text = json.dumps(redact_metadata(record), sort_keys=True)
         try:
-            _atomic_write_bytes(base.with_suffix(".parquet"), lambda tmp: detections.to_parquet(tmp, index=False))
-            _atomic_write_bytes(base.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-            base.with_suffix(".failed.json").unlink(missing_ok=True)
+            _atomic_write_bytes(base.with_name(chunk_id + ".parquet"), lambda tmp: detections.to_parquet(tmp, index=False))
+            _atomic_write_bytes(base.with_name(chunk_id + ".json"), lambda tmp: Path(tmp).write_text(text))
+            self.path(year, chunk_id, ".failed.json").unlink(missing_ok=True)
         except OSError as exc:
             raise _write_error(self.root, exc) from None
 
     def write_failure(self, year: int, chunk_id: str, record: dict[str, Any]) -> None:
         """Record a failure; it is not a done marker, so the next run tries the chunk again."""
-        path = self._base(year, chunk_id).with_suffix(".failed.json")
+        path = self._base(year, chunk_id).with_name(chunk_id + ".failed.json")
         text = json.dumps(redact_metadata(record), sort_keys=True)
         try:
             _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
@@ -120,19 +145,24 @@ class FragmentStore:
 
     def read_record(self, year: int, chunk_id: str) -> dict[str, Any]:
         """The done marker's record."""
-        return json.loads(self._base(year, chunk_id).with_suffix(".json").read_text())
+        return json.loads(self.path(year, chunk_id, ".json").read_text())
 
     def read_detections(self, year: int, chunk_id: str) -> gpd.GeoDataFrame:
         """The detections of a finished chunk-year."""
-        return gpd.read_parquet(self._base(year, chunk_id).with_suffix(".parquet"))
+        return gpd.read_parquet(self.path(year, chunk_id, ".parquet"))
+
+    def _thumbnail(self, chunk_id: str) -> Path:
+        sharded = self.root / "hillshade" / shard_of(chunk_id) / f"{chunk_id}.npz"
+        legacy = self.root / "hillshade" / f"{chunk_id}.npz"
+        return legacy if not sharded.exists() and legacy.exists() else sharded
 
     def has_thumbnail(self, chunk_id: str) -> bool:
         """True when the chunk's hillshade thumbnail is kept."""
-        return (self.root / "hillshade" / f"{chunk_id}.npz").is_file()
+        return self._thumbnail(chunk_id).is_file()
 
     def write_thumbnail(self, chunk_id: str, image: np.ndarray, transform: Affine) -> None:
         """Keep a small image of a chunk (for the quick-look maps), atomically."""
-        path = self.root / "hillshade" / f"{chunk_id}.npz"
+        path = self.root / "hillshade" / shard_of(chunk_id) / f"{chunk_id}.npz"
         try:
             _atomic_write_bytes(path, lambda tmp: _save_npz(tmp, image=image, transform=np.array(transform)[:6]))
         except OSError as exc:
@@ -142,7 +172,7 @@ class FragmentStore:
         """The kept thumbnails of these chunks, with their transforms."""
         out = []
         for chunk_id in chunk_ids:
-            path = self.root / "hillshade" / f"{chunk_id}.npz"
+            path = self._thumbnail(chunk_id)
             if path.is_file():
                 with np.load(path) as npz:
                     out.append((npz["image"].astype(np.float32), Affine(*npz["transform"])))
@@ -158,11 +188,21 @@ class FragmentStore:
             path.unlink(missing_ok=True)
         return len(leftovers)
 
+    def read_failure(self, year: int, chunk_id: str) -> dict[str, Any] | None:
+        """The failure record of a chunk-year, or None."""
+        path = self.path(year, chunk_id, ".failed.json")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
     def failures(self, year: int) -> dict[str, dict[str, Any]]:
-        """Failure records of a year by chunk id."""
+        """Failure records of a year by chunk id (sharded and unsharded)."""
         folder = self.root / str(year)
         if not folder.is_dir():
             return {}
-        return {
-            p.name[: -len(".failed.json")]: json.loads(p.read_text()) for p in sorted(folder.glob("*.failed.json"))
-        }
+        found = {}
+        for pattern in ("*.failed.json", "*/*.failed.json"):  # unsharded first: a shard's record wins
+            for p in sorted(folder.glob(pattern)):
+                found[p.name[: -len(".failed.json")]] = json.loads(p.read_text())
+        return found

@@ -46,7 +46,8 @@ class ItemStore:
     def __init__(self, spec: GridSpec, blocks: list[Block], folder: str | Path | None = None) -> None:
         self.spec = spec
         self.blocks = {(b.col, b.row): b for b in blocks}
-        self.block_chunks = blocks[0].block_chunks if blocks else 1
+        self._block_list = list(blocks)
+        self._tree = shapely.STRtree(shapely.box(*np.array([b.bounds for b in blocks]).T) if blocks else [])
         handle, name = tempfile.mkstemp(prefix="rtsmap-items-", suffix=".sqlite", dir=folder)
         os.close(handle)
         self.path = Path(name)
@@ -63,16 +64,11 @@ class ItemStore:
         """Remove the file."""
         self._finalizer()
 
-    def _block_range(self, bounds) -> tuple[range, range]:
-        side = self.block_chunks * self.spec.chunk_px * self.spec.resolution
-        over = self.spec.overlap_px * self.spec.resolution
-        minx, miny, maxx, maxy = bounds
-        cols = range(int(np.floor((minx - over) / side)), int(np.floor(maxx / side)) + 1)
-        rows = range(int(np.floor((-maxy - over) / side)), int(np.floor(-miny / side)) + 1)
-        return cols, rows
-
-    def add(self, key: Key, records: Iterable[ItemRecord]) -> int:
+    def add(self, key: Key, records: Iterable[ItemRecord], batch: int = 2000) -> int:
         """Keep records (a record met again, e.g. by the search of a neighbouring block, is kept once).
+
+        Records are placed in blocks a batch at a time: one STRtree query of the batch's
+        footprints against the blocks' bounds (no per-record loop over blocks).
 
         Returns
         -------
@@ -81,24 +77,28 @@ class ItemStore:
         """
         text = key_text(key)
         n = 0
-        rows, found = [], []
+        pending: list[ItemRecord] = []
         for rec in records:
             n += 1
-            geom = shapely.from_wkb(rec.footprint_wkb)
-            cols, rws = self._block_range(geom.bounds)
-            for c in cols:
-                for r in rws:
-                    block = self.blocks.get((c, r))
-                    if block is None or not shapely.intersects(geom, shapely.box(*block.bounds)):
-                        continue
-                    rows.append((text, c, r, rec.id, rec.cloud_cover, rec.datetime, rec.collection,
-                                 rec.footprint_wkb, rec.data))
-            found.append((text, rec.id, rec.datetime))
-            if len(rows) >= 2000:
-                self._flush(rows, found)
-                rows, found = [], []
-        self._flush(rows, found)
+            pending.append(rec)
+            if len(pending) >= batch:
+                self._place(text, pending)
+                pending = []
+        self._place(text, pending)
         return n
+
+    def _place(self, text: str, records: list[ItemRecord]) -> None:
+        if not records:
+            return
+        rows = []
+        if len(self._block_list):
+            geoms = shapely.from_wkb(np.array([r.footprint_wkb for r in records], dtype=object))
+            hit_item, hit_block = self._tree.query(geoms, predicate="intersects")
+            for i, b in zip(hit_item.tolist(), hit_block.tolist()):
+                rec, block = records[i], self._block_list[b]
+                rows.append((text, block.col, block.row, rec.id, rec.cloud_cover, rec.datetime, rec.collection,
+                             rec.footprint_wkb, rec.data))
+        self._flush(rows, [(text, rec.id, rec.datetime) for rec in records])
 
     def _flush(self, rows, found) -> None:
         with self.db:

@@ -100,9 +100,17 @@ def report(planned: Planned, *, tile_seconds: float = DEFAULT_TILE_SECONDS) -> d
         n_tiles += int(block.cells.tile_counts.sum())
         windows = block.cells.windows()
         cut = shapely.intersection(aoi.geometry, shapely.box(*_grown(block.block.bounds, planned)))
+        needed = needed_parts(windows, cut)
+        # Coverage depends only on the distinct footprints: years (or modalities) whose items
+        # have the same footprints in this block share one answer.
+        memo: dict[int, tuple[list[str], list[str]]] = {}
         for text, (modality, year) in texts:
             label = "static" if year is None else str(year)
-            gaps, parts = block_coverage(ids, windows, block.index.get(text), cut)
+            index = block.index.get(text)
+            key = None if index is None else index.shape_key
+            if key not in memo:
+                memo[key] = block_coverage(ids, windows, index, cut, needed=needed)
+            gaps, parts = memo[key]
             missing[modality][label].extend(gaps)
             partial[modality][label].extend(parts)
     counts = planned.item_counts()
@@ -142,8 +150,17 @@ SLIVER_M = 3.0
 """Width (grid CRS units) under which an uncovered strip is reprojection noise (see ``FOOTPRINT_STEP_DEG``)."""
 
 
+def needed_parts(windows: np.ndarray, aoi: shapely.Geometry) -> np.ndarray:
+    """The AOI's part of each chunk window (the window itself where it lies inside the AOI)."""
+    shapely.prepare(aoi)
+    inside = shapely.contains(aoi, windows)
+    needed = windows.copy()
+    needed[~inside] = shapely.intersection(windows[~inside], aoi)
+    return needed
+
+
 def block_coverage(ids: list[str], windows: np.ndarray, index: ItemIndex | None,
-                   aoi: shapely.Geometry) -> tuple[list[str], list[str]]:
+                   aoi: shapely.Geometry, *, needed: np.ndarray | None = None) -> tuple[list[str], list[str]]:
     """Chunk ids no footprint touches, and ids whose AOI part the footprints cover only in part.
 
     The items of a chunk are those ``rtsmap run`` gives its task (``ItemIndex.covering``). A
@@ -162,6 +179,8 @@ def block_coverage(ids: list[str], windows: np.ndarray, index: ItemIndex | None,
         The items of one modality-year meeting the block (None: no item).
     aoi
         The AOI (or its part around the block) in the grid CRS.
+    needed
+        :func:`needed_parts` of ``windows`` and ``aoi``, when the caller has it already.
 
     Returns
     -------
@@ -171,26 +190,23 @@ def block_coverage(ids: list[str], windows: np.ndarray, index: ItemIndex | None,
         return [], []
     if index is None or not len(index.items):
         return list(ids), []
-    hit_chunk, hit_item = index.meeting(windows)
+    hit_chunk, hit_shape = index.meeting_shapes(windows)
     has = np.zeros(len(ids), dtype=bool)
     has[hit_chunk] = True
     gaps = [i for i, h in zip(ids, has) if not h]
     hit_ids = [i for i, h in zip(ids, has) if h]
-    needed_all = np.empty(len(ids), dtype=object)
-    needed_all[has] = shapely.intersection(windows[has], aoi)
+    needed_all = needed_parts(windows, aoi) if needed is None else needed
     needed = needed_all[has]
     # Scenes are larger than chunks: most chunks' AOI part lies within one footprint (one
     # vectorised test of the pairs); only the others need the union of the footprints that meet them.
-    within = hit_chunk[index.holding(needed_all, hit_chunk, hit_item)]
-    rest = ~np.isin(np.flatnonzero(has), within)
+    held = shapely.contains(index.shapes[hit_shape], needed_all[hit_chunk]) if len(hit_chunk) else np.zeros(0, bool)
+    rest = ~np.isin(np.flatnonzero(has), hit_chunk[held])
     if not rest.any():
         return gaps, []
     rest_rows = np.flatnonzero(has)[rest]
-    meeting = hit_item[np.isin(hit_chunk, rest_rows)]
-    # Scenes of one place share their footprint (one tile, many dates): union each once.
-    footprints = index.footprints[np.unique(meeting)]
-    unique = dict(zip(shapely.to_wkb(footprints).tolist(), footprints))
-    covered = shapely.union_all(list(unique.values()))
+    # Distinct footprints only (scenes of one place share theirs): each is unioned once.
+    footprints = index.shapes[np.unique(hit_shape[np.isin(hit_chunk, rest_rows)])]
+    covered = shapely.union_all(footprints)
     shapely.prepare(covered)
     rest_ids = [c for c, r in zip(hit_ids, rest) if r]
     rest_needed = needed[rest]

@@ -56,8 +56,10 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "planetary-computer"
 """The profile taken when neither a profile nor a catalog is given."""
 
-DEFAULT_BLOCK_CHUNKS = 16
-"""Chunks along a block side: 256 chunks a block (~290 km square at 10 m with 256 px tiles)."""
+DEFAULT_BLOCK_CHUNKS = 32
+"""Chunks along a block side: 1,024 chunks a block (~570 km square at 10 m with 256 px tiles),
+about the size of a Sentinel-1 frame, so an item meets few blocks (fewer rows on disk, fewer
+API queries) while a block's chunks and items stay a few MB."""
 
 
 # --- profiles -----------------------------------------------------------------------------------
@@ -241,19 +243,40 @@ class ItemIndex:
 
     def __init__(self, records: list[ItemRecord]) -> None:
         self.items = list(records)
-        self.footprints = shapely.from_wkb(np.array([r.footprint_wkb for r in self.items], dtype=object))
-        shapely.prepare(self.footprints)
-        self.tree = shapely.STRtree(self.footprints)
+        # Scenes of one place often share their footprint (one tile, many dates): each distinct
+        # footprint is parsed, prepared and tested once.
+        wkbs = np.array([r.footprint_wkb for r in self.items], dtype=object)
+        distinct, self.shape_of = np.unique(wkbs, return_inverse=True) if len(wkbs) else (wkbs, np.zeros(0, np.int64))
+        self.shape_of = np.asarray(self.shape_of).reshape(-1)
+        self.shapes = shapely.from_wkb(distinct)
+        """The distinct footprints (grid CRS), prepared."""
+        self.shape_key = hash(tuple(distinct.tolist()))
+        """A key of the set of distinct footprints (equal sets cover equally)."""
+        shapely.prepare(self.shapes)
+        self.tree = shapely.STRtree(self.shapes)
+
+    @property
+    def footprints(self) -> np.ndarray:
+        """The footprint of every item, in item order."""
+        return self.shapes[self.shape_of]
+
+    def meeting_shapes(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(geometry positions, distinct-footprint positions) of the pairs that intersect."""
+        at, shape = self.tree.query(geoms)
+        hit = shapely.intersects(self.shapes[shape], geoms[at]) if len(at) else np.zeros(0, bool)
+        return at[hit], shape[hit]
 
     def meeting(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(geometry positions, item positions) of every footprint that intersects a geometry."""
-        at, item = self.tree.query(geoms)
-        hit = shapely.intersects(self.footprints[item], geoms[at]) if len(at) else np.zeros(0, bool)
-        return at[hit], item[hit]
-
-    def holding(self, geoms: np.ndarray, at: np.ndarray, item: np.ndarray) -> np.ndarray:
-        """Which of the pairs (``geoms[at]``, footprint ``item``) have the geometry inside the footprint."""
-        return shapely.contains(self.footprints[item], geoms[at]) if len(at) else np.zeros(0, bool)
+        """(geometry positions, item positions) of every item footprint that intersects a geometry."""
+        at, shape = self.meeting_shapes(geoms)
+        if not len(at):
+            return at, shape
+        order = np.argsort(self.shape_of, kind="stable")
+        starts = np.searchsorted(self.shape_of[order], np.arange(len(self.shapes) + 1))
+        counts = np.diff(starts)[shape]
+        at_items = np.repeat(at, counts)
+        items = np.concatenate([order[starts[k]:starts[k + 1]] for k in shape.tolist()])
+        return at_items, items
 
     def covering(self, chunk: Chunk) -> list[int]:
         """Positions (in id order) of the items whose footprint meets the chunk's read window."""
@@ -427,13 +450,14 @@ def plan_chunks(config: RunConfig, *, page_size: int = 100, block_chunks: int = 
         raise ConfigError("no years given: pass e.g. --years 2021-2023")
     if not config.aoi:
         raise ConfigError("--aoi is required (or `aoi:` in the configuration file)")
+    # The local inputs first: a broken AOI is reported as such, also offline (before the catalog).
+    aoi = read_aoi(config.aoi, crs=config.grid.crs)
     info = read_model_info(config.model)
     catalog, profile = open_profile_catalog(config.catalog, config.profile)
     missing = [m for m in info.modalities if m not in profile.modalities]
     if missing:
         raise ModelError(f"the model needs {', '.join(missing)} but profile {profile.name} has no such modality")
     modalities = {m: profile.modalities[m] for m in info.modalities}
-    aoi = read_aoi(config.aoi, crs=config.grid.crs)
     spec = grid_spec(info, config)
     check_compatible(info, {m: list(p.band_names) for m, p in modalities.items()}, spec.resolution, spec.tile_px)
     check_plan_memory(aoi, spec)

@@ -7,7 +7,10 @@ The flow (one direction):
    :class:`~workflows.tasks.ChunkTask` per chunk holding all its years not done yet, made lazily;
 2. execute: make and submit tasks in waves (at most ``max_in_flight`` exist at a time, so neither
    client nor scheduler holds a huge graph), collect them as they complete, show progress;
-3. finish: per year, read the fragments, seam-merge, and write the GeoPackage (atomically).
+3. finish: per year, each block of chunks is read and seam-merged on its own (a cluster task per
+   block, :func:`gather_block`; groups reaching a block border are merged together at the end),
+   so the client never holds a year's detections; then the GeoPackage is written (atomically;
+   the writer still takes each year's merged layer whole).
 
 Finished chunk-years live in the work directory as fragments; a rerun of the same command skips
 them, so a crash, a preemption or Ctrl-C loses at most the tasks in flight.
@@ -26,12 +29,13 @@ from typing import Any
 import click
 import shapely
 
-from rtsmap.pipeline.errors import ConfigError
-from rtsmap.pipeline.grid import Chunk, GridSpec
+from rtsmap.pipeline.errors import ConfigError, OutputError
+from rtsmap.pipeline.grid import BlockCells, Chunk, GridSpec
 from rtsmap.workflows.cluster import local_worker_count, open_cluster
 from rtsmap.workflows.config import RunConfig, config_to_dict, load_run_config, replace
 from rtsmap.workflows.fragments import FragmentStore, run_key
 from rtsmap.workflows.planning import (
+    DEFAULT_BLOCK_CHUNKS,
     Planned,
     check_output_file,
     check_readable,
@@ -65,10 +69,18 @@ class RunPlan:
     """ARTS ``RegionName`` of the inventory: the AOI file's stem or ``--region-name``."""
     skipped: int = 0
     """Chunk-years found done so far by :meth:`iter_tasks`."""
+    stopped: str = ""
+    """Why the run stopped submitting tasks (the work directory could not be written), or ``""``."""
+    block_chunks: int = DEFAULT_BLOCK_CHUNKS
+    """Chunks along a block side (the unit of the search, the task order and the merge in finish)."""
 
     def iter_chunks(self):
-        """Every chunk of the AOI, done or not, a block at a time."""
+        """Every chunk of the AOI (with its tiles), done or not, a block at a time."""
         return self.planned.iter_chunks()
+
+    def iter_cells(self):
+        """The chunks of each block as arrays (no tiles made), a block at a time."""
+        return self.planned.iter_cells()
 
     def iter_tasks(self):
         """One :class:`ChunkTask` per chunk with a year not done, made as the run asks for them.
@@ -141,7 +153,8 @@ def check_run_inputs(config: RunConfig) -> None:
         check_workers(config.cluster.n_workers or None)
 
 
-def make_plan(config: RunConfig, *, region_name: str | None = None) -> RunPlan:
+def make_plan(config: RunConfig, *, region_name: str | None = None,
+              block_chunks: int = DEFAULT_BLOCK_CHUNKS) -> RunPlan:
     """Plan a run: everything that can be checked before work starts is checked here.
 
     Parameters
@@ -150,6 +163,8 @@ def make_plan(config: RunConfig, *, region_name: str | None = None) -> RunPlan:
         The run configuration (``profile`` None: chosen by the rule of ``workflows.planning``).
     region_name
         ARTS ``RegionName`` (default: the AOI file's stem).
+    block_chunks
+        Chunks along a block side.
 
     Returns
     -------
@@ -162,7 +177,7 @@ def make_plan(config: RunConfig, *, region_name: str | None = None) -> RunPlan:
         that exists or cannot be written, or a modality with no item at all.
     """
     check_run_inputs(config)
-    planned = plan_chunks(config)
+    planned = plan_chunks(config, block_chunks=block_chunks)
     for line in planned.warnings:
         print(f"warning: {line}", file=sys.stderr, flush=True)
     info = planned.model
@@ -172,6 +187,7 @@ def make_plan(config: RunConfig, *, region_name: str | None = None) -> RunPlan:
         "profile": planned.profile.name,
     }
     store = FragmentStore(config.work_dir / run_key(info.sha256, settings))
+    store.prepare()  # a work directory that cannot be written ends the run before any work
     inference = config.inference
     if config.cluster.kind == "local" and inference.threads == 0:
         # onnxruntime's default (every core) in each of several local workers oversubscribes the
@@ -179,7 +195,8 @@ def make_plan(config: RunConfig, *, region_name: str | None = None) -> RunPlan:
         share = max(1, (os.cpu_count() or 1) // local_worker_count(config.cluster))
         inference = replace(inference, threads=share)
     region = region_name or Path(config.aoi).stem
-    return RunPlan(config, planned.spec, store, info, planned.aoi, planned, inference, region)
+    return RunPlan(config, planned.spec, store, info, planned.aoi, planned, inference, region,
+                   block_chunks=block_chunks)
 
 
 class Progress:
@@ -291,10 +308,18 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str,
             if fut.status == "error":
                 exc = fut.exception()
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                if isinstance(exc, OutputError) and not plan.stopped:
+                    # The work directory cannot be written (disk full, ...): every later task would
+                    # fail the same way. Submit no more, let those in flight end, keep what finished.
+                    plan.stopped = str(exc)
+                    print(f"[rtsmap] stopping: {exc}", file=stream or sys.stderr, flush=True)
                 done = []
                 for year in task.years:
                     record = {"chunk_id": task.chunk.id, "year": year, "status": "failed", "reason": reason}
-                    plan.store.write_failure(year, task.chunk.id, record)
+                    try:
+                        plan.store.write_failure(year, task.chunk.id, record)
+                    except OutputError:
+                        pass  # not even the failure can be kept; the next run retries the chunk-year anyway
                     done.append(record)
             else:
                 done = fut.result()
@@ -302,7 +327,7 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str,
             for record in done:
                 records.append(record)
                 progress.update(record)
-            nxt = next(pending, None)
+            nxt = None if plan.stopped else next(pending, None)
             if nxt is not None:
                 new = submit(nxt)
                 owner[new.key] = nxt
@@ -356,43 +381,199 @@ class _Year:
     """Ids of the items that gave pixels."""
 
 
-def _coverage_rows(plan: RunPlan, year: int) -> tuple[list, list[dict], list[dict], set[str]]:
-    """Detections, coverage rows, failures and used item ids of one year's chunks."""
-    store = plan.store
-    frames, rows, failures, used = [], [], [], set()
-    failed = store.failures(year)
-    for chunk in plan.iter_chunks():
-        if store.is_done(year, chunk.id):
-            record = store.read_record(year, chunk.id)
-            frames.append(store.read_detections(year, chunk.id))
-            used.update(i for ids in (record.get("items") or {}).values() for i in ids)
-            for row in record.get("coverage", []):
-                geom = shapely.from_wkb(bytes.fromhex(row["wkb"]))
-                if not geom.is_empty:
-                    rows.append({"status": row["status"], "reason": row["reason"], "chunk_id": chunk.id, "geometry": geom})
-            continue
-        reason = failed.get(chunk.id, {"reason": "not processed"}).get("reason", "")
-        failures.append({"chunk_id": chunk.id, "year": year, "reason": reason})
-        rows.append({"status": "failed", "reason": reason, "chunk_id": chunk.id,
-                     "geometry": chunk_core(chunk, plan.aoi.geometry)})
-    return frames, rows, failures, used
+@dataclass(frozen=True)
+class BlockYear:
+    """One block of chunks in one year, as :func:`gather_block` reads it (plain data, sent to a worker)."""
+
+    store: FragmentStore
+    """The fragments of the run."""
+    year: int
+    """The year."""
+    cells: BlockCells
+    """The block's chunks."""
+    aoi_wkb: bytes
+    """The AOI cut to the block (with a margin of one window), grid CRS: the cores of chunks not done."""
+    block_tiles: int
+    """Side of the block in tiles (the merge block: groups reaching its outer ring stay open)."""
+    stopped: str = ""
+    """The reason the run stopped early (given to chunks with neither a fragment nor a failure)."""
 
 
-def _gather_year(plan: RunPlan, year: int) -> _Year:
-    """Seam-merge one year's fragments and gather its coverage (slumps touching the AOI kept whole)."""
+@dataclass
+class BlockResult:
+    """What one block of one year adds to the inventory."""
+
+    merged: Any
+    """Slumps whose every copy lies inside the block, merged (no ``rts_id`` yet)."""
+    open: Any
+    """Raw detections of the groups that reach the block's border (merged with the neighbours' later)."""
+    coverage: list[dict]
+    """Coverage rows (status, reason, chunk_id, geometry)."""
+    failures: list[dict]
+    """Chunk-years not done, with the reason."""
+    used: set[str]
+    """Ids of the items that gave pixels."""
+
+
+def gather_block(job: BlockYear) -> BlockResult:
+    """Read one block's fragments of one year and merge them as far as the block allows.
+
+    Runs on a worker (or in a thread of the client when no cluster is up): the client never
+    holds more than the merged slumps and the open detections of each block.
+
+    Parameters
+    ----------
+    job
+        The block and year.
+
+    Returns
+    -------
+    BlockResult
+    """
     import geopandas as gpd
     import pandas as pd
 
-    from rtsmap.pipeline.merge import merge_detections
+    from rtsmap.pipeline.merge import merge_block
     from rtsmap.pipeline.vectorize import empty_polygons
 
-    crs = plan.spec.crs
-    frames, rows, failures, used = _coverage_rows(plan, year)
-    frames = [f for f in frames if len(f)]
+    store, year, cells = job.store, job.year, job.cells
+    crs = cells.spec.crs
+    frames, rows, failures, used = [], [], [], set()
+    aoi = None
+    for i, chunk_id in enumerate(cells.ids):
+        if store.is_done(year, chunk_id):
+            record = store.read_record(year, chunk_id)
+            frame = store.read_detections(year, chunk_id)
+            if len(frame):
+                frames.append(frame)
+            used.update(item for ids in (record.get("items") or {}).values() for item in ids)
+            for row in record.get("coverage", []):
+                geom = shapely.from_wkb(bytes.fromhex(row["wkb"]))
+                if not geom.is_empty:
+                    rows.append({"status": row["status"], "reason": row["reason"], "chunk_id": chunk_id, "geometry": geom})
+            continue
+        failed = store.read_failure(year, chunk_id)
+        reason = (failed or {}).get("reason") or job.stopped or "not processed"
+        failures.append({"chunk_id": chunk_id, "year": year, "reason": reason})
+        aoi = shapely.from_wkb(job.aoi_wkb) if aoi is None else aoi
+        rows.append({"status": "failed", "reason": reason, "chunk_id": chunk_id,
+                     "geometry": chunk_core(cells.chunk(i), aoi)})
     detections = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs) if frames else empty_polygons(crs)
-    merged = merge_detections(detections, spec=plan.spec)
+    merged, open_ = merge_block(detections, spec=cells.spec, block_tiles=job.block_tiles)
+    return BlockResult(merged, open_, rows, failures, used)
+
+
+def bounded_map(executor, fn, jobs, limit: int):
+    """``executor.map(fn, jobs)`` in order, with at most ``limit`` jobs submitted and not yet taken.
+
+    ``concurrent.futures`` and Dask's ``get_executor()`` submit every job at once; this keeps
+    the jobs (and their results) of a pan-Arctic year from piling up in the client and scheduler.
+    """
+    from collections import deque
+
+    window: deque = deque()
+    for job in jobs:
+        window.append(executor.submit(fn, job))
+        if len(window) >= limit:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+def merge_blocks(results: list[tuple[Any, Any]], spec: GridSpec, crs: Any):
+    """The year's slumps from the blocks' ``(merged, open)`` parts: equal to one global merge.
+
+    A closed group is a whole component of the global match graph (no copy of it lies in its
+    block's border ring, and copies match only across neighbouring tiles), so merging the open
+    detections of every block together completes the merge; overlaps are then resolved and ids
+    given once, on the whole layer, as :func:`rtsmap.pipeline.merge.merge_detections` does.
+    """
+    import geopandas as gpd
+    import pandas as pd
+
+    from rtsmap.pipeline.merge import (
+        MIN_KEPT_FRACTION,
+        OVERLAP_TOLERANCE,
+        assign_rts_ids,
+        merge_by_blocks,
+        merge_detections,
+        resolve_overlaps,
+    )
+    from rtsmap.pipeline.vectorize import empty_polygons
+
+    opens = [o for _, o in results if len(o)]
+    closed = [m for m, _ in results if len(m)]
+    if opens:
+        pending = gpd.GeoDataFrame(pd.concat(opens, ignore_index=True), crs=crs)
+        rest = merge_by_blocks(pending, spec=spec, overlap_tolerance=None)
+        if len(rest):
+            closed.append(rest.drop(columns="rts_id"))
+    if not closed:
+        return merge_detections(empty_polygons(crs), spec=spec)
+    merged = gpd.GeoDataFrame(pd.concat(closed, ignore_index=True), crs=crs)
+    if len(merged) > 1:
+        merged = resolve_overlaps(merged, overlap_tolerance=OVERLAP_TOLERANCE, min_kept_fraction=MIN_KEPT_FRACTION,
+                                  min_part_area=spec.resolution ** 2)
+    return assign_rts_ids(merged)
+
+
+def gather_year(store: FragmentStore, year: int, spec: GridSpec, aoi: shapely.Geometry, cells, *,
+                block_chunks: int, executor, limit: int = 8, stopped: str = "") -> tuple[Any, list, list, set]:
+    """One year's slumps, merged block by block, and its coverage rows, failures and used items.
+
+    Parameters
+    ----------
+    store
+        The fragments.
+    year
+        The year.
+    spec
+        The grid.
+    aoi
+        The AOI in the grid CRS (slumps touching it are kept, whole).
+    cells
+        The blocks' :class:`~rtsmap.pipeline.grid.BlockCells`, one at a time.
+    block_chunks
+        Chunks along a block side (as the cells were made).
+    executor
+        Where :func:`gather_block` runs (``submit``); at most ``limit`` blocks are in flight.
+    limit
+        Blocks submitted and not yet collected.
+    stopped
+        Why the run stopped early ("" if it did not).
+
+    Returns
+    -------
+    (merged, coverage rows, failures, used item ids)
+    """
+    margin = spec.window_px * spec.resolution
+
+    def jobs():
+        for block in cells:
+            minx, miny, maxx, maxy = block.block.bounds
+            part = shapely.intersection(aoi, shapely.box(minx - margin, miny - margin, maxx + margin, maxy + margin))
+            yield BlockYear(store, year, block, shapely.to_wkb(part), block_chunks * spec.tiles_per_chunk, stopped)
+
+    parts, rows, failures, used = [], [], [], set()
+    for result in bounded_map(executor, gather_block, jobs(), limit):
+        parts.append((result.merged, result.open))
+        rows.extend(result.coverage)
+        failures.extend(result.failures)
+        used |= result.used
+    merged = merge_blocks(parts, spec, spec.crs)
     # Tiles reach past the AOI; keep the slumps that touch it, whole (never clipped).
-    merged = merged[merged.intersects(plan.aoi.geometry)].reset_index(drop=True)
+    merged = merged[merged.intersects(aoi)].reset_index(drop=True)
+    return merged, rows, failures, used
+
+
+def _gather_year(plan: RunPlan, year: int, executor) -> _Year:
+    """Merge one year's fragments block by block and gather its coverage."""
+    import geopandas as gpd
+
+    crs = plan.spec.crs
+    merged, rows, failures, used = gather_year(plan.store, year, plan.spec, plan.aoi.geometry, plan.iter_cells(),
+                                               block_chunks=plan.block_chunks, executor=executor,
+                                               stopped=plan.stopped)
     if rows:
         cov = gpd.GeoDataFrame(rows, geometry="geometry", crs=crs)
     else:
@@ -450,17 +631,39 @@ def run_metadata(plan: RunPlan, years: dict[int, _Year], *, started_iso: str) ->
         "stac_items": plan.planned.item_ids(),
         "started": started_iso,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "chunks": sum(1 for _ in plan.iter_chunks()),
+        "chunks": sum(len(cells) for cells in plan.iter_cells()),
         "failures": failures,
     }
 
 
-def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
-    """Merge each year's fragments and write the GeoPackage (atomically) and the quick-looks."""
+def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) -> RunResult:
+    """Merge each year's fragments block by block and write the GeoPackage (atomically) and the quick-looks.
+
+    Parameters
+    ----------
+    plan
+        The run plan.
+    started, started_iso
+        When the run started (monotonic seconds, ISO text).
+    executor
+        Where the blocks are read and merged (a Dask client's ``get_executor()``); None: a
+        pool of threads in this process (reading parquet and GEOS release the GIL).
+
+    Raises
+    ------
+    OutputError
+        When the inventory cannot be written, or a file appeared at ``--out`` during the run
+        (without ``--overwrite``): the finished file is then kept in the work directory.
+    """
+    import concurrent.futures
+
     from rtsmap.pipeline.inventory import write_inventory
 
     config, store = plan.config, plan.store
-    years = {year: _gather_year(plan, year) for year in config.years}
+    if executor is None:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 1))) as pool:
+            return finish(plan, started=started, started_iso=started_iso, executor=pool)
+    years = {year: _gather_year(plan, year, executor) for year in config.years}
     failures = [f for y in years.values() for f in y.failures]
     if not failures:
         # Every chunk-year is done, so any temporary file left is a dead writer's.
@@ -468,12 +671,15 @@ def finish(plan: RunPlan, *, started: float, started_iso: str) -> RunResult:
     layers = {year: y.layer for year, y in years.items()}
     coverage = {year: y.coverage for year, y in years.items()}
     metadata = run_metadata(plan, years, started_iso=started_iso)
-    write_inventory(config.out, layers, coverage, metadata, crs=plan.spec.crs, overwrite=True)
+    # Never replace a file that appeared at --out during the run (a second run with the same
+    # --out): without --overwrite it is kept, and ours stays in the work directory.
+    write_inventory(config.out, layers, coverage, metadata, crs=plan.spec.crs, overwrite=config.overwrite,
+                    keep_dir=config.work_dir)
     result = RunResult(Path(config.out), [y.result for y in years.values()], failures, time.monotonic() - started)
     if config.quicklook:
         from rtsmap.workflows.quicklook import mosaic_thumbnails, write_quicklooks
 
-        thumbnails = store.read_thumbnails(chunk.id for chunk in plan.iter_chunks())
+        thumbnails = store.read_thumbnails(i for cells in plan.iter_cells() for i in cells.ids)
         hillshade = mosaic_thumbnails(thumbnails) if thumbnails else None
         result.quicklooks = write_quicklooks(Path(config.out), layers, coverage, hillshade, overwrite=config.overwrite)
     if config.truth:
@@ -530,15 +736,17 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
         file=stream,
         flush=True,
     )
-    if first is not None:
-        import itertools
+    if first is None:
+        return finish(plan, started=started, started_iso=started_iso)
+    import itertools
 
-        with open_cluster(config.cluster) as client:
-            if client.dashboard_link:
-                print(f"[rtsmap] Dask dashboard: {client.dashboard_link}", file=stream, flush=True)
-            records = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
+    with open_cluster(config.cluster) as client:
+        if client.dashboard_link:
+            print(f"[rtsmap] Dask dashboard: {client.dashboard_link}", file=stream, flush=True)
+        records = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
         print(f"[rtsmap] {len(records)} chunk-years run, {plan.skipped} already done", file=stream, flush=True)
-    return finish(plan, started=started, started_iso=started_iso)
+        # The blocks are read and merged on the cluster's workers.
+        return finish(plan, started=started, started_iso=started_iso, executor=client.get_executor(pure=False))
 
 
 def print_summary(result: RunResult, stream=None) -> None:
