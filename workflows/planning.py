@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -464,8 +464,7 @@ def plan_chunks(config: RunConfig, *, page_size: int = 100, block_chunks: int = 
     blocks = plan_blocks(aoi.geometry, spec, block_chunks)
     store = ItemStore(spec, blocks)
     search_blocks(catalog, aoi, spec, blocks, store, years, modalities, page_size=page_size)
-    check_found(store.counts(), modalities, catalog, profile)
-    warnings = []
+    warnings = check_found(store.counts(), modalities, catalog, profile, supports=info.supports)
     if is_demo_model(config.model) and profile.name != "demo":
         warnings.append(
             f"the demo model's weights are synthetic (trained on the synthetic demo region only); "
@@ -543,8 +542,16 @@ def search_blocks(catalog: Catalog, aoi: AOI, spec: GridSpec, blocks: list[Block
 
 
 def check_found(counts: dict[str, int], modalities: dict[str, ModalityProfile], catalog: Catalog,
-                profile: CatalogProfile) -> None:
+                profile: CatalogProfile, supports: Callable[[list[str]], bool] | None = None) -> list[str]:
     """Refuse a search that found no item at all (in any year) for a modality the model needs.
+
+    A modality the model can do without (it was trained with modality dropout and ``supports``
+    the others alone) is no reason to stop: the run maps with the others, and a warning says so.
+
+    Returns
+    -------
+    list of str
+        Warnings for the modalities the run will do without.
 
     Raises
     ------
@@ -553,7 +560,10 @@ def check_found(counts: dict[str, int], modalities: dict[str, ModalityProfile], 
     """
     empty = [m for m in modalities if not any(n for key, n in counts.items() if key.split(":")[0] == m)]
     if not empty:
-        return
+        return []
+    rest = [m for m in modalities if m not in empty]
+    if rest and supports is not None and supports(rest):
+        return [f"no {' or '.join(empty)} item in any year: the model maps with {'+'.join(rest)} alone"]
     searched = sorted({c for m in empty for c in modalities[m].collections})
     held = catalog.collection_ids()
     holds = ", ".join(held) if held else ("none" if held is not None else "(the API does not list them)")

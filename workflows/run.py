@@ -359,6 +359,8 @@ class RunResult:
     seconds: float
     quicklooks: list[Path] = field(default_factory=list)
     evaluation: dict | None = None
+    change: dict = field(default_factory=dict)
+    """Year -> new / grown / stable / ... counts and area change (``pipeline.inventory.change_summary``)."""
 
     @property
     def partial(self) -> bool:
@@ -450,13 +452,14 @@ def gather_block(job: BlockYear) -> BlockResult:
             for row in record.get("coverage", []):
                 geom = shapely.from_wkb(bytes.fromhex(row["wkb"]))
                 if not geom.is_empty:
-                    rows.append({"status": row["status"], "reason": row["reason"], "chunk_id": chunk_id, "geometry": geom})
+                    rows.append({"status": row["status"], "reason": row["reason"], "chunk_id": chunk_id,
+                                 "modalities": row.get("modalities", ""), "geometry": geom})
             continue
         failed = store.read_failure(year, chunk_id)
         reason = (failed or {}).get("reason") or job.stopped or "not processed"
         failures.append({"chunk_id": chunk_id, "year": year, "reason": reason})
         aoi = shapely.from_wkb(job.aoi_wkb) if aoi is None else aoi
-        rows.append({"status": "failed", "reason": reason, "chunk_id": chunk_id,
+        rows.append({"status": "failed", "reason": reason, "chunk_id": chunk_id, "modalities": "",
                      "geometry": chunk_core(cells.chunk(i), aoi)})
     detections = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs) if frames else empty_polygons(crs)
     merged, open_ = merge_block(detections, spec=cells.spec, block_tiles=job.block_tiles)
@@ -577,7 +580,7 @@ def _gather_year(plan: RunPlan, year: int, executor) -> _Year:
     if rows:
         cov = gpd.GeoDataFrame(rows, geometry="geometry", crs=crs)
     else:
-        cov = gpd.GeoDataFrame({"status": [], "reason": [], "chunk_id": []}, geometry=[], crs=crs)
+        cov = gpd.GeoDataFrame({"status": [], "reason": [], "chunk_id": [], "modalities": []}, geometry=[], crs=crs)
     counts = cov["status"].value_counts() if len(cov) else {}
     result = YearResult(
         year=year,
@@ -657,7 +660,7 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
     """
     import concurrent.futures
 
-    from rtsmap.pipeline.inventory import write_inventory
+    from rtsmap.pipeline.inventory import change_summary, read_inventory, write_inventory
 
     config, store = plan.config, plan.store
     if executor is None:
@@ -673,15 +676,19 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
     metadata = run_metadata(plan, years, started_iso=started_iso)
     # Never replace a file that appeared at --out during the run (a second run with the same
     # --out): without --overwrite it is kept, and ours stays in the work directory.
-    write_inventory(config.out, layers, coverage, metadata, crs=plan.spec.crs, overwrite=config.overwrite,
-                    keep_dir=config.work_dir)
-    result = RunResult(Path(config.out), [y.result for y in years.values()], failures, time.monotonic() - started)
+    written = write_inventory(config.out, layers, coverage, metadata, crs=plan.spec.crs, overwrite=config.overwrite,
+                              keep_dir=config.work_dir)
+    linked = read_inventory(written)  # the layers as written: linked into tracks across the years
+    result = RunResult(Path(config.out), [y.result for y in years.values()], failures, time.monotonic() - started,
+                       change=change_summary(linked, coverage))
     if config.quicklook:
-        from rtsmap.workflows.quicklook import mosaic_thumbnails, write_quicklooks
+        from rtsmap.workflows.quicklook import mosaic_thumbnails, write_change_quicklooks, write_quicklooks
 
         thumbnails = store.read_thumbnails(i for cells in plan.iter_cells() for i in cells.ids)
         hillshade = mosaic_thumbnails(thumbnails) if thumbnails else None
         result.quicklooks = write_quicklooks(Path(config.out), layers, coverage, hillshade, overwrite=config.overwrite)
+        result.quicklooks += write_change_quicklooks(Path(config.out), linked, coverage, hillshade,
+                                                     overwrite=config.overwrite)
     if config.truth:
         from rtsmap.pipeline.evaluation import evaluate_inventory
 
@@ -759,6 +766,11 @@ def print_summary(result: RunResult, stream=None) -> None:
             f"{y.no_data} no-data, {y.failed} failed parts",
             file=out,
         )
+    if result.change:
+        from rtsmap.pipeline.inventory import format_change
+
+        for year, row in sorted(result.change.items()):
+            print(f"  {format_change(year, row)}", file=out)
     for path in result.quicklooks:
         print(f"quick-look: {path}", file=out)
     if result.evaluation:
