@@ -49,9 +49,14 @@ def shard_of(chunk_id: str) -> str:
     return hashlib.sha1(chunk_id.encode()).hexdigest()[:2]
 
 
+#: Bumped when what a task writes changes for the same model and settings (2: masks of a tile no
+#: longer overlap, pipeline.vectorize.suppress_overlaps), so a rerun never mixes old fragments in.
+FRAGMENT_RULES = 2
+
+
 def run_key(model_sha256: str, settings: dict[str, Any]) -> str:
-    """A short key for (model, result-changing settings)."""
-    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    """A short key for (model, result-changing settings, :data:`FRAGMENT_RULES`)."""
+    blob = json.dumps({**settings, "fragment_rules": FRAGMENT_RULES}, sort_keys=True, default=str).encode()
     return f"{model_sha256[:12]}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
