@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", help="ONNX model (default: export the untrained demo model)")
     parser.add_argument("--dir", help="working folder (default: a temporary one, removed after)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--providers", default="cpu",
+                        help="onnxruntime providers of the runs, e.g. cuda,cpu (the bare-model reference stays on the CPU)")
     args = parser.parse_args(argv)
 
     from rtsmap.workflows.config import ClusterConfig, GridConfig, InferenceConfig, RunConfig, parse_years
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
             out=str(folder / "inventory.gpkg"),
             overwrite=True,
             grid=GridConfig(tiles_per_chunk=args.tiles_per_chunk),
-            inference=InferenceConfig(batch_size=args.batch_size, threads=1),
+            inference=InferenceConfig(batch_size=args.batch_size, threads=1,
+                                      providers=tuple(p.strip() for p in args.providers.split(","))),
             cluster=ClusterConfig(n_workers=1, timeout_s=120),
         )
         plan = make_plan(config)
