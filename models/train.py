@@ -504,36 +504,21 @@ def train_stage(
     dict
         The stage's record (also written to ``record.json``).
     """
-    stage_dir = Path(tc.out) / stage
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for f in list(stage_dir.glob("step_*")) + [stage_dir / "model.safetensors", stage_dir / "record.json"]:
-            f.unlink(missing_ok=True)
+    stage_dir = _stage_dir(tc, stage, resume)
     emit = progress or _progress_printer(stage, steps)
     device = _device(tc)
     model.to(device)
     optimizer = make_optimizer(model, tc.weight_decay, tc.gate_lr_scale)
-    start, seconds = 0, 0.0
-    sidecar = latest_checkpoint(stage_dir) if resume else None
-    if sidecar is not None:
-        info = json.loads(sidecar.read_text())
-        state, config, _ = read_weights(sidecar.with_suffix(".safetensors"))
-        if config != model.config:
-            raise ValueError(f"{sidecar}: the checkpoint's model config differs from this run's; "
-                             "use --no-resume to start the stage over")
-        model.load_state_dict(state, strict=True)
-        optimizer.load_state_dict(torch.load(sidecar.with_suffix(".optim.pt"), map_location=device, weights_only=True))
-        start, seconds = int(info["step"]), float(info["train_seconds"])
-        emit(f"resuming from {sidecar.name} (step {start}/{steps})")
+    start, seconds = _resume_from_checkpoint(stage_dir, model, optimizer, device, steps, emit) if resume else (0, 0.0)
 
     dataset = ChipDataset(tc.data, "train", model.config.modalities, model.config.normalization,
                           augment=Augment(tc.flips, tc.rot90, dict(tc.noise_std)), seed=tc.seed)
     loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), tc.batch_size, tc.seed, start, steps),
                         collate_fn=collate, num_workers=tc.num_workers)
-    modalities = list(model.config.modalities)
     # Modality dropout only where the model can take presence (a fused model that records the
     # subsets it is trained for; stage_model_config sets them from tc.modality_dropout).
-    rates = [float(tc.modality_dropout.get(m, 0.0)) for m in modalities] if model.config.modality_subsets else None
+    rates = ([float(tc.modality_dropout.get(m, 0.0)) for m in model.config.modalities]
+             if model.config.modality_subsets else None)
     model.train()
     step = start
     window: list[float] = []
@@ -541,28 +526,9 @@ def train_stage(
     for inputs, targets in loader:
         if freeze_steps:
             set_backbone_frozen(model, step < freeze_steps)
-        # Proposal sampling draws from torch's global RNG: seeding it per step makes a resumed
-        # run take the very steps an uninterrupted one takes.
-        torch.manual_seed(tc.seed * 1_000_003 + step)
         lr_now = lr_at(step, steps, lr, tc.warmup_steps, tc.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now * group.get("lr_scale", 1.0)
-        presence = None
-        if rates is not None:
-            # Seeded by (seed, step) like the batches, so a resumed run drops the same modalities.
-            present = draw_presence(np.random.default_rng([tc.seed, step, 0xD20F]), len(targets), rates)
-            inputs, presence = apply_presence(inputs, present, modalities)
-            presence = presence.to(device)
-        losses = model({m: x.to(device) for m, x in inputs.items()}, [_to(t, device) for t in targets],
-                       presence=presence)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{stage} step {step}: loss is {loss.item()} ({ {k: float(v) for k, v in losses.items()} })")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tc.grad_clip)
-        optimizer.step()
+        loss, losses = _train_step(tc, stage, model, optimizer, inputs, targets,
+                                   step=step, lr_now=lr_now, rates=rates, device=device)
         step += 1
         now = time.perf_counter()
         seconds += now - tick
@@ -594,19 +560,82 @@ def train_stage(
         "weights": str(stage_dir / "model.safetensors"),
     }
     if tc.evaluate:
-        from rtsmap.models.evaluate import evaluate_detector
-
-        try:
-            record["metrics"] = {"val": evaluate_detector(model, tc.data, "val", device=str(device))}
-            # A model trained with modality dropout: how it maps with each one modality absent.
-            for subset in model.config.modality_subsets:
-                if len(subset) == len(model.config.modalities) - 1:
-                    record["metrics"]["val_" + "+".join(subset)] = evaluate_detector(
-                        model, tc.data, "val", device=str(device), present=subset)
-        except ValueError as exc:  # e.g. an empty val split
-            record["metrics"] = {"val": None, "note": str(exc)}
+        record["metrics"] = _stage_metrics(tc, model, device)
     (stage_dir / "record.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def _stage_dir(tc: TrainConfig, stage: str, resume: bool) -> Path:
+    """Create ``out/<stage>``, emptied of checkpoints, weights and record unless resuming."""
+    stage_dir = Path(tc.out) / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for f in list(stage_dir.glob("step_*")) + [stage_dir / "model.safetensors", stage_dir / "record.json"]:
+            f.unlink(missing_ok=True)
+    return stage_dir
+
+
+def _resume_from_checkpoint(stage_dir: Path, model: RTSDetector, optimizer: torch.optim.Optimizer,
+                            device: torch.device, steps: int, emit: Callable[[str], None]) -> tuple[int, float]:
+    """Load the newest checkpoint into model and optimizer; return (step, train seconds), (0, 0.0) if none."""
+    sidecar = latest_checkpoint(stage_dir)
+    if sidecar is None:
+        return 0, 0.0
+    info = json.loads(sidecar.read_text())
+    state, config, _ = read_weights(sidecar.with_suffix(".safetensors"))
+    if config != model.config:
+        raise ValueError(f"{sidecar}: the checkpoint's model config differs from this run's; "
+                         "use --no-resume to start the stage over")
+    model.load_state_dict(state, strict=True)
+    optimizer.load_state_dict(torch.load(sidecar.with_suffix(".optim.pt"), map_location=device, weights_only=True))
+    start, seconds = int(info["step"]), float(info["train_seconds"])
+    emit(f"resuming from {sidecar.name} (step {start}/{steps})")
+    return start, seconds
+
+
+def _train_step(tc: TrainConfig, stage: str, model: RTSDetector, optimizer: torch.optim.Optimizer,
+                inputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]], *, step: int,
+                lr_now: float, rates: list[float] | None, device: torch.device,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run one optimizer step at ``lr_now``; return the total loss and its parts."""
+    # Proposal sampling draws from torch's global RNG: seeding it per step makes a resumed
+    # run take the very steps an uninterrupted one takes.
+    torch.manual_seed(tc.seed * 1_000_003 + step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_now * group.get("lr_scale", 1.0)
+    presence = None
+    if rates is not None:
+        # Seeded by (seed, step) like the batches, so a resumed run drops the same modalities.
+        present = draw_presence(np.random.default_rng([tc.seed, step, 0xD20F]), len(targets), rates)
+        inputs, presence = apply_presence(inputs, present, list(model.config.modalities))
+        presence = presence.to(device)
+    losses = model({m: x.to(device) for m, x in inputs.items()}, [_to(t, device) for t in targets],
+                   presence=presence)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage} step {step}: loss is {loss.item()} ({ {k: float(v) for k, v in losses.items()} })")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tc.grad_clip)
+    optimizer.step()
+    return loss, losses
+
+
+def _stage_metrics(tc: TrainConfig, model: RTSDetector, device: torch.device) -> dict[str, Any]:
+    """Validation metrics for the record, also with each one modality absent where trained for it."""
+    from rtsmap.models.evaluate import evaluate_detector
+
+    try:
+        metrics = {"val": evaluate_detector(model, tc.data, "val", device=str(device))}
+        # A model trained with modality dropout: how it maps with each one modality absent.
+        for subset in model.config.modality_subsets:
+            if len(subset) == len(model.config.modalities) - 1:
+                metrics["val_" + "+".join(subset)] = evaluate_detector(
+                    model, tc.data, "val", device=str(device), present=subset)
+    except ValueError as exc:  # e.g. an empty val split
+        metrics = {"val": None, "note": str(exc)}
+    return metrics
 
 
 def build_fused_model(config: ModelConfig, unimodal: Mapping[str, str | os.PathLike], heads_from: str = "optical") -> RTSDetector:

@@ -458,25 +458,47 @@ def infer_chunk(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     info = detector.info
-    t = info.tile_size
     score_threshold = info.score_threshold if score_threshold is None else float(score_threshold)
     mask_threshold = info.mask_threshold if mask_threshold is None else float(mask_threshold)
-    chunk_present = None
-    if presence is not None:
-        try:
-            chunk_present = canonical_subset(info.modalities, presence)
-        except ValueError as exc:
-            raise ModelError(f"chunk {stack.chunk_id}: presence: {exc}") from None
-        if not info.supports(chunk_present):
-            raise ModelError(f"chunk {stack.chunk_id}: " + _unsupported(info, chunk_present))
-        lacking = [m for m in chunk_present if m not in stack.data]
-        if lacking:
-            raise ValueError(f"chunk {stack.chunk_id}: presence names {lacking}, which the loaded stack lacks")
+    chunk_present = None if presence is None else _chunk_presence(info, stack, presence)
     if not tiles:
         return []
     _check_stack(info, stack)
-    height, width = stack.shape
+    any_valid, invalid = _validity(info, stack, chunk_present)
+    results, to_run = _windows_to_run(stack, tiles, info.tile_size, any_valid)
+    for start in range(0, len(to_run), batch_size):
+        part = to_run[start : start + batch_size]
+        windows = [w for _, w in part]
+        if chunk_present is None:
+            rows = None
+            outputs = detector.predict(_normalized_batch(info, stack, windows))
+        else:
+            rows = np.stack([_tile_presence(info, stack, chunk_present, w) for w in windows])
+            outputs = detector.predict(_normalized_batch(info, stack, windows, rows), rows)
+        for b, (k, _) in enumerate(part):
+            ran = info.modalities if rows is None else tuple(m for m, f in zip(info.modalities, rows[b]) if f)
+            results[k] = _tile_detections(outputs, b, tiles[k], info.tile_size, score_threshold, mask_threshold,
+                                          invalid, ran)
+    return results
 
+
+def _chunk_presence(info: ModelInfo, stack, presence: Sequence[str]) -> tuple[str, ...]:
+    """The chunk's ``presence`` in model order, checked against the model and the loaded stack."""
+    try:
+        chunk_present = canonical_subset(info.modalities, presence)
+    except ValueError as exc:
+        raise ModelError(f"chunk {stack.chunk_id}: presence: {exc}") from None
+    if not info.supports(chunk_present):
+        raise ModelError(f"chunk {stack.chunk_id}: " + _unsupported(info, chunk_present))
+    lacking = [m for m in chunk_present if m not in stack.data]
+    if lacking:
+        raise ValueError(f"chunk {stack.chunk_id}: presence names {lacking}, which the loaded stack lacks")
+    return chunk_present
+
+
+def _validity(info: ModelInfo, stack, chunk_present: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk masks (any present modality valid, any model modality invalid)."""
+    height, width = stack.shape
     # A pixel counts as invalid for a detection when any modality the model uses lacks data
     # (a modality absent from the chunk lacks it everywhere).
     loaded = [m for m in info.modalities if m in stack.data]
@@ -486,8 +508,14 @@ def infer_chunk(
         all_valid &= stack.valid[m]
         if chunk_present is None or m in chunk_present:
             any_valid |= stack.valid[m]
-    invalid = ~all_valid
+    return any_valid, ~all_valid
 
+
+def _windows_to_run(
+    stack, tiles: Sequence, t: int, any_valid: np.ndarray,
+) -> tuple[list[TileDetections | None], list[tuple[int, tuple[slice, slice]]]]:
+    """Results with tiles lacking valid data filled as skipped, and (index, window) of the tiles to run."""
+    height, width = stack.shape
     results: list[TileDetections | None] = [None] * len(tiles)
     to_run = []
     for k, tile in enumerate(tiles):
@@ -507,20 +535,7 @@ def infer_chunk(
             "chunk %s: %d of %d tiles have no valid data, skipped",
             stack.chunk_id, len(tiles) - len(to_run), len(tiles),
         )
-
-    for start in range(0, len(to_run), batch_size):
-        part = to_run[start : start + batch_size]
-        windows = [w for _, w in part]
-        if chunk_present is None:
-            rows = None
-            outputs = detector.predict(_normalized_batch(info, stack, windows))
-        else:
-            rows = np.stack([_tile_presence(info, stack, chunk_present, w) for w in windows])
-            outputs = detector.predict(_normalized_batch(info, stack, windows, rows), rows)
-        for b, (k, _) in enumerate(part):
-            ran = info.modalities if rows is None else tuple(m for m, f in zip(info.modalities, rows[b]) if f)
-            results[k] = _tile_detections(outputs, b, tiles[k], t, score_threshold, mask_threshold, invalid, ran)
-    return results
+    return results, to_run
 
 
 def _tile_presence(info: ModelInfo, stack, present: tuple[str, ...], window: tuple[slice, slice]) -> np.ndarray:

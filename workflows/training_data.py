@@ -373,10 +373,7 @@ def build_training_chips(
     """
     check_readable(truth_path, "--truth")
     check_writable_dir(out_dir, "--out")
-    existing = [name for name in OUTPUT_FILES if (Path(out_dir) / name).exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"--out {out_dir} already holds a chip set ({', '.join(existing)}): "
-                          "choose another folder or pass --overwrite")
+    _refuse_existing_chip_set(out_dir, overwrite)
     aoi = read_aoi(aoi_path, crs=options.crs)
     truth = _read_truth_years(truth_path, options.crs, years)
     years = sorted(truth)
@@ -395,11 +392,7 @@ def build_training_chips(
         clusters=_clusters(truth, options.cluster_buffer_m)[1],
         band_names={m: tuple(catalog_profile.modalities[m].band_names) for m in modalities},
     )
-    for chunk in plan_grid(aoi.geometry, spec):
-        for year in years:
-            items = {m: found.get((m, year), found.get((m, None), [])) for m in modalities}
-            _cut_chunk_year(cutter, chunk, year, load_chunk(chunk, items, catalog_profile.modalities, year))
-            log.info("chunk %s year %d: %d chips so far", chunk.id, year, len(cutter.images))
+    _cut_all(cutter, plan_grid(aoi.geometry, spec), years, found, catalog_profile)
     if not cutter.images:
         raise ConfigError(f"no chip could be cut: the AOI {aoi_path} has no valid pixels in catalog {catalog}")
     counts = _split(cutter)
@@ -421,6 +414,30 @@ def build_training_chips(
         "counts": counts,
         "instances": len(cutter.annotations),
     }
+    _write_chip_set(cutter, manifest)
+    return ChipDataset(out, out / "annotations.json", out / "dataset.json", counts, len(cutter.annotations))
+
+
+def _refuse_existing_chip_set(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Raise ConfigError when ``out_dir`` already holds a chip set and ``overwrite`` is not set."""
+    existing = [name for name in OUTPUT_FILES if (Path(out_dir) / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"--out {out_dir} already holds a chip set ({', '.join(existing)}): "
+                          "choose another folder or pass --overwrite")
+
+
+def _cut_all(cutter: _Cutter, chunks: Sequence[Any], years: Sequence[int], found: dict, catalog_profile: Any) -> None:
+    """Load every chunk for every year and cut its chips into ``cutter``."""
+    modalities = list(catalog_profile.modalities)
+    for chunk in chunks:
+        for year in years:
+            items = {m: found.get((m, year), found.get((m, None), [])) for m in modalities}
+            _cut_chunk_year(cutter, chunk, year, load_chunk(chunk, items, catalog_profile.modalities, year))
+            log.info("chunk %s year %d: %d chips so far", chunk.id, year, len(cutter.images))
+
+
+def _write_chip_set(cutter: _Cutter, manifest: dict[str, Any]) -> None:
+    """Write the COCO ``annotations.json`` and the ``dataset.json`` manifest into ``cutter.out``."""
     coco = {
         "info": {"description": f"rtsmap training chips of {cutter.region}",
                  **{k: manifest[k] for k in ("format", "tile_size", "resolution", "years")}},
@@ -428,9 +445,8 @@ def build_training_chips(
         "annotations": cutter.annotations,
         "categories": [{"id": 1, "name": "rts"}],
     }
-    _write_json(out / "annotations.json", coco)
-    _write_json(out / "dataset.json", manifest)
-    return ChipDataset(out, out / "annotations.json", out / "dataset.json", counts, len(cutter.annotations))
+    _write_json(cutter.out / "annotations.json", coco)
+    _write_json(cutter.out / "dataset.json", manifest)
 
 
 def _train_statistics(root: Path, images: list[dict], band_names: dict[str, tuple[str, ...]]) -> dict:
