@@ -144,16 +144,15 @@ def end_to_end(config) -> dict:
         with open_cluster(config.cluster) as client:
             client.wait_for_workers(config.cluster.n_workers, timeout=config.cluster.timeout_s)
             ready = time.monotonic()
-            records = execute(plan, client, stream=StringIO())
+            summary = execute(plan, client, stream=StringIO())
             executed = time.monotonic()
         closed = time.monotonic()
         result = finish(plan, started=started, started_iso="")
         finished = time.monotonic()
-    failed = [r for r in records if r.get("status") == "failed"]
-    if failed:
-        raise RuntimeError(f"benchmark run had failures: {failed[:3]}")
-    infer_s = sum(r["seconds"]["infer"] for r in records if isinstance(r.get("seconds"), dict))
-    load_s = sum(r["seconds"]["load"] for r in records if isinstance(r.get("seconds"), dict))
+    if summary.failed:
+        raise RuntimeError(f"benchmark run had failures: {summary.failures[:3]}")
+    infer_s = summary.seconds.get("infer", 0.0)
+    load_s = summary.seconds.get("load", 0.0)
     return {
         "workers": config.cluster.n_workers,
         "total_s": finished - started,
@@ -164,7 +163,7 @@ def end_to_end(config) -> dict:
         "finish_s": finished - closed,
         "task_load_s": load_s,
         "task_infer_s": infer_s,
-        "chunk_years": len(records),
+        "chunk_years": summary.chunk_years,
         "slumps": sum(y.count for y in result.years),
         "worker_peak_rss_mib": sorted(round(v / 2**20) for v in memory.peaks.values()),
         "main_peak_rss_mib": round(memory.main_peak / 2**20),

@@ -85,11 +85,11 @@ def run_case(n: int, workers: int, max_in_flight: int, folder: Path) -> dict:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         started = time.perf_counter()
-        records = execute(plan, client, stream=StringIO(), tasks=_tasks(n, store, profiles, spec))
+        summary = execute(plan, client, stream=StringIO(), tasks=_tasks(n, store, profiles, spec))
         seconds = time.perf_counter() - started
         stop.set()
         sampler.join()
-    statuses = {s: sum(r["status"] == s for r in records) for s in {r["status"] for r in records}}
+    statuses = dict(summary.statuses)
     return {
         "tasks": n,
         "workers": workers,

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from shapely.geometry import box, mapping
 
 from rtsmap.pipeline.errors import ConfigError
-from rtsmap.workflows.cli import cli
+from rtsmap.workflows.cli import cli, main
 from rtsmap.workflows.config import GridConfig, RunConfig
 from rtsmap.workflows.plan import plan_report, resolve_profile
 
@@ -198,3 +198,35 @@ def test_plan_on_generated_demo_region(tmp_path):
     for other in (region.items, region.items_ndjson):
         again = _plan_json(["--aoi", str(region.aoi), "--years", "2021-2022", "--catalog", str(other), *GRID_ARGS])
         assert {k: v for k, v in again.items() if k != "catalog"} == {k: v for k, v in plan.items() if k != "catalog"}
+
+
+def test_plan_lists_are_bounded_and_chunks_file_holds_every_chunk(region, tmp_path, capsys):
+    """A pan-Arctic report keeps counts and at most --list-limit ids per list; the NDJSON file has them all."""
+    args = ["--aoi", str(region["aoi"]), "--years", "2021-2022", "--catalog", str(region["catalog"]),
+            "--profile", "demo", *GRID_ARGS]
+    full = _plan_json(args)
+    assert full["truncated"] is False and full["list_limit"] == 10_000 and full["chunks_file"] is None
+    chunks_file = tmp_path / "chunks.ndjson"
+    cut = _plan_json([*args, "--list-limit", "2", "--chunks-file", str(chunks_file)])
+    assert cut["truncated"] is True and cut["chunks"] == full["chunks"] > 2
+    assert cut["chunk_ids"] == full["chunk_ids"][:2]  # the first ids in sorted order
+    assert cut["missing"]["optical"]["2022"] == full["missing"]["optical"]["2022"][:2]
+    for kind in ("missing", "partial"):
+        for modality, per_year in full[kind].items():
+            for year, ids in per_year.items():
+                assert cut[f"{kind}_counts"][modality][year] == len(ids) == full[f"{kind}_counts"][modality][year]
+    lines = [json.loads(line) for line in chunks_file.read_text().splitlines()]
+    assert sorted(line["chunk_id"] for line in lines) == full["chunk_ids"]
+    assert sum(line["tiles"] for line in lines) == full["tiles"]
+    for kind in ("missing", "partial"):
+        for modality, per_year in full[kind].items():
+            for year, ids in per_year.items():
+                assert sorted(c["chunk_id"] for c in lines if f"{modality}:{year}" in c[kind]) == ids
+    # The file is not replaced without --overwrite: one error line, exit 2, before any planning.
+    before = chunks_file.read_text()
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", *args, "--chunks-file", str(chunks_file)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--overwrite" in err[0]
+    assert chunks_file.read_text() == before
+    assert _plan_json([*args, "--chunks-file", str(chunks_file), "--overwrite"])["chunks"] == full["chunks"]

@@ -112,3 +112,18 @@ def test_plan_over_the_budget_ends_before_the_search(demo_region, monkeypatch):
     monkeypatch.setenv("RTSMAP_PLAN_MEMORY_GB", "0.000001")
     with pytest.raises(ConfigError, match="RTSMAP_PLAN_MEMORY_GB"):
         plan_chunks(_config(demo_region, demo_region.items))
+
+
+def test_execute_summary_keeps_counts_and_bounded_failures():
+    """``execute`` keeps counts and the first failures, not every chunk-year's record."""
+    from rtsmap.workflows.run import MAX_FAILURES_KEPT, ExecuteSummary
+
+    summary = ExecuteSummary()
+    for i in range(MAX_FAILURES_KEPT + 5):
+        summary.add({"chunk_id": f"c{i}", "year": 2021, "status": "failed", "reason": "boom"})
+    summary.add({"chunk_id": "x", "year": 2021, "status": "done", "seconds": {"load": 1.5, "infer": 0.5}})
+    summary.add({"chunk_id": "y", "year": 2021, "status": "done", "seconds": {"load": 0.5, "infer": 0.25}})
+    assert summary.chunk_years == MAX_FAILURES_KEPT + 7
+    assert summary.failed == MAX_FAILURES_KEPT + 5 and len(summary.failures) == MAX_FAILURES_KEPT
+    assert summary.failures[0]["chunk_id"] == "c0"
+    assert summary.statuses["done"] == 2 and summary.seconds == {"load": 2.0, "infer": 0.75}

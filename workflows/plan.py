@@ -18,6 +18,7 @@ import click
 import numpy as np
 import shapely
 
+from rtsmap.pipeline.errors import OutputError
 from rtsmap.pipeline.profiles import ModalityProfile
 from rtsmap.workflows.config import RunConfig, load_run_config
 from rtsmap.workflows.planning import (  # noqa: F401  (re-exported: older imports use workflows.plan)
@@ -45,7 +46,12 @@ _DTYPE_BYTES = {"uint8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4, "f
 # --- the plan -----------------------------------------------------------------------------------
 
 
-def plan_report(config: RunConfig, *, tile_seconds: float = DEFAULT_TILE_SECONDS, page_size: int = 100) -> dict[str, Any]:
+DEFAULT_LIST_LIMIT = 10_000
+"""Most chunk ids a report lists per list (``chunk_ids`` and each gap list); counts are always whole."""
+
+
+def plan_report(config: RunConfig, *, tile_seconds: float = DEFAULT_TILE_SECONDS, page_size: int = 100,
+                list_limit: int = DEFAULT_LIST_LIMIT, chunks_file: Path | None = None) -> dict[str, Any]:
     """Plan a run without reading rasters: grid, items per modality and year, gaps, estimate.
 
     Parameters
@@ -56,14 +62,24 @@ def plan_report(config: RunConfig, *, tile_seconds: float = DEFAULT_TILE_SECONDS
         Assumed seconds per tile for the time estimate.
     page_size
         Items per STAC API page.
+    list_limit
+        Most chunk ids in ``chunk_ids`` and in each ``missing``/``partial`` list (the first in
+        sorted order); the report's memory stays bounded however large the AOI.
+    chunks_file
+        Where to write every chunk as one NDJSON line (``chunk_id``, ``tiles``, ``missing`` and
+        ``partial`` as ``modality:year`` keys), in plan order; None: no file. The caller checks
+        that it may be written (see :func:`check_chunks_file`).
 
     Returns
     -------
     dict
         Plain JSON-ready data: ``aoi``, ``catalog``, ``profile``, ``model``, ``years``, ``grid``,
-        ``chunks``, ``tiles``, ``chunk_ids``, ``items`` (modality -> year or ``"static"`` ->
-        count), ``missing`` (modality -> year -> chunk ids no item touches), ``partial`` (same
-        shape: chunks whose AOI part items cover only in part), ``estimate`` and ``warnings``.
+        ``chunks``, ``tiles``, ``chunk_ids`` (sorted, at most ``list_limit``), ``items``
+        (modality -> year or ``"static"`` -> count), ``missing`` (modality -> year -> chunk ids
+        no item touches, at most ``list_limit``), ``partial`` (same shape: chunks whose AOI part
+        items cover only in part), ``missing_counts`` and ``partial_counts`` (same shape: the
+        whole counts), ``list_limit``, ``truncated`` (True when any list was cut),
+        ``chunks_file``, ``estimate`` and ``warnings``.
 
     Raises
     ------
@@ -72,55 +88,102 @@ def plan_report(config: RunConfig, *, tile_seconds: float = DEFAULT_TILE_SECONDS
         the model needs with no item at all.
     """
     planned = plan_chunks(config, page_size=page_size)
-    return report(planned, tile_seconds=tile_seconds)
+    return report(planned, tile_seconds=tile_seconds, list_limit=list_limit, chunks_file=chunks_file)
 
 
-def report(planned: Planned, *, tile_seconds: float = DEFAULT_TILE_SECONDS) -> dict[str, Any]:
+class _FirstIds:
+    """The ``limit`` smallest ids of a stream and its count, in at most ``2 * limit`` memory."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self._ids: list[str] = []
+
+    def extend(self, ids) -> None:
+        self._ids.extend(ids)
+        self.count += len(ids)
+        # Cut only when twice over: sorting stays amortised O(n log limit) per id.
+        if len(self._ids) > 2 * self.limit:
+            self._ids = sorted(self._ids)[: self.limit]
+
+    def ids(self) -> list[str]:
+        return sorted(self._ids)[: self.limit]
+
+    @property
+    def truncated(self) -> bool:
+        return self.count > self.limit
+
+
+def check_chunks_file(path: Path, overwrite: bool) -> None:
+    """Refuse a chunks file that exists (without ``overwrite``) or whose folder does not.
+
+    Raises
+    ------
+    OutputError
+        For an existing file without ``overwrite``, a directory, or a missing parent folder.
+    """
+    if path.is_dir():
+        raise OutputError(f"--chunks-file {path} is a directory; give a file path")
+    if path.exists() and not overwrite:
+        raise OutputError(f"--chunks-file {path} exists; pass --overwrite to replace it, or give a new path")
+    if not path.parent.is_dir():
+        raise OutputError(f"--chunks-file {path}: folder {path.parent} does not exist")
+
+
+def report(planned: Planned, *, tile_seconds: float = DEFAULT_TILE_SECONDS, list_limit: int = DEFAULT_LIST_LIMIT,
+           chunks_file: Path | None = None) -> dict[str, Any]:
     """The plan report of a :class:`~workflows.planning.Planned` (see :func:`plan_report`).
 
     Goes through the plan one block at a time: only one block's chunks, tiles and items exist
-    at once.
+    at once, and the report keeps counts and at most ``list_limit`` ids per list, so its memory
+    does not grow with the AOI; every chunk goes to ``chunks_file`` as it is planned.
     """
     aoi = planned.aoi
     years = sorted(set(int(y) for y in planned.config.years))
     keys = {(m, y) for y in years for m in planned.modalities for (m, y) in [planned.key(m, y)]}
     texts = sorted(({key_text(k): k for k in keys}).items())
-    missing: dict[str, dict[str, list[str]]] = {}
-    partial: dict[str, dict[str, list[str]]] = {}
+    missing: dict[str, dict[str, _FirstIds]] = {}
+    partial: dict[str, dict[str, _FirstIds]] = {}
     for text, (modality, year) in texts:
         label = "static" if year is None else str(year)
-        missing.setdefault(modality, {})[label] = []
-        partial.setdefault(modality, {})[label] = []
-    chunk_ids: list[str] = []
-    n_chunks = n_tiles = 0
-    for block in planned.iter_blocks():
-        ids = block.cells.ids
-        chunk_ids.extend(ids)
-        n_chunks += len(ids)
-        n_tiles += int(block.cells.tile_counts.sum())
-        windows = block.cells.windows()
-        cut = shapely.intersection(aoi.geometry, shapely.box(*_grown(block.block.bounds, planned)))
-        needed = needed_parts(windows, cut)
-        # Coverage depends only on the distinct footprints: years (or modalities) whose items
-        # have the same footprints in this block share one answer.
-        memo: dict[int, tuple[list[str], list[str]]] = {}
-        for text, (modality, year) in texts:
-            label = "static" if year is None else str(year)
-            index = block.index.get(text)
-            key = None if index is None else index.shape_key
-            if key not in memo:
-                memo[key] = block_coverage(ids, windows, index, cut, needed=needed)
-            gaps, parts = memo[key]
-            missing[modality][label].extend(gaps)
-            partial[modality][label].extend(parts)
+        missing.setdefault(modality, {})[label] = _FirstIds(list_limit)
+        partial.setdefault(modality, {})[label] = _FirstIds(list_limit)
+    chunk_ids = _FirstIds(list_limit)
+    n_tiles = 0
+    out = None if chunks_file is None else open(chunks_file, "w", encoding="utf-8")
+    try:
+        for block in planned.iter_blocks():
+            ids = block.cells.ids
+            chunk_ids.extend(ids)
+            n_tiles += int(block.cells.tile_counts.sum())
+            windows = block.cells.windows()
+            cut = shapely.intersection(aoi.geometry, shapely.box(*_grown(block.block.bounds, planned)))
+            needed = needed_parts(windows, cut)
+            # Coverage depends only on the distinct footprints: years (or modalities) whose items
+            # have the same footprints in this block share one answer.
+            memo: dict[int, tuple[list[str], list[str]]] = {}
+            block_gaps: dict[str, tuple[list[str], list[str]]] = {}
+            for text, (modality, year) in texts:
+                label = "static" if year is None else str(year)
+                index = block.index.get(text)
+                key = None if index is None else index.shape_key
+                if key not in memo:
+                    memo[key] = block_coverage(ids, windows, index, cut, needed=needed)
+                gaps, parts = memo[key]
+                missing[modality][label].extend(gaps)
+                partial[modality][label].extend(parts)
+                block_gaps[f"{modality}:{label}"] = (gaps, parts)
+            if out is not None:
+                _write_chunk_lines(out, ids, block.cells.tile_counts, block_gaps)
+    finally:
+        if out is not None:
+            out.close()
     counts = planned.item_counts()
     items: dict[str, dict[str, int]] = {}
     for text, (modality, year) in texts:
         items.setdefault(modality, {})["static" if year is None else str(year)] = counts.get(text, 0)
-    for per_year in (*missing.values(), *partial.values()):
-        for ids in per_year.values():
-            ids.sort()
-    facts = describe(planned, chunk_ids=sorted(chunk_ids))
+    lists = [chunk_ids, *(f for per in (*missing.values(), *partial.values()) for f in per.values())]
+    facts = describe(planned)
     return {
         "aoi": str(aoi.source),
         "aoi_area_km2": round(aoi.geometry.area / 1e6, 3),
@@ -129,16 +192,35 @@ def report(planned: Planned, *, tile_seconds: float = DEFAULT_TILE_SECONDS) -> d
         "model": {"path": str(planned.model.path), "name": planned.model.name, "version": planned.model.version},
         "years": years,
         "grid": facts["grid"],
-        "chunks": n_chunks,
+        "chunks": chunk_ids.count,
         "tiles": n_tiles,
-        "chunk_ids": facts["chunk_ids"],
+        "chunk_ids": chunk_ids.ids(),
         "items": items,
-        "missing": missing,
-        "partial": partial,
-        "estimate": _estimate(planned.spec, n_chunks, n_tiles, years, list(planned.modalities.values()),
+        "missing": {m: {y: f.ids() for y, f in per.items()} for m, per in missing.items()},
+        "partial": {m: {y: f.ids() for y, f in per.items()} for m, per in partial.items()},
+        "missing_counts": {m: {y: f.count for y, f in per.items()} for m, per in missing.items()},
+        "partial_counts": {m: {y: f.count for y, f in per.items()} for m, per in partial.items()},
+        "list_limit": list_limit,
+        "truncated": any(f.truncated for f in lists),
+        "chunks_file": None if chunks_file is None else str(chunks_file),
+        "estimate": _estimate(planned.spec, chunk_ids.count, n_tiles, years, list(planned.modalities.values()),
                               tile_seconds),
         "warnings": list(planned.warnings),
     }
+
+
+def _write_chunk_lines(out, ids, tile_counts, block_gaps: dict[str, tuple[list[str], list[str]]]) -> None:
+    """One NDJSON line per chunk of a block: its tiles and the modality-years it lacks."""
+    gap_of: dict[str, list[str]] = {}
+    part_of: dict[str, list[str]] = {}
+    for key, (gaps, parts) in block_gaps.items():
+        for cid in gaps:
+            gap_of.setdefault(cid, []).append(key)
+        for cid in parts:
+            part_of.setdefault(cid, []).append(key)
+    for cid, n in zip(ids, tile_counts):
+        out.write(json.dumps({"chunk_id": cid, "tiles": int(n), "missing": gap_of.get(cid, []),
+                              "partial": part_of.get(cid, [])}) + "\n")
 
 
 def _grown(bounds, planned: Planned):
@@ -285,14 +367,15 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     for modality, per_year in plan["items"].items():
         for year, count in per_year.items():
-            gaps = len(plan["missing"][modality][year])
-            parts = len(plan["partial"][modality][year])
+            gaps = plan["missing_counts"][modality][year]
+            parts = plan["partial_counts"][modality][year]
             lines.append(f"{modality:<10}{year:<8}{count:>6}  {gaps:>20}  {parts:>15}")
     gap_lines = []
     for modality, per_year in plan["missing"].items():
         for year, ids in per_year.items():
             if ids:
-                shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+                total = plan["missing_counts"][modality][year]
+                shown = ", ".join(ids[:10]) + (f" and {total - 10} more" if total > 10 else "")
                 gap_lines.append(f"  {modality} {year}: {shown}")
     if gap_lines:
         lines += ["", "chunks with no item (they will be recorded as no_data):", *gap_lines]
@@ -302,6 +385,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"input     ~{_size(est['input_bytes'])} to read ({est['input_bytes_note']})",
         f"time      ~{_duration(est['seconds'])} ({est['seconds_note']})",
     ]
+    if plan.get("chunks_file"):
+        lines.append(f"chunks    every chunk with its gaps in {plan['chunks_file']} (NDJSON)")
     return "\n".join(lines)
 
 
@@ -317,6 +402,9 @@ def format_plan(plan: dict[str, Any]) -> str:
 @click.option("--overlap-px", default=None, type=int, help="Tile overlap in pixels (default 32).")
 @click.option("--tiles-per-chunk", default=None, type=int, help="Tiles along a chunk side (default 8).")
 @click.option("--tile-seconds", default=DEFAULT_TILE_SECONDS, show_default=True, type=float, help="Assumed seconds per tile for the time estimate.")
+@click.option("--list-limit", default=DEFAULT_LIST_LIMIT, show_default=True, type=click.IntRange(min=0), help="Most chunk ids the report lists per list (chunk_ids, each gap list); counts are always whole.")
+@click.option("--chunks-file", type=click.Path(path_type=Path), default=None, help="Write every chunk (id, tiles, modality-years with no item or partly covered) to this NDJSON file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --chunks-file.")
 def plan_command(
     aoi_path: Path | None,
     years: str | None,
@@ -329,6 +417,9 @@ def plan_command(
     overlap_px: int | None,
     tiles_per_chunk: int | None,
     tile_seconds: float,
+    list_limit: int,
+    chunks_file: Path | None,
+    overwrite: bool,
 ) -> None:
     """Show the chunks, tiles, scenes and gaps of a run, and estimate its work, reading no rasters."""
     overrides = {
@@ -342,7 +433,9 @@ def plan_command(
         "grid.tiles_per_chunk": tiles_per_chunk,
     }
     config = load_run_config(config_path, overrides)
-    plan = plan_report(config, tile_seconds=tile_seconds)
+    if chunks_file is not None:
+        check_chunks_file(chunks_file, overwrite)
+    plan = plan_report(config, tile_seconds=tile_seconds, list_limit=list_limit, chunks_file=chunks_file)
     for line in plan["warnings"]:
         click.echo(f"warning: {line}", err=True)
     if as_json:

@@ -253,8 +253,49 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str, Any]]:
-    """Run the plan's tasks on the cluster in waves; return one record per chunk-year.
+MAX_FAILURES_KEPT = 1_000
+"""Failure records :func:`execute` keeps in memory (the rest are counted; all are on disk)."""
+
+
+@dataclass
+class ExecuteSummary:
+    """What :func:`execute` ran, in memory bounded however many tasks: counts, and the first failures.
+
+    Mutable: it is filled a record at a time. Every chunk-year's record is on disk (its fragment
+    or failure record), so nothing more is kept here.
+    """
+
+    chunk_years: int = 0
+    """Chunk-year records received (skipped years of a partly done chunk included)."""
+    statuses: dict[str, int] = field(default_factory=dict)
+    """Status (``done``, ``no_data``, ``failed``, ``skipped``, ...) -> chunk-years."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Stage (``load``, ``infer``, ...) -> seconds summed over the records that timed it."""
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    """The first :data:`MAX_FAILURES_KEPT` failure records (chunk id, year, reason)."""
+    first_submit_s: float | None = None
+    """Seconds from the start of :func:`execute` to its first ``client.submit`` returning."""
+
+    @property
+    def failed(self) -> int:
+        """Chunk-years that failed (all of them, kept or not)."""
+        return self.statuses.get("failed", 0)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Count one chunk-year record."""
+        self.chunk_years += 1
+        status = str(record.get("status"))
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if isinstance(record.get("seconds"), dict):
+            for stage, value in record["seconds"].items():
+                if isinstance(value, (int, float)):
+                    self.seconds[stage] = self.seconds.get(stage, 0.0) + float(value)
+        if status == "failed" and len(self.failures) < MAX_FAILURES_KEPT:
+            self.failures.append(record)
+
+
+def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> ExecuteSummary:
+    """Run the plan's tasks on the cluster in waves; return their counts and first failures.
 
     Tasks are made as they are submitted (:meth:`RunPlan.iter_tasks`): at most
     ``max_in_flight`` exist at a time (default 4 per worker), and a new one is made and
@@ -272,8 +313,18 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str,
         Where progress goes.
     tasks
         The tasks to run (default: ``plan.iter_tasks()``).
+
+    Returns
+    -------
+    ExecuteSummary
+        Counts by status, summed stage seconds and the first failures: memory stays flat in the
+        number of tasks (each chunk-year's record is on disk).
+
+    The time to the first submitted task is logged (``[rtsmap] first task submitted after``).
     """
     from distributed import as_completed
+
+    t0 = time.monotonic()
 
     config = plan.config
     n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
@@ -282,7 +333,7 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str,
     resources = {"GPU": 1 / config.cluster.tasks_per_gpu} if config.cluster.gpus_per_worker > 0 else None
     progress = Progress(None, stream=stream)
     pending = iter(plan.iter_tasks() if tasks is None else tasks)
-    records: list[dict[str, Any]] = []
+    summary = ExecuteSummary()
 
     def submit(task: ChunkTask):
         return client.submit(
@@ -298,6 +349,10 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str,
     owner = {}
     for task in pending:
         fut = submit(task)
+        if summary.first_submit_s is None:
+            summary.first_submit_s = time.monotonic() - t0
+            print(f"[rtsmap] first task submitted after {summary.first_submit_s:.1f} s", file=stream or sys.stderr,
+                  flush=True)
         owner[fut.key] = task
         futures.add(fut)
         if futures.count() >= limit:
@@ -325,7 +380,7 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str,
                 done = fut.result()
             fut.release()
             for record in done:
-                records.append(record)
+                summary.add(record)
                 progress.update(record)
             nxt = None if plan.stopped else next(pending, None)
             if nxt is not None:
@@ -334,7 +389,7 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> list[dict[str,
                 futures.add(new)
     finally:
         progress.close()
-    return records
+    return summary
 
 
 @dataclass
@@ -750,8 +805,8 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
     with open_cluster(config.cluster) as client:
         if client.dashboard_link:
             print(f"[rtsmap] Dask dashboard: {client.dashboard_link}", file=stream, flush=True)
-        records = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
-        print(f"[rtsmap] {len(records)} chunk-years run, {plan.skipped} already done", file=stream, flush=True)
+        summary = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
+        print(f"[rtsmap] {summary.chunk_years} chunk-years run, {plan.skipped} already done", file=stream, flush=True)
         # The blocks are read and merged on the cluster's workers.
         return finish(plan, started=started, started_iso=started_iso, executor=client.get_executor(pure=False))
 
