@@ -427,30 +427,62 @@ def _place(
 
 def _build_scene(rng: np.random.Generator, canvas: _Grid, region: Polygon, years: tuple[int, ...], pool: list[Polygon] | None) -> _Scene:
     """Terrain, water, distractors and slumps (with their yearly growth) on the canvas."""
+    # Each step below draws from ``rng`` in turn: their order fixes the region a seed gives.
     res = canvas.res
     area_km2 = region.area / 1e6
-    size_km = np.sqrt(area_km2)
-    elev, rivers, channels = _terrain(rng, canvas, region, n_rivers=max(1, int(round(size_km / 2.5))))
-    water_geoms = list(channels)
-    distractors: list[tuple[str, str, Polygon]] = [(f"river_{i}", "river", c) for i, c in enumerate(channels)]
+    elev, rivers, channels = _terrain(rng, canvas, region, n_rivers=max(1, int(round(np.sqrt(area_km2) / 2.5))))
     occupied: list[Polygon] = list(channels)
     relative = elev - _blur(elev, 200.0 / res)
+    lakes = _place_lakes(rng, canvas, region, elev, relative, occupied)
+    water_geoms = [*channels, *lakes]
+    slope, ux, uy = _slope_and_upslope(elev, res)
+    stabilised, slumps = _place_slumps(rng, canvas, region, years, pool, shapely.union_all(water_geoms), slope, ux, uy, occupied)
+    ridges = _place_ridges(rng, canvas, region, relative, slope, occupied)
+    _carve_features(rng, elev, canvas, years, slumps, stabilised, ridges)
+    elev += 0.15 * _fractal(rng, canvas.shape, beta=1.0)  # micro-relief so hillshade is not glassy
 
-    # Lakes sit in hollows, away from the rivers; their surface is flat.
+    distractors: list[tuple[str, str, Polygon]] = [
+        *((f"river_{i}", "river", c) for i, c in enumerate(channels)),
+        *((f"lake_{i}", "lake", g) for i, g in enumerate(lakes)),
+        *((f"stabilised_{i}", "stabilised_slump", p) for i, (_, p, _) in enumerate(stabilised)),
+        *((f"ridge_{i}", "bare_ridge", g) for i, g in enumerate(ridges)),
+    ]
+    soft = lambda geoms, s=0.6: np.clip(_blur(_rasterize(geoms, canvas), s), 0, 1)  # noqa: E731
+    return _Scene(
+        canvas=canvas,
+        region=region,
+        elevation=elev,
+        water=soft(water_geoms),
+        ridges=soft(ridges, 1.0),
+        stabilised=soft([p for _, p, _ in stabilised], 1.5),
+        veg_texture=(_fractal(rng, canvas.shape, 2.2), _fractal(rng, canvas.shape, 2.8)),
+        slumps=slumps,
+        distractors=distractors,
+        rivers=rivers,
+    )
+
+
+def _place_lakes(rng: np.random.Generator, canvas: _Grid, region: Polygon, elev: np.ndarray, relative: np.ndarray,
+                 occupied: list[Polygon]) -> list[Polygon]:
+    """Place lakes in hollows away from the rivers and flatten ``elev`` under each (in place)."""
     low = np.quantile(relative, 0.3)
     lakes = _place(
-        rng, max(1, int(round(LAKES_PER_KM2 * area_km2))), region, canvas,
+        rng, max(1, int(round(LAKES_PER_KM2 * (region.area / 1e6)))), region, canvas,
         accept=lambda r, c, x, y: relative[r, c] < low,
         make=lambda x, y, r, c: _same(_blob(rng, (x, y), rng.uniform(2e4, 1.2e5), rng.uniform(1.0, 1.8), 0.2)),
         occupied=occupied,
     )
-    for i, lake in enumerate(lakes):
+    for lake in lakes:
         m = _rasterize([lake], canvas) > 0
-        elev[m] = elev[m].min() - 0.5
-        distractors.append((f"lake_{i}", "lake", lake))
-        water_geoms.append(lake)
-    water_union = shapely.union_all(water_geoms)
-    slope, ux, uy = _slope_and_upslope(elev, res)
+        elev[m] = elev[m].min() - 0.5  # a lake's surface is flat
+    return lakes
+
+
+def _place_slumps(rng: np.random.Generator, canvas: _Grid, region: Polygon, years: tuple[int, ...], pool: list[Polygon] | None,
+                  water_union, slope: np.ndarray, ux: np.ndarray, uy: np.ndarray,
+                  occupied: list[Polygon]) -> tuple[list[tuple[str, Polygon, tuple[float, float]]], list[_Slump]]:
+    """Place stabilised slumps, then active ones (first year, then new ones each later year)."""
+    area_km2 = region.area / 1e6
 
     def on_slope(r: int, c: int, x: float, y: float, near_water_m: float = 450.0) -> bool:
         if not 3.0 <= slope[r, c] <= 25.0:
@@ -467,8 +499,6 @@ def _build_scene(rng: np.random.Generator, canvas: _Grid, region: Polygon, years
         kind = shp.SHAPE_KINDS[int(rng.integers(2))]
         local = shp.slump_outline(kind, float(shp.sample_areas(rng, 1, max_m2=max_area)[0]), float(shp.sample_elongations(rng, 1)[0]), rng)
         return kind, shp.place(local, (x, y), up), up
-
-    slumps: list[_Slump] = []
 
     def make_slump(first_year: int, max_area: float):
         def make(x, y, r, c):
@@ -487,52 +517,43 @@ def _build_scene(rng: np.random.Generator, canvas: _Grid, region: Polygon, years
         make=lambda x, y, r, c: _keyed(footprint(x, y, r, c, 40_000.0)),
         occupied=occupied,
     )
-    slumps += _place(rng, max(3, int(round(ACTIVE_PER_KM2 * area_km2))), region, canvas, on_slope, make_slump(years[0], shp.MAX_AREA_M2), occupied)
+    slumps: list[_Slump] = _place(rng, max(3, int(round(ACTIVE_PER_KM2 * area_km2))), region, canvas, on_slope,
+                                  make_slump(years[0], shp.MAX_AREA_M2), occupied)
     for year in years[1:]:
         slumps += _place(rng, max(1, int(round(NEW_PER_KM2_PER_YEAR * area_km2))), region, canvas, on_slope, make_slump(year, 15_000.0), occupied)
     for k, s in enumerate(slumps):
         s.slump_id = f"s{k + 1:03d}"
+    return stabilised, slumps
 
-    # Bare ridges: convex hilltops (high relative elevation, gentle slope), no depression.
+
+def _place_ridges(rng: np.random.Generator, canvas: _Grid, region: Polygon, relative: np.ndarray, slope: np.ndarray,
+                  occupied: list[Polygon]) -> list[Polygon]:
+    """Place bare ridges: convex hilltops (high relative elevation, gentle slope), no depression."""
     high = np.quantile(relative, 0.9)
-    ridges = _place(
-        rng, max(1, int(round(RIDGES_PER_KM2 * area_km2))), region, canvas,
+    return _place(
+        rng, max(1, int(round(RIDGES_PER_KM2 * (region.area / 1e6)))), region, canvas,
         accept=lambda r, c, x, y: relative[r, c] > high and slope[r, c] < 10.0,
         make=lambda x, y, r, c: _same(_blob(rng, (x, y), float(shp.sample_areas(rng, 1, 4_000.0, 40_000.0)[0]), rng.uniform(1.2, 2.5))),
         occupied=occupied,
     )
 
-    # Carve: active slumps as they were in the DEM year (the first year), stabilised slumps as
-    # shallower scars with degraded, smooth headwalls.
+
+def _carve_features(rng: np.random.Generator, elev: np.ndarray, canvas: _Grid, years: tuple[int, ...], slumps: list[_Slump],
+                    stabilised: list[tuple[str, Polygon, tuple[float, float]]], ridges: list[Polygon]) -> None:
+    """Carve slump scars and raise ridge domes in ``elev`` (in place), as the DEM year shows them."""
+    # Active slumps as they were in the DEM year (the first year); stabilised slumps as shallower
+    # scars with degraded, smooth headwalls.
     for s in slumps:
         if years[0] in s.footprints:
             _carve(elev, canvas, s.footprints[years[0]], s.upslope, s.depth_m, 4.0, rng)
-    for i, (kind, poly, up) in enumerate(stabilised):
+    for _, poly, up in stabilised:
         _carve(elev, canvas, poly, up, rng.uniform(1.5, 4.0), 12.0, rng)
-        distractors.append((f"stabilised_{i}", "stabilised_slump", poly))
     if ridges:
         # wind-scoured knolls: gentle domes a couple of metres high, the opposite of a scar
         heights = rasterio.features.rasterize(
             [(g, rng.uniform(1.5, 3.0)) for g in ridges], out_shape=canvas.shape, transform=canvas.transform, dtype="float32"
         )
-        elev += np.minimum(_blur(heights, 15.0 / res) * 1.5, heights.max())
-    for i, g in enumerate(ridges):
-        distractors.append((f"ridge_{i}", "bare_ridge", g))
-    elev += 0.15 * _fractal(rng, canvas.shape, beta=1.0)  # micro-relief so hillshade is not glassy
-
-    soft = lambda geoms, s=0.6: np.clip(_blur(_rasterize(geoms, canvas), s), 0, 1)  # noqa: E731
-    return _Scene(
-        canvas=canvas,
-        region=region,
-        elevation=elev,
-        water=soft(water_geoms),
-        ridges=soft(ridges, 1.0),
-        stabilised=soft([p for _, p, _ in stabilised], 1.5),
-        veg_texture=(_fractal(rng, canvas.shape, 2.2), _fractal(rng, canvas.shape, 2.8)),
-        slumps=slumps,
-        distractors=distractors,
-        rivers=rivers,
-    )
+        elev += np.minimum(_blur(heights, 15.0 / canvas.res) * 1.5, heights.max())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -957,6 +978,172 @@ def _prepare_out_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _check_arguments(seed: int, years, size_m, center_lonlat, fine_resolution: float, sar: str) -> tuple[int, ...]:
+    """Check every argument of :func:`generate_region` but the paths; return the years as ints."""
+    if sar not in SAR_VARIANTS:
+        raise ConfigError(f"sar must be one of {', '.join(SAR_VARIANTS)}, got {sar!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    try:
+        years = tuple(int(y) for y in years)
+    except (TypeError, ValueError):
+        raise ConfigError(f"years must be integers, got {years!r}") from None
+    if not years or any(b <= a for a, b in zip(years, years[1:])):
+        raise ConfigError(f"years must be a non-empty, strictly increasing list, got {years}")
+    if years[0] < MIN_YEAR or years[-1] > MAX_YEAR or len(years) > MAX_YEARS:
+        raise ConfigError(f"years must lie in {MIN_YEAR}-{MAX_YEAR}, at most {MAX_YEARS} of them, got "
+                          f"{years[0]}..{years[-1]} ({len(years)} years)")
+    if len(size_m) != 2 or not all(math.isfinite(float(v)) for v in size_m):
+        raise ConfigError(f"region size must be two finite numbers of metres, got {size_m!r}")
+    if min(size_m) < 1000.0 or max(size_m) > 50_000.0:
+        raise ConfigError(f"region size must be 1-50 km per side, got {size_m[0] / 1000:g} x {size_m[1] / 1000:g} km")
+    lon, lat = (float(v) for v in center_lonlat)
+    if not (math.isfinite(lon) and math.isfinite(lat) and -180 <= lon <= 180 and 50 <= lat <= 85):
+        raise ConfigError(f"centre must be a longitude in -180..180 and a latitude in 50..85, got {center_lonlat!r}")
+    if not (math.isfinite(fine_resolution) and 0.5 <= fine_resolution <= DEM_RES):
+        raise ConfigError(f"fine_resolution must be 0.5-{DEM_RES:g} m, got {fine_resolution!r}")
+    return years
+
+
+def _read_shapes_pool(shapes: str | Path | None) -> list[Polygon] | None:
+    """Footprints of a ``--shapes`` file within the slump area limits (None without a file)."""
+    if shapes is None:
+        return None
+    pool = [p for p in shp.read_footprints(shapes) if shp.MIN_AREA_M2 <= p.area <= shp.MAX_AREA_M2]
+    if not pool:
+        raise ConfigError(f"--shapes file {shapes} has no footprints between {shp.MIN_AREA_M2:g} and {shp.MAX_AREA_M2:g} m2")
+    return pool
+
+
+def _region_grids(center_lonlat: tuple[float, float], size_m: tuple[float, float],
+                  fine_resolution: float) -> tuple[tuple[float, float], Polygon, dict[str, _Grid], _Grid]:
+    """The region square in EPSG:3413 (snapped to 10 m), its centre, the native grids and the canvas."""
+    cx, cy = Transformer.from_crs("EPSG:4326", DEM_CRS, always_xy=True).transform(*center_lonlat)
+    cx, cy = round(cx / DEM_RES) * DEM_RES, round(cy / DEM_RES) * DEM_RES
+    w, h = (round(v / 2 / DEM_RES) * DEM_RES for v in size_m)
+    region = box(cx - w, cy - h, cx + w, cy + h)
+    padded = region.buffer(NATIVE_PAD_M, join_style="mitre")
+    grids = {
+        "dem": _snapped_grid(padded.bounds, DEM_CRS, DEM_RES),
+        "optical": _snapped_grid(_to_crs(padded, DEM_CRS, OPTICAL_CRS).bounds, OPTICAL_CRS, OPTICAL_RES),
+        "sar": _snapped_grid(_to_crs(padded, DEM_CRS, SAR_CRS).bounds, SAR_CRS, SAR_RES),
+    }
+    # The canvas covers every native grid's footprint, so no native pixel is left empty.
+    reach = shapely.union_all([_to_crs(g.footprint(), g.crs, DEM_CRS) for g in grids.values()])
+    canvas = _snapped_grid(reach.buffer(4 * fine_resolution).bounds, DEM_CRS, fine_resolution)
+    return (cx, cy), region, grids, canvas
+
+
+def _write_dem(scene: _Scene, grid: _Grid, cogs: Path, dem_year: int) -> pystac.Item:
+    """Write the DEM (one snapshot, taken in ``dem_year``) as a COG; return its STAC item."""
+    dem = _resample(scene.elevation, scene.canvas, grid, Resampling.average)
+    dem = np.where(np.isnan(dem), DEM_NODATA, dem).astype(np.float32)
+    dem_id = "rtsmap-demo-dem-10m"
+    dem_path = cogs / DEM_COLLECTION / dem_id / "dem.tif"
+    _write_cog(dem_path, dem, grid, DEM_NODATA, "AVERAGE")
+    return _item(dem_id, DEM_COLLECTION, dt.datetime(dem_year, 7, 1, tzinfo=dt.timezone.utc), grid, {"dem": dem_path},
+                 {"platform": "synthetic", "rtsmap:synthetic": True})
+
+
+def _write_optical_year(rng_clouds: np.random.Generator, rng_optical: np.random.Generator, scene: _Scene, year: int,
+                        plans: list[_OpticalPlan], slumps_now: np.ndarray, grid: _Grid, cogs: Path,
+                        cloud_alpha: dict[str, np.ndarray]) -> list[pystac.Item]:
+    """Write the optical scenes of one year; record each scene's cloud opacity in ``cloud_alpha``."""
+    present = [s for s in scene.slumps if year in s.footprints]
+    year_plans = [p for p in plans if p.year == year]
+    # The same slumps are hidden in every scene of a single-scene year; in a two-scene year,
+    # the cloudy scene hides some and the clear one shows them, so best-first mosaicking matters.
+    n_cover = max(1, int(round(max(p.cover_fraction for p in year_plans) * len(present))))
+    hidden = [present[i] for i in sorted(rng_clouds.choice(len(present), size=min(n_cover, len(present)), replace=False))]
+    items = []
+    for plan in year_plans:
+        covered = hidden if plan.cover_fraction > 0 else []
+        alpha, shadow = _clouds(rng_clouds, scene, plan, covered)
+        cloud_alpha[plan.item_id] = alpha
+        refl, scl = _render_optical(rng_optical, scene, slumps_now, alpha, shadow)
+        items.append(_write_optical_scene(plan, refl, scl, scene.canvas, grid, cogs))
+    return items
+
+
+def _write_optical_scene(plan: _OpticalPlan, refl: np.ndarray, scl: np.ndarray, canvas: _Grid, grid: _Grid,
+                         cogs: Path) -> pystac.Item:
+    """Resample one rendered optical scene to its native grid, write its COGs; return its item."""
+    bands = [_resample(refl[k], canvas, grid, Resampling.average) for k in range(4)]
+    scl_n = _resample(scl.astype(np.float32), canvas, grid, Resampling.mode)
+    valid = ~np.isnan(scl_n)
+    if plan.nodata_strip:  # the swath edge: the eastern 12 % of the scene has no data
+        valid[:, int(grid.shape[1] * 0.88):] = False
+    scl_out = np.where(valid, np.nan_to_num(scl_n), SCL_NODATA).astype(np.uint8)
+    paths = {}
+    for name, band in zip(OPTICAL_BANDS, bands):
+        dn = np.where(valid, np.clip(np.round(np.nan_to_num(band) * 10000), 1, 65535), 0).astype(np.uint16)
+        paths[name] = cogs / OPTICAL_COLLECTION / plan.item_id / f"{name}.tif"
+        _write_cog(paths[name], dn, grid, 0, "AVERAGE")
+    paths["scl"] = cogs / OPTICAL_COLLECTION / plan.item_id / "scl.tif"
+    _write_cog(paths["scl"], scl_out, grid, SCL_NODATA, "NEAREST")
+    n_valid = max(int(valid.sum()), 1)
+    cloud_cover = 100.0 * np.isin(scl_out, (SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS)).sum() / n_valid
+    item = _item(plan.item_id, OPTICAL_COLLECTION, plan.when, grid, paths,
+                 {"platform": "sentinel-2a", "constellation": "sentinel-2", "rtsmap:synthetic": True})
+    EOExtension.ext(item, add_if_missing=True).cloud_cover = round(float(cloud_cover), 2)
+    return item
+
+
+def _write_sar_year(rng_sar: np.random.Generator, rng_sar_fields: np.random.Generator, scene: _Scene, year: int, sar: str,
+                    slumps_now: np.ndarray, contrasts: dict[str, tuple[float, float]], sar_geometry: _SarGeometry,
+                    grid: _Grid, cogs: Path) -> pystac.Item:
+    """Write the SAR scene of one year (noise-free gamma0 averaged to 20 m, then speckle); return its item."""
+    # rng_sar is drawn in the order it always was (date, scene offset, speckle per band), so the
+    # acquisition dates (the item ids) stay those of earlier regions; the new fields come from
+    # rng_sar_fields.
+    canvas = scene.canvas
+    when = dt.datetime(year, 7, 18, 15, 40, tzinfo=dt.timezone.utc) + dt.timedelta(days=int(rng_sar.integers(0, 20)))
+    sar_id = f"rtsmap-demo-s1-{when:%Y%m%d}"
+    if sar == "legacy":  # the same rng_sar draws in the same order as the realistic branch
+        gamma0 = _render_sar_legacy(rng_sar, scene, slumps_now)
+    else:
+        offset_db = _moisture_offset_db(rng_sar_fields, canvas)
+        offset_db += rng_sar.normal(0.0, SAR_MODEL.scene_offset_std_db)
+        gamma0 = _render_sar(scene, _slump_gain(scene, year, contrasts, slumps_now), sar_geometry, offset_db)
+    paths = {}
+    for k, name in enumerate(SAR_BANDS):
+        g = _speckle(rng_sar, _resample(gamma0[k], canvas, grid, Resampling.average), SAR_MODEL.looks)
+        g = np.where(np.isnan(g), 0.0, np.maximum(g, 1e-5)).astype(np.float32)
+        paths[name] = cogs / SAR_COLLECTION / sar_id / f"{name}.tif"
+        _write_cog(paths[name], g, grid, 0.0, "AVERAGE")
+    return _item(sar_id, SAR_COLLECTION, when, grid, paths,
+                 {"platform": "sentinel-1a", "constellation": "sentinel-1", "sar:polarizations": ["VV", "VH"], "rtsmap:synthetic": True})
+
+
+def _write_aoi(path: Path, region: Polygon, seed: int) -> None:
+    """Write the AOI (the region square shrunk by ``AOI_INSET_M``) as GeoJSON in EPSG:4326."""
+    aoi = _to_crs(region.buffer(-AOI_INSET_M, join_style="mitre"), DEM_CRS, "EPSG:4326", densify_m=100.0)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"name": REGION_NAME, "seed": seed}, "geometry": mapping(aoi)}]}, indent=1))
+
+
+def _write_region_json(path: Path, *, seed: int, years: tuple[int, ...], size_m, center_lonlat, region: Polygon,
+                       fine_resolution: float, sar: str, shapes: str | Path | None, grids: dict[str, _Grid],
+                       items: dict[str, list[pystac.Item]], counts: dict) -> None:
+    """Write ``region.json``: what was generated (seed, years, sizes, CRSs, counts, item ids)."""
+    path.write_text(json.dumps({
+        "generator": "rtsmap demo_region",
+        "name": REGION_NAME,
+        "seed": seed,
+        "years": list(years),
+        "size_m": [float(v) for v in size_m],
+        "center_lonlat": list(center_lonlat),
+        "bounds_3413": list(region.bounds),
+        "fine_resolution": fine_resolution,
+        "sar": sar,
+        "shapes": str(Path(shapes).resolve()) if shapes is not None else None,
+        "dem_year": years[0],
+        "grids": {k: {"crs": g.crs, "resolution": g.res, "shape": list(g.shape), "transform": list(g.transform)[:6]} for k, g in grids.items()},
+        "collections": {c: [i.id for i in v] for c, v in items.items()},
+        "counts": counts,
+    }, indent=1))
+
+
 def generate_region(
     out_dir: str | Path,
     *,
@@ -1010,169 +1197,45 @@ def generate_region(
         earlier demo region and ``overwrite`` is False.
     """
     # Every check comes before _prepare_out_dir: a bad argument never costs an existing region.
-    if sar not in SAR_VARIANTS:
-        raise ConfigError(f"sar must be one of {', '.join(SAR_VARIANTS)}, got {sar!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    try:
-        years = tuple(int(y) for y in years)
-    except (TypeError, ValueError):
-        raise ConfigError(f"years must be integers, got {years!r}") from None
-    if not years or any(b <= a for a, b in zip(years, years[1:])):
-        raise ConfigError(f"years must be a non-empty, strictly increasing list, got {years}")
-    if years[0] < MIN_YEAR or years[-1] > MAX_YEAR or len(years) > MAX_YEARS:
-        raise ConfigError(f"years must lie in {MIN_YEAR}-{MAX_YEAR}, at most {MAX_YEARS} of them, got "
-                          f"{years[0]}..{years[-1]} ({len(years)} years)")
-    if len(size_m) != 2 or not all(math.isfinite(float(v)) for v in size_m):
-        raise ConfigError(f"region size must be two finite numbers of metres, got {size_m!r}")
-    if min(size_m) < 1000.0 or max(size_m) > 50_000.0:
-        raise ConfigError(f"region size must be 1-50 km per side, got {size_m[0] / 1000:g} x {size_m[1] / 1000:g} km")
-    lon, lat = (float(v) for v in center_lonlat)
-    if not (math.isfinite(lon) and math.isfinite(lat) and -180 <= lon <= 180 and 50 <= lat <= 85):
-        raise ConfigError(f"centre must be a longitude in -180..180 and a latitude in 50..85, got {center_lonlat!r}")
-    if not (math.isfinite(fine_resolution) and 0.5 <= fine_resolution <= DEM_RES):
-        raise ConfigError(f"fine_resolution must be 0.5-{DEM_RES:g} m, got {fine_resolution!r}")
+    years = _check_arguments(seed, years, size_m, center_lonlat, fine_resolution, sar)
     out = Path(out_dir).resolve()
     _check_out_dir(out, overwrite)
-    pool = None
-    if shapes is not None:
-        pool = [p for p in shp.read_footprints(shapes) if shp.MIN_AREA_M2 <= p.area <= shp.MAX_AREA_M2]
-        if not pool:
-            raise ConfigError(f"--shapes file {shapes} has no footprints between {shp.MIN_AREA_M2:g} and {shp.MAX_AREA_M2:g} m2")
+    pool = _read_shapes_pool(shapes)
     _prepare_out_dir(out)
 
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
     rng_scene, rng_plan, rng_clouds, rng_optical, rng_sar, rng_sar_fields = rngs
-
-    # Region square in EPSG:3413, snapped to the 10 m grid, and the native grids around it.
-    cx, cy = Transformer.from_crs("EPSG:4326", DEM_CRS, always_xy=True).transform(*center_lonlat)
-    cx, cy = round(cx / DEM_RES) * DEM_RES, round(cy / DEM_RES) * DEM_RES
-    w, h = (round(v / 2 / DEM_RES) * DEM_RES for v in size_m)
-    region = box(cx - w, cy - h, cx + w, cy + h)
-    padded = region.buffer(NATIVE_PAD_M, join_style="mitre")
-    grids = {
-        "dem": _snapped_grid(padded.bounds, DEM_CRS, DEM_RES),
-        "optical": _snapped_grid(_to_crs(padded, DEM_CRS, OPTICAL_CRS).bounds, OPTICAL_CRS, OPTICAL_RES),
-        "sar": _snapped_grid(_to_crs(padded, DEM_CRS, SAR_CRS).bounds, SAR_CRS, SAR_RES),
-    }
-    # The canvas covers every native grid's footprint, so no native pixel is left empty.
-    reach = shapely.union_all([_to_crs(g.footprint(), g.crs, DEM_CRS) for g in grids.values()])
-    canvas = _snapped_grid(reach.buffer(4 * fine_resolution).bounds, DEM_CRS, fine_resolution)
-
+    center, region, grids, canvas = _region_grids(center_lonlat, size_m, fine_resolution)
     scene = _build_scene(rng_scene, canvas, region, years, pool)
     cogs = out / "cogs"
     items: dict[str, list[pystac.Item]] = {OPTICAL_COLLECTION: [], SAR_COLLECTION: [], DEM_COLLECTION: []}
-
-    # DEM
-    dem_grid = grids["dem"]
-    dem = _resample(scene.elevation, canvas, dem_grid, Resampling.average)
-    dem = np.where(np.isnan(dem), DEM_NODATA, dem).astype(np.float32)
-    dem_id = "rtsmap-demo-dem-10m"
-    dem_path = cogs / DEM_COLLECTION / dem_id / "dem.tif"
-    _write_cog(dem_path, dem, dem_grid, DEM_NODATA, "AVERAGE")
-    items[DEM_COLLECTION].append(
-        _item(dem_id, DEM_COLLECTION, dt.datetime(years[0], 7, 1, tzinfo=dt.timezone.utc), dem_grid, {"dem": dem_path},
-              {"platform": "synthetic", "rtsmap:synthetic": True})
-    )
+    items[DEM_COLLECTION].append(_write_dem(scene, grids["dem"], cogs, years[0]))
 
     # Optical and SAR, year by year. The SAR geometry comes from the (static) terrain; each slump
     # keeps its own SAR contrast in every year.
     plans = _optical_plans(rng_plan, years, region.area / 1e6)
-    look_xy = _look_vector(DEM_CRS, (cx, cy), SAR_MODEL.look_azimuth_deg)
-    sar_geometry = _sar_geometry(scene.elevation, canvas.res, look_xy)
+    sar_geometry = _sar_geometry(scene.elevation, canvas.res, _look_vector(DEM_CRS, center, SAR_MODEL.look_azimuth_deg))
     contrasts = {s.slump_id: slump_sar_contrast_db(seed, s.slump_id) for s in scene.slumps}
     cloud_alpha: dict[str, np.ndarray] = {}
     for year in years:
         slumps_now = _slump_layer(scene, year)
-        present = [s for s in scene.slumps if year in s.footprints]
-        year_plans = [p for p in plans if p.year == year]
-        # The same slumps are hidden in every scene of a single-scene year; in a two-scene year,
-        # the cloudy scene hides some and the clear one shows them, so best-first mosaicking matters.
-        n_cover = max(1, int(round(max(p.cover_fraction for p in year_plans) * len(present))))
-        hidden = [present[i] for i in sorted(rng_clouds.choice(len(present), size=min(n_cover, len(present)), replace=False))]
-        for plan in year_plans:
-            covered = hidden if plan.cover_fraction > 0 else []
-            alpha, shadow = _clouds(rng_clouds, scene, plan, covered)
-            cloud_alpha[plan.item_id] = alpha
-            refl, scl = _render_optical(rng_optical, scene, slumps_now, alpha, shadow)
-            grid = grids["optical"]
-            bands = [_resample(refl[k], canvas, grid, Resampling.average) for k in range(4)]
-            scl_n = _resample(scl.astype(np.float32), canvas, grid, Resampling.mode)
-            valid = ~np.isnan(scl_n)
-            if plan.nodata_strip:  # the swath edge: the eastern 12 % of the scene has no data
-                valid[:, int(grid.shape[1] * 0.88):] = False
-            scl_out = np.where(valid, np.nan_to_num(scl_n), SCL_NODATA).astype(np.uint8)
-            paths = {}
-            for name, band in zip(OPTICAL_BANDS, bands):
-                dn = np.where(valid, np.clip(np.round(np.nan_to_num(band) * 10000), 1, 65535), 0).astype(np.uint16)
-                paths[name] = cogs / OPTICAL_COLLECTION / plan.item_id / f"{name}.tif"
-                _write_cog(paths[name], dn, grid, 0, "AVERAGE")
-            paths["scl"] = cogs / OPTICAL_COLLECTION / plan.item_id / "scl.tif"
-            _write_cog(paths["scl"], scl_out, grid, SCL_NODATA, "NEAREST")
-            n_valid = max(int(valid.sum()), 1)
-            cloud_cover = 100.0 * np.isin(scl_out, (SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS)).sum() / n_valid
-            item = _item(plan.item_id, OPTICAL_COLLECTION, plan.when, grid, paths,
-                         {"platform": "sentinel-2a", "constellation": "sentinel-2", "rtsmap:synthetic": True})
-            EOExtension.ext(item, add_if_missing=True).cloud_cover = round(float(cloud_cover), 2)
-            items[OPTICAL_COLLECTION].append(item)
+        items[OPTICAL_COLLECTION] += _write_optical_year(rng_clouds, rng_optical, scene, year, plans, slumps_now,
+                                                         grids["optical"], cogs, cloud_alpha)
+        items[SAR_COLLECTION].append(_write_sar_year(rng_sar, rng_sar_fields, scene, year, sar, slumps_now, contrasts,
+                                                     sar_geometry, grids["sar"], cogs))
 
-        # SAR: noise-free gamma0 averaged onto the 20 m grid, then speckle. rng_sar is drawn in the
-        # order it always was (date, scene offset, speckle per band), so the acquisition dates (the
-        # item ids) stay those of earlier regions; the new fields come from rng_sar_fields.
-        when = dt.datetime(year, 7, 18, 15, 40, tzinfo=dt.timezone.utc) + dt.timedelta(days=int(rng_sar.integers(0, 20)))
-        sar_id = f"rtsmap-demo-s1-{when:%Y%m%d}"
-        if sar == "legacy":  # the same rng_sar draws in the same order as the realistic branch
-            gamma0 = _render_sar_legacy(rng_sar, scene, slumps_now)
-        else:
-            offset_db = _moisture_offset_db(rng_sar_fields, canvas)
-            offset_db += rng_sar.normal(0.0, SAR_MODEL.scene_offset_std_db)
-            gamma0 = _render_sar(scene, _slump_gain(scene, year, contrasts, slumps_now), sar_geometry, offset_db)
-        grid = grids["sar"]
-        paths = {}
-        for k, name in enumerate(SAR_BANDS):
-            g = _speckle(rng_sar, _resample(gamma0[k], canvas, grid, Resampling.average), SAR_MODEL.looks)
-            g = np.where(np.isnan(g), 0.0, np.maximum(g, 1e-5)).astype(np.float32)
-            paths[name] = cogs / SAR_COLLECTION / sar_id / f"{name}.tif"
-            _write_cog(paths[name], g, grid, 0.0, "AVERAGE")
-        items[SAR_COLLECTION].append(
-            _item(sar_id, SAR_COLLECTION, when, grid, paths,
-                  {"platform": "sentinel-1a", "constellation": "sentinel-1", "sar:polarizations": ["VV", "VH"], "rtsmap:synthetic": True})
-        )
-
-    # Truth
     truth_path = out / "truth.gpkg"
     counts = _write_truth(truth_path, scene, years, plans, cloud_alpha, seed)
-
-    # AOI
     aoi_path = out / "aoi.geojson"
-    aoi = _to_crs(region.buffer(-AOI_INSET_M, join_style="mitre"), DEM_CRS, "EPSG:4326", densify_m=100.0)
-    aoi_path.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"name": REGION_NAME, "seed": seed}, "geometry": mapping(aoi)}]}, indent=1))
-
-    # STAC
+    _write_aoi(aoi_path, region, seed)
     items_path, ndjson_path, catalog_path, coll_paths = _write_stac(out / "stac", {
         OPTICAL_COLLECTION: ("Synthetic Sentinel-2 L2A-like surface reflectance (UTM 8N, 10 m)", items[OPTICAL_COLLECTION]),
         SAR_COLLECTION: ("Synthetic Sentinel-1 RTC-like gamma0 (UTM 9N, 20 m)", items[SAR_COLLECTION]),
         DEM_COLLECTION: ("Synthetic ArcticDEM-like elevation (EPSG:3413, 10 m)", items[DEM_COLLECTION]),
     })
-
     region_path = out / "region.json"
-    region_path.write_text(json.dumps({
-        "generator": "rtsmap demo_region",
-        "name": REGION_NAME,
-        "seed": seed,
-        "years": list(years),
-        "size_m": [float(v) for v in size_m],
-        "center_lonlat": list(center_lonlat),
-        "bounds_3413": list(region.bounds),
-        "fine_resolution": fine_resolution,
-        "sar": sar,
-        "shapes": str(Path(shapes).resolve()) if shapes is not None else None,
-        "dem_year": years[0],
-        "grids": {k: {"crs": g.crs, "resolution": g.res, "shape": list(g.shape), "transform": list(g.transform)[:6]} for k, g in grids.items()},
-        "collections": {c: [i.id for i in v] for c, v in items.items()},
-        "counts": counts,
-    }, indent=1))
+    _write_region_json(region_path, seed=seed, years=years, size_m=size_m, center_lonlat=center_lonlat, region=region,
+                       fine_resolution=fine_resolution, sar=sar, shapes=shapes, grids=grids, items=items, counts=counts)
     return DemoRegion(out, aoi_path, truth_path, items_path, ndjson_path, catalog_path, coll_paths, region_path, years, seed)
 
 
