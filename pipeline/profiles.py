@@ -20,6 +20,10 @@ YAML layout::
         bands:
           - {name: blue, asset: blue, nodata: 0, scale: 0.0001, dtype: uint16}
         mask: {asset: scl, invalid: [0, 1, 3, 8, 9, 10]}
+      sar:
+        catalog: https://planetarycomputer.microsoft.com/api/stac/v1   # this modality's own
+        signing: planetary-computer                                    # (else the profile's)
+        ...
 
 The file is read by the strict reader of :mod:`rtsmap.config_schema` straight into the
 dataclasses below (their annotations are the schema): unknown keys, wrong types and values out of
@@ -31,7 +35,7 @@ the key (``bad.yaml: profile.modalities.dem.max_clouds: ...``), because a typo i
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -149,6 +153,16 @@ class ModalityProfile:
     """Per-item offset override (Sentinel-2 processing baseline >= 04.00)."""
     use_item_scale: Bool = True
     """Prefer the scale/offset an item's asset declares in ``raster:bands`` when present."""
+    catalog: Str | None = None
+    """Where this modality's items are: a STAC API URL or a local catalog file (a relative path is
+    taken from the profile file's folder). Absent or null in the file: the profile's ``url``;
+    :func:`load_profile` fills in the value that applies, so None here means "given with --catalog"."""
+    signing: Signing | None = None
+    """Asset href signing of this modality's catalog; absent or null in the file: the profile's
+    (:func:`load_profile` fills it in)."""
+    headers: dict[Str, Str] | None = field(default=None, hash=False)
+    """Extra HTTP headers for this modality's API; absent or null in the file: the profile's
+    (:func:`load_profile` fills it in). May hold a key: never logged or written out."""
 
     @property
     def band_names(self) -> tuple[str, ...]:
@@ -172,6 +186,10 @@ class CatalogProfile:
     """Extra HTTP headers sent to the API."""
     source: str | None = None
     """The YAML file this profile was read from."""
+
+    def catalogs(self) -> dict[str, str | None]:
+        """Modality -> the catalog its items are searched in (None: to be given with --catalog)."""
+        return {name: m.catalog for name, m in self.modalities.items()}
 
 
 def band_scale_offset(
@@ -280,10 +298,11 @@ def load_profile(path: str | Path) -> CatalogProfile:
     top = validate(_ProfileFile, raw, str(path), root="profile")
     for name, modality in top.modalities.items():
         _check_modality(modality, f"profile.modalities.{name}", path)
+    modalities = {name: _with_access(m, top, path) for name, m in top.modalities.items()}
     return CatalogProfile(
         name=top.name,
         url=top.url,
-        modalities=dict(top.modalities),
+        modalities=modalities,
         signing=top.signing,
         headers=dict(top.headers),
         source=str(path),
@@ -304,3 +323,17 @@ def _check_modality(m: ModalityProfile, at_key: str, path: Path) -> None:
                 f"{path}: {at_key}.bands[{i}].resampling: must be nearest or mode for a class band, "
                 f"got {band.resampling!r}"
             )
+
+
+def _with_access(m: ModalityProfile, top: _ProfileFile, path: Path) -> ModalityProfile:
+    """The modality with the catalog, signing and headers that apply to it (its own, else the profile's)."""
+    catalog = m.catalog if m.catalog is not None else top.url
+    if catalog is not None and not re.match(r"^https?://", catalog) and not Path(catalog).is_absolute():
+        # A local catalog named in a profile is found next to the profile, wherever the command runs.
+        catalog = str(path.parent / catalog)
+    return replace(
+        m,
+        catalog=catalog,
+        signing=m.signing if m.signing is not None else top.signing,
+        headers=dict(m.headers if m.headers is not None else top.headers),
+    )

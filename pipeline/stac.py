@@ -174,6 +174,10 @@ class Catalog:
         """
         return shared_signer(self.signing)(href, collection)
 
+    def for_modality(self, modality: str) -> Catalog:
+        """The catalog a modality's items are searched in (this one; see :class:`ModalityCatalogs`)."""
+        return self
+
     def collection_ids(self) -> list[str] | None:
         """Ids of the collections the catalog holds, sorted; None when they cannot be listed."""
         return None
@@ -383,6 +387,56 @@ class ApiCatalog(Catalog):
         items = [it for it in items if _cloud_ok(it, cloud_property, max_cloud)]
         log.info("%s: %d items in %s", self.source, len(items), ",".join(collections))
         return sorted(items, key=lambda it: it.id)
+
+
+class ModalityCatalogs(Catalog):
+    """One catalog per modality, for a profile whose modalities live in different catalogs.
+
+    Searches and signing go to the modality's own catalog: :meth:`for_modality` by modality name,
+    :meth:`search` and :meth:`sign` by collection id (each modality names its own collections).
+    """
+
+    def __init__(self, by_modality: dict[str, Catalog], collections: dict[str, Sequence[str]]):
+        self.by_modality = dict(by_modality)
+        """Modality -> its catalog (modalities sharing a catalog share the object)."""
+        self._by_collection = {c: self.by_modality[m] for m, cs in collections.items() for c in cs}
+        groups: dict[int, list[str]] = {}
+        for name, catalog in self.by_modality.items():
+            groups.setdefault(id(catalog), []).append(name)
+        self.source = "; ".join(f"{'+'.join(names)}: {self.by_modality[names[0]].source}" for names in groups.values())
+        # One scheme when all agree; else None here, and each modality's profile says its own.
+        schemes = {c.signing for c in self.by_modality.values()}
+        self.signing = schemes.pop() if len(schemes) == 1 else None
+        self.headers = None
+
+    def for_modality(self, modality: str) -> Catalog:
+        """The modality's own catalog."""
+        return self.by_modality[modality]
+
+    def _of(self, collections: Sequence[str]) -> Catalog:
+        found = {id(self._by_collection[c]): self._by_collection[c] for c in collections if c in self._by_collection}
+        if len(found) != 1:
+            raise ConfigError(f"collections {', '.join(collections)} are not those of one modality of {self.source}")
+        return next(iter(found.values()))
+
+    def sign(self, href: str, collection: str) -> str:
+        """An asset href signed as the catalog of the item's collection says (unchanged if unknown)."""
+        catalog = self._by_collection.get(collection)
+        return href if catalog is None else catalog.sign(href, collection)
+
+    def collection_ids(self) -> list[str] | None:
+        """The collections of every catalog, sorted; None when one cannot list them."""
+        ids: set[str] = set()
+        for catalog in {id(c): c for c in self.by_modality.values()}.values():
+            held = catalog.collection_ids()
+            if held is None:
+                return None
+            ids.update(held)
+        return sorted(ids)
+
+    def search(self, collections: Sequence[str], *args: Any, **kwargs: Any) -> list[pystac.Item]:
+        """:meth:`Catalog.search` in the catalog of the modality that names ``collections``."""
+        return self._of(collections).search(collections, *args, **kwargs)
 
 
 def _api_error(url: str, exc: Exception, tries: int) -> CatalogError:
@@ -847,7 +901,7 @@ def _search_modality(
     window = None
     if year is not None and modality.season is not None:
         window = season_window(year, modality.season)
-    items = catalog.search(
+    items = catalog.for_modality(modality.name).search(
         modality.collections,
         intersects=geometry,
         datetime=window,

@@ -6,7 +6,8 @@ Everything a command decides before reading a raster is decided here, once:
   profiles"): ``--profile`` if given; else, for a STAC API URL, the shipped profile with that
   URL; for a local catalog, the shipped profile whose collections and assets the catalog holds;
   with no catalog either, ``planetary-computer`` and its URL;
-- the catalog, always opened with the profile's signing and headers;
+- the catalog of each modality (its own, else the profile's; ``--catalog`` overrides all),
+  always opened with the modality's signing and headers, one per distinct catalog;
 - the grid, from the model's tile size and resolution (:func:`grid_spec`);
 - the search, by blocks of chunks, into compact item records kept on disk
   (:class:`~rtsmap.workflows.item_blocks.ItemStore`), and the items that cover each chunk
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,7 +32,7 @@ import pyproj
 import shapely
 
 from rtsmap.pipeline.aoi import AOI, read_aoi
-from rtsmap.pipeline.errors import ConfigError, ModelError, OutputError
+from rtsmap.pipeline.errors import CatalogError, ConfigError, ModelError, OutputError
 from rtsmap.pipeline.grid import Block, BlockCells, Chunk, GridSpec, block_cells, estimate_chunks, plan_blocks
 from rtsmap.pipeline.infer import check_compatible
 from rtsmap.pipeline.model_file import ModelInfo, read_model_info
@@ -40,6 +41,7 @@ from rtsmap.pipeline.stac import (
     Catalog,
     ItemRecord,
     LocalCatalog,
+    ModalityCatalogs,
     item_dict_ok,
     open_catalog,
     record_from_dict,
@@ -162,25 +164,33 @@ def _profile_for_url(url: str) -> CatalogProfile:
 
 
 def open_profile_catalog(
-    catalog: str | Path | None, profile: str | Path | CatalogProfile | None
+    catalog: str | Path | None, profile: str | Path | CatalogProfile | None,
+    modalities: Sequence[str] | None = None,
 ) -> tuple[Catalog, CatalogProfile]:
-    """Choose the profile by the one rule and open the catalog with its signing and headers.
+    """Choose the profile by the one rule and open each modality's catalog with its signing and headers.
 
     Parameters
     ----------
     catalog
-        STAC API URL or local catalog path; None: the profile's URL.
+        STAC API URL or local catalog path for every modality; None: each modality's own catalog
+        (the profile's URL unless the modality names another).
     profile
         Shipped name, YAML path or loaded profile; None: chosen by the rule (module docstring).
+    modalities
+        Open the catalogs of these modalities of the profile only (those a model needs);
+        None: of all.
 
     Returns
     -------
     (Catalog, CatalogProfile)
+        The catalog is a :class:`~rtsmap.pipeline.stac.ModalityCatalogs` when the modalities
+        live in more than one catalog; ``Catalog.for_modality`` gives each one's.
 
     Raises
     ------
     RtsmapError
-        For a profile that cannot be found or chosen, or a catalog that cannot be opened.
+        For a profile that cannot be found or chosen, a modality with no catalog, or a catalog
+        that cannot be opened (naming the modalities it serves when there are several catalogs).
     """
     source = None if catalog is None else str(catalog)
     if profile is None and source is not None and not re.match(r"^https?://", source):
@@ -193,11 +203,57 @@ def open_profile_catalog(
         chosen = _profile_for_url(source) if source is not None else resolve_profile(DEFAULT_PROFILE)
     else:
         chosen = resolve_profile(profile)
-    if source is None:
-        if chosen.url is None:
-            raise ConfigError(f"profile {chosen.name} has no URL: give --catalog (a STAC API URL or a local file)")
-        source = chosen.url
-    return open_catalog(source, headers=dict(chosen.headers) or None, signing=chosen.signing), chosen
+    return open_modality_catalogs(chosen, modalities, source), chosen
+
+
+def open_modality_catalogs(profile: CatalogProfile, modalities: Sequence[str] | None = None,
+                           override: str | None = None) -> Catalog:
+    """Open one catalog per distinct (catalog, signing, headers) of the profile's modalities.
+
+    Parameters
+    ----------
+    profile
+        The profile (its modalities carry the catalog, signing and headers that apply).
+    modalities
+        Only these modalities (those of them the profile has); None or none of them: all.
+    override
+        A catalog (``--catalog``) used for every modality instead of its own.
+
+    Returns
+    -------
+    Catalog
+        The one catalog, or a :class:`~rtsmap.pipeline.stac.ModalityCatalogs` over several.
+
+    Raises
+    ------
+    ConfigError
+        For a modality with no catalog and no override.
+    CatalogError
+        For a catalog that cannot be opened.
+    """
+    names = [m for m in (modalities or ()) if m in profile.modalities] or list(profile.modalities)
+    keys: dict[str, tuple] = {}
+    for name in names:
+        m = profile.modalities[name]
+        where = override if override is not None else m.catalog
+        if where is None:
+            raise ConfigError(f"profile {profile.name} has no URL for {name}: give --catalog "
+                              "(a STAC API URL or a local file) or name the modality's catalog in the profile")
+        keys[name] = (where, m.signing, tuple(sorted((m.headers or {}).items())))
+    opened: dict[tuple, Catalog] = {}
+    for key in dict.fromkeys(keys.values()):
+        where, signing, headers = key
+        try:
+            opened[key] = open_catalog(where, headers=dict(headers) or None, signing=signing)
+        except CatalogError as exc:
+            if len({k[0] for k in keys.values()}) == 1:
+                raise
+            users = "+".join(n for n, k in keys.items() if k == key)
+            raise CatalogError(f"the {users} catalog of profile {profile.name}: {exc}") from None
+    if len(opened) == 1:
+        return next(iter(opened.values()))
+    return ModalityCatalogs({n: opened[k] for n, k in keys.items()},
+                            {n: profile.modalities[n].collections for n in names})
 
 
 # --- the grid and the items of each chunk -------------------------------------------------------
@@ -330,7 +386,8 @@ class Planned:
     profile: CatalogProfile
     """The profile chosen by the rule."""
     catalog: Catalog
-    """The catalog, opened with the profile's signing and headers."""
+    """The catalog, opened with the profile's signing and headers; for modalities in several
+    catalogs a :class:`~rtsmap.pipeline.stac.ModalityCatalogs` (``catalog.for_modality(name)``)."""
     modalities: dict[str, ModalityProfile]
     """Modality -> profile, for every modality the model needs, in the model's order."""
     aoi: AOI
@@ -453,7 +510,7 @@ def plan_chunks(config: RunConfig, *, page_size: int = 100, block_chunks: int = 
     # The local inputs first: a broken AOI is reported as such, also offline (before the catalog).
     aoi = read_aoi(config.aoi, crs=config.grid.crs)
     info = read_model_info(config.model)
-    catalog, profile = open_profile_catalog(config.catalog, config.profile)
+    catalog, profile = open_profile_catalog(config.catalog, config.profile, info.modalities)
     missing = [m for m in info.modalities if m not in profile.modalities]
     if missing:
         raise ModelError(f"the model needs {', '.join(missing)} but profile {profile.name} has no such modality")
@@ -523,17 +580,18 @@ def search_blocks(catalog: Catalog, aoi: AOI, spec: GridSpec, blocks: list[Block
     area = aoi.geometry_wgs84
     shapely.prepare(area)
     for name, modality in modalities.items():
+        source = catalog.for_modality(name)
         for year in years if modality.per_year else [None]:
             window = season_window(year, modality.season) if year is not None and modality.season else None
             key = (name, year)
-            if isinstance(catalog, LocalCatalog):
-                dicts = (d for d in catalog.iter_dicts(modality.collections, bbox=area.bounds, datetime=window)
+            if isinstance(source, LocalCatalog):
+                dicts = (d for d in source.iter_dicts(modality.collections, bbox=area.bounds, datetime=window)
                          if item_dict_ok(d, area, modality.cloud_property, modality.max_cloud))
                 n = store.add(key, _records(dicts, modality, to_grid))
             else:
                 n = 0
                 for block in blocks:
-                    items = catalog.search(modality.collections, intersects=_block_wgs84(block, aoi, to_wgs84),
+                    items = source.search(modality.collections, intersects=_block_wgs84(block, aoi, to_wgs84),
                                            datetime=window, cloud_property=modality.cloud_property,
                                            max_cloud=modality.max_cloud, page_size=page_size)
                     dicts = [it.to_dict(include_self_link=False, transform_hrefs=False) for it in items]
@@ -565,6 +623,7 @@ def check_found(counts: dict[str, int], modalities: dict[str, ModalityProfile], 
     if rest and supports is not None and supports(rest):
         return [f"no {' or '.join(empty)} item in any year: the model maps with {'+'.join(rest)} alone"]
     searched = sorted({c for m in empty for c in modalities[m].collections})
+    catalog = catalog.for_modality(empty[0])  # where the first empty modality was searched
     held = catalog.collection_ids()
     holds = ", ".join(held) if held else ("none" if held is not None else "(the API does not list them)")
     raise ConfigError(
@@ -644,10 +703,10 @@ def check_workers(workers: int | None) -> None:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
 
 
-def describe(planned: Planned, chunk_ids: list[str] | None = None) -> dict[str, Any]:
+def describe(planned: Planned) -> dict[str, Any]:
     """Plain facts of a plan shared by the plan report and the run metadata.
 
-    ``chunk_ids`` (sorted) when the caller has them already; else the grid is walked again.
+    No chunk ids: a pan-Arctic plan has ~500,000 (``Planned.chunk_ids`` walks the grid for them).
     """
     return {
         "profile": planned.profile.name,
@@ -659,5 +718,4 @@ def describe(planned: Planned, chunk_ids: list[str] | None = None) -> dict[str, 
             "overlap_px": planned.spec.overlap_px,
             "tiles_per_chunk": planned.spec.tiles_per_chunk,
         },
-        "chunk_ids": planned.chunk_ids() if chunk_ids is None else chunk_ids,
     }

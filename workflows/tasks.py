@@ -67,7 +67,8 @@ class ChunkTask:
     core_wkb: bytes
     """The area this chunk answers for: its tiles' cores clipped to the AOI (grid CRS, WKB)."""
     signing: str | None = None
-    """Asset URL signing of the catalog (``planetary-computer``), applied on the worker at read time."""
+    """Asset URL signing of the catalog (``planetary-computer``), applied on the worker at read time
+    to the modalities whose profile names no signing of its own (``ModalityProfile.signing``)."""
 
 
 @dataclass(frozen=True)
@@ -169,19 +170,27 @@ def modality_label(modalities) -> str:
 
 
 def signed_items(task: ChunkTask, year: int, modalities=None) -> dict[str, list[pystac.Item]]:
-    """The task's items of one year as ``pystac.Item``, hrefs signed with the process's shared signer.
+    """The task's items of one year as ``pystac.Item``, hrefs signed with the process's shared signer
+    of each modality's signing scheme.
 
     Signed URLs live only in this worker's memory; messages redact query strings.
     """
     names = task.profiles if modalities is None else modalities
     items = {m: [pystac.Item.from_dict(json.loads(d), preserve_dict=False) for d in task.items[year].get(m, ())]
              for m in names}
-    if task.signing:
-        sign = shared_signer(task.signing)
-        for modality_items in items.values():
-            for item in modality_items:
-                for asset in item.assets.values():
-                    asset.href = sign(asset.href, item.collection_id)
+    signers: dict[str, Any] = {}
+    for modality, modality_items in items.items():
+        # Each modality's own catalog says how its hrefs are signed (optical from Earth Search
+        # unsigned, SAR from Planetary Computer signed); a profile made in code may leave it to the task.
+        scheme = task.profiles[modality].signing or task.signing
+        if not scheme:
+            continue
+        if scheme not in signers:
+            signers[scheme] = shared_signer(scheme)
+        sign = signers[scheme]
+        for item in modality_items:
+            for asset in item.assets.values():
+                asset.href = sign(asset.href, item.collection_id)
     return items
 
 
