@@ -84,12 +84,12 @@ def test_demo_region_on_slurm(demo_region, model_path, reference, tmp_path):  # 
             queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
             running = dict(line.split() for line in queue.splitlines())
             assert all(running.get(j) == "RUNNING" for j in job_ids), (job_ids, queue)
-            records = execute(plan, client, stream=StringIO())
-            workers = {r["worker"].split(":")[-1] for r in records}
+            summary = execute(plan, client, stream=StringIO())
+            workers = {w.split(":")[-1] for w in summary.workers}
     result = finish(plan, started=time.monotonic(), started_iso="")
 
     assert "#SBATCH" in script and "127.0.0.1" in script
-    assert {r["status"] for r in records} == {"processed"} and len(records) == 8
+    assert summary.statuses == {"processed": 8} and summary.chunk_years == 8
     assert len(workers) >= 1
     assert not result.partial
     assert_one_fragment_each(config.work_dir, n_chunks=4)

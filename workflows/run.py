@@ -275,6 +275,8 @@ class ExecuteSummary:
     """The first :data:`MAX_FAILURES_KEPT` failure records (chunk id, year, reason)."""
     first_submit_s: float | None = None
     """Seconds from the start of :func:`execute` to its first ``client.submit`` returning."""
+    workers: set[str] = field(default_factory=set)
+    """Addresses of the workers that ran tasks (as many as the cluster has, so bounded)."""
 
     @property
     def failed(self) -> int:
@@ -292,6 +294,8 @@ class ExecuteSummary:
                     self.seconds[stage] = self.seconds.get(stage, 0.0) + float(value)
         if status == "failed" and len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append(record)
+        if record.get("worker"):
+            self.workers.add(str(record["worker"]))
 
 
 def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> ExecuteSummary:
