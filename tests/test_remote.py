@@ -27,9 +27,9 @@ from rtsmap.pipeline.grid import GridSpec, plan_grid
 from rtsmap.pipeline.load import gdal_options, load_chunk
 from rtsmap.pipeline.profiles import CatalogProfile, load_profile
 from rtsmap.pipeline.signing import make_signer, strip_sas
+from rtsmap.workflows.http_serve import nginx_executable, serve_folder
 from tests.servers.fault_proxy import fault_proxy
 from tests.servers.moto_s3 import moto_executable, moto_server
-from tests.servers.nginx import nginx_executable, nginx_server
 
 REPO = Path(__file__).resolve().parents[1]
 YEAR = 2022
@@ -94,7 +94,7 @@ def nginx(region, tmp_path_factory):
     (site / CONTAINER).symlink_to(root, target_is_directory=True)
     for child in root.iterdir():
         (site / child.name).symlink_to(child, target_is_directory=child.is_dir())
-    with nginx_server(site, tmp_path_factory.mktemp("nginx")) as server:
+    with serve_folder(site, tmp_path_factory.mktemp("nginx")) as server:  # the package's own launcher
         yield server
 
 

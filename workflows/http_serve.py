@@ -57,11 +57,15 @@ class Served:
     access_log: Path
     """One line per request: method, path, status, body bytes sent, Range header."""
 
+    def log_lines(self) -> list[list[str]]:
+        """The access log so far, each line split into its fields."""
+        if not self.access_log.exists():
+            return []
+        return [line.split(" ", 4) for line in self.access_log.read_text().splitlines()]
+
     def traffic(self) -> tuple[int, int]:
         """Requests answered so far and the body bytes sent."""
-        if not self.access_log.exists():
-            return 0, 0
-        lines = [line.split(" ", 4) for line in self.access_log.read_text().splitlines()]
+        lines = self.log_lines()
         return len(lines), sum(int(line[3]) for line in lines if len(line) > 3 and line[3].isdigit())
 
 
