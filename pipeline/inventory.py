@@ -53,6 +53,7 @@ import pyogrio
 import shapely
 
 from rtsmap.pipeline.errors import OutputError
+from rtsmap.pipeline.outputs import check_output_file
 from rtsmap.pipeline.stac import redact_text
 
 #: GeoPackage version written: 1.2 is read cleanly by every GDAL >= 2.0 (GDAL 3.6 and the QGIS of
@@ -360,17 +361,7 @@ def write_inventory(
         without ``track_id``, or a ``track_id`` missing from the table).
     """
     path = Path(path)
-    if path.suffix.lower() != ".gpkg":
-        raise OutputError(f"inventory {path}: the file name must end in .gpkg")
-    if path.exists() and not overwrite:
-        raise OutputError(f"inventory {path} already exists; pass overwrite (--overwrite) or choose another path")
-    if path.is_dir():
-        raise OutputError(f"inventory {path} is a directory; give a .gpkg file path")
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"inventory {path}: directory {directory} does not exist; create it first")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise OutputError(f"inventory {path}: directory {directory} is not writable")
+    check_output_file(path, suffix=".gpkg", overwrite=overwrite, what="inventory")
     years = sorted({int(y) for y in layers} | {int(y) for y in coverage})
     rts = {y: _rts_layer(layers.get(y, layers.get(str(y))), y, run_metadata, crs) for y in years}
     cov = {int(k): _coverage_layer(v, int(k), crs) for k, v in sorted(coverage.items(), key=lambda kv: int(kv[0]))}
@@ -380,7 +371,7 @@ def write_inventory(
     table = _metadata_table(run_metadata)
 
     remove_stale_temporaries(path)
-    tmp = directory / f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
+    tmp = path.parent / f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
     try:
         try:
             first = True

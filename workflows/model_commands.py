@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from rtsmap.pipeline.errors import ConfigError, ModelError, OutputError
+from rtsmap.pipeline.outputs import check_output_file
 
 # Also reachable from here; the CLI registers it from workflows.training_data (no torch there).
 from rtsmap.workflows.training_data import training_data_command  # noqa: F401
@@ -53,27 +54,6 @@ def check_checkpoint(path: Path) -> Path:
         raise ModelError(f"checkpoint {path} cannot be read as an rtsmap checkpoint ({detail}); "
                          "give a .safetensors file or stage folder written by `rtsmap train`") from None
     return weights
-
-
-def check_output_file(path: Path, *, overwrite: bool, suffix: str) -> None:
-    """Refuse an output path before work starts: wrong suffix, a folder, a missing folder, or existing.
-
-    Raises
-    ------
-    OutputError
-        Any of the above (an existing file only without ``overwrite``).
-    """
-    if path.suffix.lower() != suffix:
-        raise OutputError(f"--out {path}: the file name must end in {suffix}")
-    if path.is_dir():
-        raise OutputError(f"--out {path} is a folder; give a {suffix} file path")
-    if path.exists() and not overwrite:
-        raise OutputError(f"--out {path} already exists; pass --overwrite to replace it, or choose another path")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"--out {path}: the folder {parent} does not exist (or is not a folder); create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {path}: the folder {parent} is not writable")
 
 
 def _place(staged: Path, path: Path, *, overwrite: bool) -> None:

@@ -32,7 +32,7 @@ import pyproj
 import shapely
 
 from rtsmap.pipeline.aoi import AOI, read_aoi
-from rtsmap.pipeline.errors import CatalogError, ConfigError, ModelError, OutputError
+from rtsmap.pipeline.errors import CatalogError, ConfigError, ModelError
 from rtsmap.pipeline.grid import Block, BlockCells, Chunk, GridSpec, block_cells, estimate_chunks, plan_blocks
 from rtsmap.pipeline.infer import check_compatible
 from rtsmap.pipeline.model_file import ModelInfo, read_model_info
@@ -633,45 +633,6 @@ def check_found(counts: dict[str, int], modalities: dict[str, ModalityProfile], 
 
 
 # --- checks before work starts ------------------------------------------------------------------
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_writable_dir(folder: str | Path, what: str) -> None:
-    """Refuse a folder that is neither a writable directory nor creatable in one.
-
-    Raises
-    ------
-    OutputError
-    """
-    folder = Path(folder)
-    existing = _nearest_existing(folder)
-    if not existing.is_dir():
-        raise OutputError(f"{what} {folder} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} {folder} cannot be written: {existing} is not writable")
-
-
-def check_output_file(path: str | Path, *, suffix: str, overwrite: bool) -> None:
-    """Refuse an output file with the wrong suffix, an existing one (without overwrite), or an unwritable folder.
-
-    Raises
-    ------
-    OutputError
-    """
-    path = Path(path)
-    if path.suffix.lower() != suffix:
-        raise OutputError(f"--out {path} must end in {suffix}")
-    if path.is_dir():
-        raise OutputError(f"--out {path} is a folder; give a file name ending in {suffix}")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it")
-    check_writable_dir(path.parent, "the output folder")
 
 
 def check_readable(path: str | Path | None, what: str) -> None:

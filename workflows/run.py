@@ -31,13 +31,13 @@ import shapely
 
 from rtsmap.pipeline.errors import ConfigError, OutputError
 from rtsmap.pipeline.grid import BlockCells, Chunk, GridSpec
+from rtsmap.pipeline.outputs import check_output_file
 from rtsmap.workflows.cluster import local_worker_count, open_cluster
 from rtsmap.workflows.config import RunConfig, config_to_dict, load_run_config, replace
 from rtsmap.workflows.fragments import FragmentStore, run_key
 from rtsmap.workflows.planning import (
     DEFAULT_BLOCK_CHUNKS,
     Planned,
-    check_output_file,
     check_readable,
     check_workers,
     plan_chunks,
@@ -143,7 +143,7 @@ def check_run_inputs(config: RunConfig) -> None:
     """
     if not config.aoi:
         raise ConfigError("--aoi is required (or `aoi:` in the configuration file)")
-    check_output_file(config.out, suffix=".gpkg", overwrite=config.overwrite)
+    check_output_file(config.out, suffix=".gpkg", overwrite=config.overwrite, create_folder=True)
     if config.quicklook:
         from rtsmap.workflows.quicklook import check_quicklooks
 

@@ -50,7 +50,8 @@ from rtsmap.pipeline.evaluation import read_truth
 from rtsmap.pipeline.grid import GridSpec, plan_grid
 from rtsmap.pipeline.load import load_chunk
 from rtsmap.pipeline.stac import search_modalities
-from rtsmap.workflows.planning import check_readable, check_writable_dir, open_profile_catalog
+from rtsmap.pipeline.outputs import check_writable_dir
+from rtsmap.workflows.planning import check_readable, open_profile_catalog
 
 log = logging.getLogger(__name__)
 
