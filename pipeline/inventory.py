@@ -26,7 +26,10 @@ The file is written under a temporary name in the target directory (GeoPackage v
 which every GDAL >= 2.0 and QGIS release opens without a warning) and then renamed: with
 ``overwrite`` over the target (``os.replace``), without it by a rename that fails if the target
 appeared meanwhile (``os.link`` then ``unlink``), so of two runs with one output the first to
-finish wins and the other keeps its file elsewhere. A crash leaves the old file or the new one,
+finish wins and the other keeps its file elsewhere. :class:`InventoryWriter` writes it a year at
+a time (each year linked to the years before, each layer appended in slices of
+:data:`WRITE_ROWS` rows), so a run never passes every year's layers at once;
+:func:`write_inventory` is that writer over given layers. A crash leaves the old file or the new one,
 never a broken one; the temporary files of a killed writer are removed by the next write
 (:func:`remove_stale_temporaries`). Strings in ``run_metadata`` pass through
 :func:`rtsmap.pipeline.stac.redact_text`, so no URL credential or token is written.
@@ -50,6 +53,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyogrio
+import pyproj
 import shapely
 
 from rtsmap.pipeline.errors import OutputError
@@ -140,7 +144,10 @@ def _rts_layer(gdf: gpd.GeoDataFrame, year: int, run_metadata: Mapping[str, Any]
         raise OutputError(f"inventory layer rts_{year}: no rts_id column; merge detections with pipeline.merge first")
     if gdf.crs is None and len(gdf):
         raise OutputError(f"inventory layer rts_{year}: the GeoDataFrame has no CRS")
-    g = gdf.to_crs(crs) if (gdf.crs is not None and len(gdf)) else gdf.set_crs(crs, allow_override=True)
+    if gdf.crs is not None and len(gdf) and gdf.crs != pyproj.CRS.from_user_input(crs):
+        g = gdf.to_crs(crs)
+    else:  # already in the CRS: no copy of the geometries
+        g = gdf.set_crs(crs, allow_override=True)
     g = g.sort_values("rts_id", kind="mergesort").reset_index(drop=True)
     n = len(g)
     out = pd.DataFrame(index=range(n))
@@ -178,8 +185,9 @@ def _rts_layer(gdf: gpd.GeoDataFrame, year: int, run_metadata: Mapping[str, Any]
     for field in _STRING_FIELDS:
         out[field] = out[field].astype(object)
     out["BaseMapResolution"] = out["BaseMapResolution"].astype(np.float64)
-    multi = [shapely.MultiPolygon([p]) if p.geom_type == "Polygon" else p for p in geoms]
-    return gpd.GeoDataFrame(out[list(RTS_FIELDS)], geometry=gpd.GeoSeries(multi, crs=crs), crs=crs)
+    # Polygons stay Polygons here (no second copy of every geometry): the writer promotes them
+    # to MultiPolygon as it writes each slice (promote_to_multi).
+    return gpd.GeoDataFrame(out[list(RTS_FIELDS)], geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
 
 
 def _track_columns(out: pd.DataFrame, g: gpd.GeoDataFrame, year: int) -> None:
@@ -220,6 +228,18 @@ def _coverage_layer(gdf: gpd.GeoDataFrame, year: int, crs: Any) -> gpd.GeoDataFr
     return gpd.GeoDataFrame(out, geometry=gpd.GeoSeries(multi, crs=crs), crs=crs)
 
 
+def _with_link(frame: gpd.GeoDataFrame, linked: gpd.GeoDataFrame, year: int) -> gpd.GeoDataFrame:
+    """An ``rts_<year>`` layer with the change and relation fields of its linked frame (same rows)."""
+    fields = pd.DataFrame(index=frame.index)
+    _track_columns(fields, linked, year)
+    frame = frame.copy()
+    for field in TRACK_FIELDS:
+        frame[field] = fields[field].to_numpy()
+    for field in RELATION_FIELDS:
+        frame[field] = linked[field].fillna("").astype(str).to_numpy(dtype=object)
+    return frame
+
+
 def _with_tracks(
     rts: dict[int, gpd.GeoDataFrame],
     coverage: Mapping[int, gpd.GeoDataFrame],
@@ -230,17 +250,7 @@ def _with_tracks(
         from rtsmap.pipeline.tracks import link_years
 
         linked, table = link_years(rts, coverage)
-        out = {}
-        for year, frame in rts.items():
-            fields = pd.DataFrame(index=frame.index)
-            _track_columns(fields, linked[year], year)
-            frame = frame.copy()
-            for field in TRACK_FIELDS:
-                frame[field] = fields[field].to_numpy()
-            for field in RELATION_FIELDS:
-                frame[field] = linked[year][field].fillna("").astype(str).to_numpy(dtype=object)
-            out[year] = frame
-        return out, table
+        return {year: _with_link(frame, linked[year], year) for year, frame in rts.items()}, table
     if not isinstance(tracks, pd.DataFrame) or "track_id" not in tracks.columns:
         raise OutputError("inventory table rts_tracks: expected a DataFrame with a track_id column "
                           "(the second value link_years returns)")
@@ -362,37 +372,201 @@ def write_inventory(
     """
     path = Path(path)
     check_output_file(path, suffix=".gpkg", overwrite=overwrite, what="inventory")
-    years = sorted({int(y) for y in layers} | {int(y) for y in coverage})
-    rts = {y: _rts_layer(layers.get(y, layers.get(str(y))), y, run_metadata, crs) for y in years}
-    cov = {int(k): _coverage_layer(v, int(k), crs) for k, v in sorted(coverage.items(), key=lambda kv: int(kv[0]))}
-    rts, track_table = _with_tracks(rts, cov, tracks)
-    frames = [(f"rts_{y}", rts[y][list(RTS_FIELDS) + ["geometry"]]) for y in years]
-    frames += [(f"coverage_{y}", frame) for y, frame in cov.items()]
-    table = _metadata_table(run_metadata)
+    coverage = {int(k): v for k, v in coverage.items()}
+    years = sorted({int(y) for y in layers} | set(coverage))
+    with InventoryWriter(path, run_metadata, crs=crs, overwrite=overwrite, keep_dir=keep_dir) as writer:
+        if tracks is None:
+            # Linked here, a year at a time, as the writer does for a run.
+            for y in years:
+                writer.add_year(y, layers.get(y, layers.get(str(y))), coverage.get(y))
+            return writer.close()
+        rts = {y: _rts_layer(layers.get(y, layers.get(str(y))), y, run_metadata, crs) for y in years}
+        cov = {y: _coverage_layer(v, y, crs) for y, v in sorted(coverage.items())}
+        rts, table = _with_tracks(rts, cov, tracks)
+        for y in years:
+            writer.append(f"rts_{y}", rts[y][list(RTS_FIELDS) + ["geometry"]])
+            if y in cov:
+                writer.append(f"coverage_{y}", cov[y])
+        return writer.close(tracks=table)
 
-    remove_stale_temporaries(path)
-    tmp = path.parent / f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
-    try:
+
+#: Rows a single write call takes: a layer is appended in slices of this many rows, so the
+#: copies GDAL's writer makes (WKB, column arrays) stay this size whatever the year holds.
+WRITE_ROWS = 50_000
+
+
+class InventoryWriter:
+    """The inventory GeoPackage written a year at a time, each layer appended in slices.
+
+    Opens a temporary GeoPackage beside ``path`` (named as :func:`remove_stale_temporaries`
+    expects); :meth:`add_year` puts a year's slumps into the inventory schema, links them to the
+    tracks of the years added before (:class:`rtsmap.pipeline.tracks.YearLinker`), appends
+    ``rts_<year>`` and ``coverage_<year>`` in slices of ``rows_per_write`` rows, and returns the
+    linked layer (what :func:`read_inventory` would read back); :meth:`close` writes
+    ``rts_tracks`` and ``run_metadata`` and moves the file into place by the rules of
+    :func:`write_inventory` (``overwrite``, ``keep_dir``). Used as a context manager, an
+    exception (or leaving without :meth:`close`) removes the temporary file.
+
+    What it holds between years: the linker's state (one entry per track: first and last
+    polygon, area per year) and the coverage of the years added, never an earlier year's layer.
+
+    Parameters
+    ----------
+    path : path-like
+        Target ``.gpkg``; checked here (an existing one needs ``overwrite``).
+    run_metadata : mapping
+        The run facts the ARTS fields are filled from (``region_name``, ``model``,
+        ``software_version``, ``finished``, ``base_map_dates``, ...; see :func:`write_inventory`),
+        and the ``run_metadata`` table unless :meth:`close` is given a newer one.
+    crs : str or pyproj.CRS
+        CRS of the layers (inputs are reprojected to it).
+    overwrite : bool
+        Replace an existing file (at the final rename too).
+    keep_dir : path-like, optional
+        Where the finished file goes when the target appeared while it was written.
+    rows_per_write : int
+        Rows per write call (:data:`WRITE_ROWS`).
+
+    Raises
+    ------
+    OutputError
+        The target exists (without ``overwrite``), or its folder is missing or not writable.
+    """
+
+    def __init__(self, path: str | os.PathLike, run_metadata: Mapping[str, Any], *, crs: Any = "EPSG:3413",
+                 overwrite: bool = False, keep_dir: str | os.PathLike | None = None,
+                 rows_per_write: int = WRITE_ROWS) -> None:
+        from rtsmap.pipeline.tracks import YearLinker
+
+        self.path = Path(path)
+        check_output_file(self.path, suffix=".gpkg", overwrite=overwrite, what="inventory")
+        if rows_per_write < 1:
+            raise ValueError(f"rows_per_write must be at least 1, got {rows_per_write}")
+        self.run_metadata = dict(run_metadata)
+        self.crs, self.overwrite, self.keep_dir, self.rows = crs, overwrite, keep_dir, int(rows_per_write)
+        self.linker = YearLinker()
+        self.layers: list[str] = []
+        remove_stale_temporaries(self.path)
+        self.tmp = self.path.parent / f".{self.path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
+        self._done = False
+
+    def __enter__(self) -> "InventoryWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._done:
+            self.abort()
+
+    def add_year(self, year: int, layer: gpd.GeoDataFrame | None, coverage: gpd.GeoDataFrame | None = None, *,
+                 base_map_date: str | None = None) -> gpd.GeoDataFrame:
+        """Link one year to the years added before and append its layers.
+
+        Parameters
+        ----------
+        year : int
+            The year; later than every year added before.
+        layer : geopandas.GeoDataFrame or None
+            Its merged slumps (``pipeline.merge`` output); None or no rows: an empty layer.
+        coverage : geopandas.GeoDataFrame, optional
+            Its coverage (``status``, ``reason``, ...); None: no ``coverage_<year>`` layer, and
+            the year counts as processed everywhere for the tracks.
+        base_map_date : str, optional
+            ARTS ``BaseMapDate`` of the year (else ``run_metadata['base_map_dates']``, else the
+            whole year).
+
+        Returns
+        -------
+        geopandas.GeoDataFrame
+            The ``rts_<year>`` layer as written (inventory schema, linked).
+
+        Raises
+        ------
+        OutputError
+            A layer does not follow the schema, or GDAL fails to write.
+        RtsmapError
+            The year is not later than those added.
+        """
+        year = int(year)
+        meta = self.run_metadata
+        if base_map_date:
+            meta = {**meta, "base_map_dates": {str(year): base_map_date}}
+        rts = _rts_layer(layer, year, meta, self.crs)
+        cov = None if coverage is None else _coverage_layer(coverage, year, self.crs)
+        # The linker gets only what it reads (UID, geometry): no copy of the ~30 other columns.
+        linked = self.linker.add(year, rts[["UID", "geometry"]], cov)
+        fields = pd.DataFrame(index=rts.index)
+        _track_columns(fields, linked, year)
+        for field in TRACK_FIELDS:
+            rts[field] = fields[field].to_numpy()
+        for field in RELATION_FIELDS:
+            rts[field] = linked[field].fillna("").astype(str).to_numpy(dtype=object)
+        del linked, fields
+        self.append(f"rts_{year}", rts)
+        if cov is not None:
+            self.append(f"coverage_{year}", cov)
+        return rts
+
+    def append(self, name: str, frame: pd.DataFrame) -> None:
+        """Write ``frame`` as layer ``name`` (new, or appended to), ``rows_per_write`` rows a call.
+
+        A GeoDataFrame becomes a MultiPolygon layer, a DataFrame a table without geometry
+        (``gpkg_contents`` data type ``attributes``). The caller gives frames in the layer's
+        schema; an empty frame creates the layer.
+
+        Raises
+        ------
+        OutputError
+            GDAL fails to write (disk full, permissions, ...).
+        """
+        spatial = isinstance(frame, gpd.GeoDataFrame)
+        options = {"geometry_type": "MultiPolygon", "promote_to_multi": True} if spatial else {}
         try:
-            first = True
-            for name, frame in frames:
-                pyogrio.write_dataframe(frame, tmp, layer=name, driver="GPKG", geometry_type="MultiPolygon",
-                                        promote_to_multi=True,
-                                        dataset_options={"VERSION": GPKG_VERSION} if first else None)
-                first = False
-            # Tables without geometry: gpkg_contents data_type 'attributes'.
-            pyogrio.write_dataframe(track_table, tmp, layer="rts_tracks", driver="GPKG",
-                                    dataset_options={"VERSION": GPKG_VERSION} if first else None)
-            pyogrio.write_dataframe(table, tmp, layer="run_metadata", driver="GPKG")
+            for start in range(0, max(len(frame), 1), self.rows):
+                new_file = not self.layers
+                pyogrio.write_dataframe(frame.iloc[start:start + self.rows], self.tmp, layer=name, driver="GPKG",
+                                        append=name in self.layers,
+                                        dataset_options={"VERSION": GPKG_VERSION} if new_file else None, **options)
+                if name not in self.layers:
+                    self.layers.append(name)
         except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError,
                 pyogrio.errors.FieldError, pyogrio.errors.GeometryError, pyogrio.errors.FeatureError) as exc:
-            raise OutputError(f"inventory {path}: cannot write ({_first_line(exc)}); "
+            raise OutputError(f"inventory {self.path}: cannot write ({_first_line(exc)}); "
                               "check the free disk space and permissions") from None
-        _rename(tmp, path, overwrite=overwrite, keep_dir=keep_dir)
-    finally:
+
+    def close(self, run_metadata: Mapping[str, Any] | None = None, *, tracks: pd.DataFrame | None = None) -> Path:
+        """Write ``rts_tracks`` and ``run_metadata`` and move the file into place.
+
+        Parameters
+        ----------
+        run_metadata : mapping, optional
+            The ``run_metadata`` table (credentials removed); default: the constructor's.
+        tracks : pandas.DataFrame, optional
+            The tracks table to write; default: the linker's (the years added).
+
+        Returns
+        -------
+        pathlib.Path
+            The written path.
+
+        Raises
+        ------
+        OutputError
+            GDAL fails to write, or the target appeared meanwhile (without ``overwrite``; the
+            file is then kept in ``keep_dir``).
+        """
+        try:
+            self.append("rts_tracks", self.linker.table() if tracks is None else tracks)
+            self.append("run_metadata", _metadata_table(self.run_metadata if run_metadata is None else run_metadata))
+            _rename(self.tmp, self.path, overwrite=self.overwrite, keep_dir=self.keep_dir)
+            return self.path
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Remove the temporary file (what :meth:`close` moved into place is not touched)."""
+        self._done = True
         for suffix in _SQLITE_SIDECARS:
-            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-    return path
+            Path(f"{self.tmp}{suffix}").unlink(missing_ok=True)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -196,15 +196,87 @@ def link_years(
     if len(crs) > 1:
         raise RtsmapError(f"tracks: the yearly layers are in different CRSs {sorted(crs)}; reproject them to the grid CRS")
     coverage = coverage or {}
-    T = _Tracks(*([] for _ in range(14)))
-    out: dict[int, gpd.GeoDataFrame] = {}
-    for year in years:
-        frame = layers[year].reset_index(drop=True).copy()
+    linker = YearLinker(rules)
+    out = {year: linker.add(year, layers[year], coverage.get(year)) for year in years}
+    return out, linker.table()
+
+
+class YearLinker:
+    """:func:`link_years` a year at a time, for a writer that streams the years.
+
+    It keeps one entry per track (its first and last polygon, its area per year) and the
+    coverage of the years added, never an earlier year's layer: :meth:`add` links a year's
+    slumps against the open tracks' last polygons and returns the linked frame; :meth:`table`
+    gives the tracks table of the years added so far. Adding the years of ``link_years`` in
+    ascending order gives exactly its layers and table (``link_years`` is this loop).
+
+    Parameters
+    ----------
+    rules : TrackRules
+        Thresholds (see the module docstring).
+    """
+
+    def __init__(self, rules: TrackRules = TrackRules()) -> None:
+        self.rules = rules
+        self._tracks = _Tracks(*([] for _ in range(14)))
+        self._years: list[int] = []
+        # Earlier years' coverage: whether a lone slump's ground was looked at before (new vs first seen).
+        self._coverage: dict[int, gpd.GeoDataFrame | None] = {}
+        self._crs: str | None = None
+
+    @property
+    def years(self) -> list[int]:
+        """The years added, ascending."""
+        return list(self._years)
+
+    def add(self, year: int, layer: gpd.GeoDataFrame, coverage: gpd.GeoDataFrame | None = None) -> gpd.GeoDataFrame:
+        """Link one year's slumps to the tracks of the years added before it.
+
+        Parameters
+        ----------
+        year : int
+            The year; later than every year added before.
+        layer : geopandas.GeoDataFrame
+            Its slumps, as :func:`link_years` takes them.
+        coverage : geopandas.GeoDataFrame, optional
+            Its ``coverage_<year>`` layer; None: processed everywhere.
+
+        Returns
+        -------
+        geopandas.GeoDataFrame
+            The frame (rows in the given order) with the fields :func:`link_years` adds.
+
+        Raises
+        ------
+        RtsmapError
+            The year is not later than those added, the layer lacks UID and rts_id, or its CRS
+            differs from the earlier layers'.
+        """
+        year = int(year)
+        if self._years and year <= self._years[-1]:
+            raise RtsmapError(f"tracks: year {year} added after {self._years[-1]}; add the years in ascending order")
+        if len(layer):
+            if self._crs is not None and str(layer.crs) != self._crs:
+                raise RtsmapError(f"tracks: the yearly layers are in different CRSs {sorted({self._crs, str(layer.crs)})}; "
+                                  "reproject them to the grid CRS")
+            self._crs = str(layer.crs)
+        frame = self._link(year, layer, coverage)
+        self._years.append(year)
+        self._coverage[year] = coverage
+        return frame
+
+    def table(self) -> pd.DataFrame:
+        """The tracks table of the years added so far (see :func:`link_years`)."""
+        return _table(self._tracks, self._years, self.rules)
+
+    def _link(self, year: int, layer: gpd.GeoDataFrame, cov: gpd.GeoDataFrame | None) -> gpd.GeoDataFrame:
+        """One year of :func:`link_years` (the tracks' state is updated in place)."""
+        rules, T = self.rules, self._tracks
+        frame = layer.reset_index(drop=True).copy()
         geoms = np.asarray(frame.geometry.values, dtype=object)
         n = len(frame)
         uid = _uids(frame)
         area = shapely.area(geoms) if n else np.zeros(0)
-        cov = coverage.get(year)
 
         open_idx = np.array([k for k, o in enumerate(T.open) if o], dtype=np.int64)
         last = np.asarray([T.last_geom[k] for k in open_idx.tolist()], dtype=object)
@@ -253,9 +325,9 @@ def link_years(
         # Ground seen before: new (processed earlier, nothing linked) vs first seen.
         lone = np.flatnonzero(~has_pred)
         seen_before = np.zeros(n, bool)
-        for earlier in (y for y in years if y < year):
+        for earlier in self._years:
             if len(lone):
-                seen_before[lone] |= processed_fraction(geoms[lone], coverage.get(earlier)) >= rules.seen_fraction
+                seen_before[lone] |= processed_fraction(geoms[lone], self._coverage.get(earlier)) >= rules.seen_fraction
         # NewRTS: scars (ended tracks' last polygons) under a new slump.
         new_rts = np.full(n, "", dtype=object)
         ended = np.array([k for k, e in enumerate(T.end) if e == "not_seen"], dtype=np.int64)
@@ -323,8 +395,7 @@ def link_years(
         for name, values in (("MergedRTS", merged_rts), ("SplitRTS", split_rts), ("NewRTS", new_rts),
                              ("StabilizedRTS", stabilized_rts), ("UnknownRelationship", unknown_rts)):
             frame[name] = np.asarray(values, dtype=object)
-        out[year] = frame
-    return out, _table(T, years, rules)
+        return frame
 
 
 def _table(T: _Tracks, years: list[int], rules: TrackRules) -> pd.DataFrame:

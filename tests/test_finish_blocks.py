@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 
 import geopandas as gpd
+import numpy as np
 import pandas as pd
 import pytest
 import shapely
@@ -185,3 +186,65 @@ def test_a_worker_that_cannot_write_fragments_ends_the_run_with_3_and_an_invento
     assert set(coverage["status"]) == {"failed"}
     assert sorted(coverage["chunk_id"]) == plan.planned.chunk_ids() and len(coverage) > 1
     assert not plan.store.is_done(2021, first.chunk.id)
+
+
+def _fragments_for_plan(plan, years):
+    """A slump in the first tile of every chunk, each year: grown in the second year, the first
+    chunk's gone (its ground processed) and the second chunk's first seen then."""
+    from rtsmap.workflows.run import chunk_core
+
+    inside = 0
+    for chunk in plan.iter_chunks():
+        tile = chunk.tiles[0]
+        minx, miny, maxx, maxy = tile.bounds
+        cx, cy = (minx + maxx) / 2, (miny + maxy) / 2
+        core = chunk_core(chunk, plan.aoi.geometry)
+        # Slumps centred outside the AOI would be dropped: those chunks get none.
+        k = inside if plan.aoi.geometry.contains(shapely.Point(cx, cy)) else -1
+        inside += k >= 0
+        for n, year in enumerate(years):
+            radius = 150.0 + (60.0 * n if k % 2 else 0.0)
+            keep = k >= 0 and not ((k == 0 and n > 0) or (k == 1 and n == 0))
+            geoms = [shapely.Point(cx, cy).buffer(radius)] if keep else []
+            frame = gpd.GeoDataFrame({
+                "score": [0.9] * len(geoms), "area_m2": [g.area for g in geoms],
+                "perimeter_m": [g.length for g in geoms], "year": [year] * len(geoms),
+                "chunk_id": [chunk.id] * len(geoms), "tile_id": [tile.id] * len(geoms),
+                "source_items": ["S2_x"] * len(geoms), "invalid_fraction": [0.0] * len(geoms)},
+                geometry=geoms, crs=plan.spec.crs)
+            record = {"chunk_id": chunk.id, "year": year, "status": "processed", "items": {"optical": ["S2_x"]},
+                      "coverage": [{"status": "processed", "reason": "", "wkb": core.wkb_hex,
+                                    "modalities": "optical"}]}
+            plan.store.write(year, chunk.id, frame, record)
+
+
+def test_finish_change_summary_and_quicklooks_equal_those_of_the_file(demo_region, tmp_path, validate_gpkg):
+    """finish no longer reads its GeoPackage back: the change summary and the change quick-look
+    it makes from the writer's linked layers equal those made from the layers read from the file."""
+    import time
+
+    import matplotlib.image
+
+    from rtsmap.pipeline.inventory import change_summary, read_coverage, read_inventory, read_tracks
+    from rtsmap.workflows.quicklook import write_change_quicklooks
+    from rtsmap.workflows.run import finish, make_plan
+
+    years = (2021, 2022)
+    plan = make_plan(_config(demo_region, tmp_path, years=years))
+    _fragments_for_plan(plan, years)
+    result = finish(plan, started=time.monotonic(), started_iso="")
+    out = tmp_path / "inv.gpkg"
+    validate_gpkg(out)
+    layers, coverage = read_inventory(out), read_coverage(out)
+    assert result.change == change_summary(layers, coverage)
+    row = result.change[2022]
+    assert row["new"] + row["first_seen"] == 1 and row["no_longer_seen"] == 1 and row["grown"] > 0
+    assert set(read_tracks(out)["status"]) >= {"not_seen", "active"}
+    assert not list(plan.config.work_dir.glob(".quicklooks-*"))  # the staging folder is removed
+    names = sorted(p.name for p in result.quicklooks)
+    assert names == ["inv_2021.png", "inv_2022.png", "inv_change_2021-2022.png"]
+    (tmp_path / "ref").mkdir()
+    (ref,) = write_change_quicklooks(tmp_path / "ref" / "inv.gpkg", layers, coverage)
+    got = matplotlib.image.imread(tmp_path / "inv_change_2021-2022.png")
+    assert got.shape == matplotlib.image.imread(ref).shape
+    assert np.array_equal(got, matplotlib.image.imread(ref))

@@ -227,3 +227,61 @@ def test_change_quicklooks(demo, tmp_path):
         write_change_quicklooks(tmp_path / "x.gpkg", {2021: gpd.GeoDataFrame({"rts_id": ["a"]}, geometry=[shapely.box(0, 0, 1, 1)], crs=CRS),
                                                       2022: gpd.GeoDataFrame({"rts_id": []}, geometry=[], crs=CRS)}, {})
     assert write_change_quicklooks(tmp_path / "one.gpkg", {2021: linked[2021]}, coverage) == []
+
+
+def _layers_of(path):
+    from rtsmap.pipeline.inventory import read_coverage, read_run_metadata
+
+    return read_inventory(path), read_coverage(path), read_tracks(path), read_run_metadata(path)
+
+
+def test_writer_a_year_at_a_time_in_slices_equals_one_whole_write(demo, demo_region, tmp_path, validate_gpkg):
+    """InventoryWriter: years linked one at a time (YearLinker) and appended 2 rows a write give
+    the same layers, tracks and metadata as link_years over all years written whole; the file is
+    valid and every rts_ layer's spatial index holds every feature."""
+    from rtsmap.pipeline.inventory import InventoryWriter
+
+    _, linked, _, coverage, whole = demo
+    layers = demo_layers(read_truth(demo_region.truth))
+    path = tmp_path / "streamed.gpkg"
+    returned = {}
+    with InventoryWriter(path, {"software_version": "test"}, crs=CRS, rows_per_write=2) as writer:
+        for year in sorted(layers):
+            returned[year] = writer.add_year(year, layers[year], coverage[year])
+        assert path.exists() is False  # nothing in place before close
+        writer.close()
+    assert not list(tmp_path.glob(".streamed.gpkg.*"))  # the temporary file is gone
+    validate_gpkg(path)
+    got, want = _layers_of(path), _layers_of(whole)
+    assert sorted(got[0]) == sorted(want[0]) == sorted(layers)
+    for year in layers:
+        assert len(got[0][year]) == len(layers[year]) > 2  # more rows than one write takes
+        pd.testing.assert_frame_equal(got[0][year], want[0][year])
+        pd.testing.assert_frame_equal(got[1][year], want[1][year])
+        # What add_year returned is what the file holds (finish uses it instead of reading back).
+        back = returned[year].reset_index(drop=True)
+        assert list(back.columns) == list(got[0][year].columns)
+        assert back["track_id"].tolist() == got[0][year]["track_id"].tolist()
+        assert back["change"].tolist() == got[0][year]["change"].tolist()
+        # The same polygons (the file holds them as MultiPolygons: promoted as they are written).
+        assert shapely.equals(np.asarray(back.geometry.values), np.asarray(got[0][year].geometry.values)).all()
+    pd.testing.assert_frame_equal(got[2], want[2])
+    assert got[3] == want[3]
+    with sqlite3.connect(path) as con:
+        for year in layers:
+            n = con.execute(f"SELECT count(*) FROM rts_{year}").fetchone()[0]
+            assert con.execute(f"SELECT count(*) FROM rtree_rts_{year}_geom").fetchone()[0] == n
+
+
+def test_writer_that_fails_leaves_no_file(demo_region, tmp_path):
+    """A schema error in a later year ends the writer: no inventory, no temporary file."""
+    from rtsmap.pipeline.inventory import InventoryWriter
+
+    layers = demo_layers(read_truth(demo_region.truth))
+    path = tmp_path / "inv.gpkg"
+    with pytest.raises(OutputError, match="rts_id"):
+        with InventoryWriter(path, {}, crs=CRS, rows_per_write=2) as writer:
+            first = min(layers)
+            writer.add_year(first, layers[first])
+            writer.add_year(first + 1, layers[first + 1].drop(columns="rts_id"))
+    assert not path.exists() and not list(tmp_path.iterdir())

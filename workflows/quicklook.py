@@ -109,12 +109,27 @@ def check_quicklooks(out: str | os.PathLike, years, *, overwrite: bool, change: 
                               "or choose another --out")
 
 
-def _save_png(fig, path: Path, overwrite: bool) -> None:
-    """Save under a temporary name, then rename; without overwrite never over an existing file."""
+def place_png(path: Path, write, *, overwrite: bool) -> None:
+    """Write a PNG under a temporary name beside ``path`` (``write(tmp)``), then rename it.
+
+    Parameters
+    ----------
+    path
+        The quick-look's final path.
+    write
+        ``write(tmp_path)`` writes the PNG (draws a figure, or copies a staged file).
+    overwrite
+        Replace ``path``; without it a file that appeared meanwhile is never replaced.
+
+    Raises
+    ------
+    OutputError
+        The file appeared meanwhile (without ``overwrite``), or it cannot be written.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
+        write(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -127,6 +142,11 @@ def _save_png(fig, path: Path, overwrite: bool) -> None:
                           "check the free disk space and permissions") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _save_png(fig, path: Path, overwrite: bool) -> None:
+    """Save under a temporary name, then rename; without overwrite never over an existing file."""
+    place_png(path, lambda tmp: fig.savefig(tmp, format="png"), overwrite=overwrite)
 
 
 def _pyplot():

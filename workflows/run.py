@@ -9,8 +9,8 @@ The flow (one direction):
    client nor scheduler holds a huge graph), collect them as they complete, show progress;
 3. finish: per year, each block of chunks is read and seam-merged on its own (a cluster task per
    block, :func:`gather_block`; groups reaching a block border are merged together at the end),
-   so the client never holds a year's detections; then the GeoPackage is written (atomically;
-   the writer still takes each year's merged layer whole).
+   so the client never holds a year's detections; each year is then linked to the year before
+   and appended to the GeoPackage in slices (atomically: renamed into place at the end).
 
 Finished chunk-years live in the work directory as fragments; a rerun of the same command skips
 them, so a crash, a preemption or Ctrl-C loses at most the tasks in flight.
@@ -545,6 +545,8 @@ def bounded_map(executor, fn, jobs, limit: int):
 def merge_blocks(results: list[tuple[Any, Any]], spec: GridSpec, crs: Any):
     """The year's slumps from the blocks' ``(merged, open)`` parts: equal to one global merge.
 
+    ``results`` is emptied (its parts are released as they are merged, for memory).
+
     A closed group is a whole component of the global match graph (no copy of it lies in its
     block's border ring, and copies match only across neighbouring tiles), so merging the open
     detections of every block together completes the merge; overlaps are then resolved and ids
@@ -565,14 +567,18 @@ def merge_blocks(results: list[tuple[Any, Any]], spec: GridSpec, crs: Any):
 
     opens = [o for _, o in results if len(o)]
     closed = [m for m, _ in results if len(m)]
+    results.clear()  # the parts are held once, by the lists above, and released as they are merged
     if opens:
         pending = gpd.GeoDataFrame(pd.concat(opens, ignore_index=True), crs=crs)
+        opens.clear()
         rest = merge_by_blocks(pending, spec=spec, overlap_tolerance=None)
+        del pending
         if len(rest):
             closed.append(rest.drop(columns="rts_id"))
     if not closed:
         return merge_detections(empty_polygons(crs), spec=spec)
     merged = gpd.GeoDataFrame(pd.concat(closed, ignore_index=True), crs=crs)
+    closed.clear()
     if len(merged) > 1:
         merged = resolve_overlaps(merged, overlap_tolerance=OVERLAP_TOLERANCE, min_kept_fraction=MIN_KEPT_FRACTION,
                                   min_part_area=spec.resolution ** 2)
@@ -666,19 +672,14 @@ def base_map_dates(plan: RunPlan, used: dict[int, set[str]]) -> dict[str, str]:
     return out
 
 
-def run_metadata(plan: RunPlan, years: dict[int, _Year], *, started_iso: str) -> dict[str, Any]:
-    """The ``run_metadata`` table: configuration, model, items, times, and the ARTS keys.
+def arts_metadata(plan: RunPlan) -> dict[str, Any]:
+    """The run facts the inventory's ARTS fields are filled from (``Notes``, ``RegionName``, ...).
 
-    ``model``, ``base_map_dates`` and ``region_name`` are the keys ``pipeline.inventory`` reads for
-    the ARTS ``Notes``, ``BaseMapDate`` and ``RegionName`` columns.
+    Known before the first year is written; :func:`run_metadata` adds the rest at the end.
+    ``finished`` here is when the writing began (the ARTS ``ContributionDate``).
     """
     info = plan.model_info
-    failures = [f for y in years.values() for f in y.failures]
     return {
-        "configuration": config_to_dict(plan.config),
-        "profile": plan.planned.profile.name if plan.planned is not None else plan.config.profile,
-        "model_sha256": info.sha256,
-        "model_metadata": info.metadata,
         "model": {
             "name": info.name,
             "version": info.version,
@@ -687,12 +688,40 @@ def run_metadata(plan: RunPlan, years: dict[int, _Year], *, started_iso: str) ->
             "trained_on": info.trained_on,
         },
         "region_name": plan.region_name,
-        "base_map_dates": base_map_dates(plan, {y: v.used_items for y, v in years.items()}),
         "base_map_resolution": plan.spec.resolution,
         "software_version": _version(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run_metadata(plan: RunPlan, used: dict[int, set[str]], failures: list[dict[str, Any]], *,
+                 started_iso: str) -> dict[str, Any]:
+    """The ``run_metadata`` table: configuration, model, items, times, and the ARTS keys.
+
+    ``model``, ``base_map_dates`` and ``region_name`` are the keys ``pipeline.inventory`` reads for
+    the ARTS ``Notes``, ``BaseMapDate`` and ``RegionName`` columns.
+
+    Parameters
+    ----------
+    plan
+        The run plan.
+    used
+        Year -> ids of the items that gave pixels.
+    failures
+        The chunk-years not done, with the reason.
+    started_iso
+        When the run started.
+    """
+    info = plan.model_info
+    return {
+        **arts_metadata(plan),
+        "configuration": config_to_dict(plan.config),
+        "profile": plan.planned.profile.name if plan.planned is not None else plan.config.profile,
+        "model_sha256": info.sha256,
+        "model_metadata": info.metadata,
+        "base_map_dates": base_map_dates(plan, used),
         "stac_items": plan.planned.item_ids(),
         "started": started_iso,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "chunks": sum(len(cells) for cells in plan.iter_cells()),
         "failures": failures,
     }
@@ -700,6 +729,14 @@ def run_metadata(plan: RunPlan, years: dict[int, _Year], *, started_iso: str) ->
 
 def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) -> RunResult:
     """Merge each year's fragments block by block and write the GeoPackage (atomically) and the quick-looks.
+
+    A year at a time: its blocks are merged (:func:`_gather_year`), then linked to the year
+    before and appended to the GeoPackage in slices (``pipeline.inventory.InventoryWriter``);
+    the change summary and the change quick-look of the pair come from the linked layers the
+    writer returns (never read back from the file). The client holds the year being written,
+    the linked layer of the year before, the tracks' state and the coverage of every year.
+    Quick-looks are drawn as the years pass into a folder in the work directory and moved
+    beside ``--out`` once the GeoPackage is in place.
 
     Parameters
     ----------
@@ -718,41 +755,94 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
         (without ``--overwrite``): the finished file is then kept in the work directory.
     """
     import concurrent.futures
+    import shutil
+    import tempfile
 
-    from rtsmap.pipeline.inventory import change_summary, read_inventory, write_inventory
+    from rtsmap.pipeline.inventory import InventoryWriter, change_summary
 
     config, store = plan.config, plan.store
     if executor is None:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 1))) as pool:
             return finish(plan, started=started, started_iso=started_iso, executor=pool)
-    years = {year: _gather_year(plan, year, executor) for year in config.years}
-    failures = [f for y in years.values() for f in y.failures]
-    if not failures:
-        # Every chunk-year is done, so any temporary file left is a dead writer's.
-        store.remove_temporaries()
-    layers = {year: y.layer for year, y in years.items()}
-    coverage = {year: y.coverage for year, y in years.items()}
-    metadata = run_metadata(plan, years, started_iso=started_iso)
-    # Never replace a file that appeared at --out during the run (a second run with the same
-    # --out): without --overwrite it is kept, and ours stays in the work directory.
-    written = write_inventory(config.out, layers, coverage, metadata, crs=plan.spec.crs, overwrite=config.overwrite,
-                              keep_dir=config.work_dir)
-    linked = read_inventory(written)  # the layers as written: linked into tracks across the years
-    result = RunResult(Path(config.out), [y.result for y in years.values()], failures, time.monotonic() - started,
-                       change=change_summary(linked, coverage))
-    if config.quicklook:
-        from rtsmap.workflows.quicklook import mosaic_thumbnails, write_change_quicklooks, write_quicklooks
-
-        thumbnails = store.read_thumbnails(i for cells in plan.iter_cells() for i in cells.ids)
-        hillshade = mosaic_thumbnails(thumbnails) if thumbnails else None
-        result.quicklooks = write_quicklooks(Path(config.out), layers, coverage, hillshade, overwrite=config.overwrite)
-        result.quicklooks += write_change_quicklooks(Path(config.out), linked, coverage, hillshade,
-                                                     overwrite=config.overwrite)
+    out = Path(config.out)
+    staging = Path(tempfile.mkdtemp(prefix=".quicklooks-", dir=config.work_dir)) if config.quicklook else None
+    try:
+        hillshade = _hillshade(plan) if staging else None
+        results, failures, used, change = [], [], {}, {}
+        previous = None  # (year, linked layer, coverage) of the year before
+        # Never replace a file that appeared at --out during the run (a second run with the same
+        # --out): without --overwrite it is kept, and ours stays in the work directory.
+        with InventoryWriter(out, arts_metadata(plan), crs=plan.spec.crs, overwrite=config.overwrite,
+                             keep_dir=config.work_dir) as writer:
+            for year in sorted(set(config.years)):
+                y = _gather_year(plan, year, executor)
+                results.append(y.result)
+                failures.extend(y.failures)
+                used[year] = y.used_items
+                date = base_map_dates(plan, {year: y.used_items}).get(str(year))
+                if staging:
+                    _draw_quicklook(staging / out.name, year, y, hillshade)
+                linked = writer.add_year(year, y.layer, y.coverage, base_map_date=date)
+                if previous is not None:
+                    change.update(change_summary({previous[0]: previous[1], year: linked}, {year: y.coverage}))
+                    if staging:
+                        _draw_change_quicklook(staging / out.name, year, y, linked, previous, hillshade)
+                previous = (year, linked, y.coverage)
+                del y, linked
+            previous = None
+            if not failures:
+                # Every chunk-year is done, so any temporary file left is a dead writer's.
+                store.remove_temporaries()
+            writer.close(run_metadata(plan, used, failures, started_iso=started_iso))
+        result = RunResult(out, results, failures, time.monotonic() - started, change=change)
+        if staging:
+            result.quicklooks = _place_quicklooks(staging, out, sorted(set(config.years)), overwrite=config.overwrite)
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
     if config.truth:
         from rtsmap.pipeline.evaluation import evaluate_inventory
 
         result.evaluation = evaluate_inventory(config.out, config.truth)
     return result
+
+
+def _hillshade(plan: RunPlan):
+    """The hillshade mosaic under the quick-looks (None without thumbnails)."""
+    from rtsmap.workflows.quicklook import mosaic_thumbnails
+
+    thumbnails = plan.store.read_thumbnails(i for cells in plan.iter_cells() for i in cells.ids)
+    return mosaic_thumbnails(thumbnails) if thumbnails else None
+
+
+def _draw_quicklook(staged_out: Path, year: int, y: _Year, hillshade) -> None:
+    """The year's quick-look (its merged slumps over its coverage) into the staging folder."""
+    from rtsmap.workflows.quicklook import write_quicklooks
+
+    write_quicklooks(staged_out, {year: y.layer}, {year: y.coverage}, hillshade, overwrite=True)
+
+
+def _draw_change_quicklook(staged_out: Path, year: int, y: _Year, linked, previous, hillshade) -> None:
+    """The change quick-look from the year before to ``year`` into the staging folder."""
+    from rtsmap.workflows.quicklook import write_change_quicklooks
+
+    before, prev_linked, prev_coverage = previous
+    write_change_quicklooks(staged_out, {before: prev_linked, year: linked},
+                            {before: prev_coverage, year: y.coverage}, hillshade, overwrite=True)
+
+
+def _place_quicklooks(staging: Path, out: Path, years: list[int], *, overwrite: bool) -> list[Path]:
+    """Move the staged quick-looks beside ``out``; without overwrite never over a file that appeared."""
+    import shutil
+
+    from rtsmap.workflows.quicklook import change_quicklook_paths, place_png, quicklook_paths
+
+    placed = []
+    for target in quicklook_paths(out, years) + change_quicklook_paths(out, years):
+        # Copied beside the target first (the work directory may be on another file system).
+        place_png(target, lambda tmp, staged=staging / target.name: shutil.copyfile(staged, tmp), overwrite=overwrite)
+        placed.append(target)
+    return placed
 
 
 def _version() -> str:
