@@ -9,7 +9,8 @@ What it measures, on a synthetic demo region (``workflows.demo_region``):
 - **onnxruntime alone**: the same tiles (loaded and normalized beforehand, outside the clock),
   in the same batches (per chunk, ``--batch-size``), through one bare onnxruntime session in this
   process: once with 1 intra-op thread, once with one thread per worker of the largest run.
-- **end to end**: plan + cluster start + execute + merge/GeoPackage/quick-looks, with 1 and with 2
+- **end to end**: cluster start + plan (while the workers open the model, as ``rtsmap run`` does
+  on a local cluster) + execute + merge/GeoPackage/quick-looks, with 1 and with 2
   (``--workers``) worker processes of 1 thread each, each run from an empty work directory.
 - **overhead ratio**: end-to-end time over the onnxruntime time the same cores would need at
   best (single-thread time / workers). 1.0 would mean loading, vectorizing, Dask and writing
@@ -49,6 +50,8 @@ class MemorySampler:
         self.me = psutil.Process()
         self.every_s = every_s
         self.peaks: dict[int, int] = {}
+        self.cpu_s: dict[int, float] = {}
+        self._spawned: dict[int, bool] = {}
         self.main_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -60,12 +63,17 @@ class MemorySampler:
             self.main_peak = max(self.main_peak, self.me.memory_info().rss)
             for child in self.me.children(recursive=True):
                 try:
-                    # LocalCluster's worker processes are multiprocessing "spawn" children.
-                    if "spawn_main" not in " ".join(child.cmdline()):
+                    # LocalCluster's worker processes are multiprocessing "spawn" children (their
+                    # command line read once per process: the sampler should not load the run).
+                    if child.pid not in self._spawned:
+                        self._spawned[child.pid] = "spawn_main" in " ".join(child.cmdline())
+                    if not self._spawned[child.pid]:
                         continue
                     rss = child.memory_info().rss
+                    times = child.cpu_times()
                 except psutil.Error:
                     continue
+                self.cpu_s[child.pid] = times.user + times.system
                 self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), rss)
             self._stop.wait(self.every_s)
 
@@ -92,8 +100,9 @@ def export_demo_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, int]:
-    """Seconds onnxruntime needs for the plan's tiles, the number of tiles and of model calls.
+def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, int, float]:
+    """Seconds onnxruntime needs for the plan's tiles, the number of tiles and of model calls,
+    and the CPU seconds of those calls.
 
     The chunks are loaded and cut into normalized batches first (not timed), exactly as the
     pipeline cuts them: per chunk, ``batch_size`` tiles at a time, tiles without any valid
@@ -124,45 +133,60 @@ def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, 
         for start in range(0, len(windows), batch_size):
             batches.append(_normalized_batch(detector.info, stack, windows[start : start + batch_size]))
     detector.predict(batches[0])  # warm-up: first-call allocations are not part of the steady state
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
         detector.predict(batch)
-    seconds = time.perf_counter() - started
-    return seconds, sum(len(next(iter(b.values()))) for b in batches), len(batches)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return seconds, sum(len(next(iter(b.values()))) for b in batches), len(batches), cpu
 
 
 def end_to_end(config) -> dict:
     """One run from an empty work directory, timed by phase, with peak memory."""
-    from rtsmap.workflows.cluster import open_cluster
-    from rtsmap.workflows.run import execute, finish, make_plan
+    from rtsmap.workflows.cluster import open_cluster, task_inference, warm_workers
+    from rtsmap.workflows.run import check_run_inputs, execute, finish, make_plan
 
     shutil.rmtree(config.work_dir, ignore_errors=True)
     with MemorySampler() as memory:
+        # The order of `rtsmap run` on a local cluster: checks, cluster, then the plan while the
+        # workers open the model.
         started = time.monotonic()
-        plan = make_plan(config)
-        planned = time.monotonic()
+        check_run_inputs(config)
         with open_cluster(config.cluster) as client:
             client.wait_for_workers(config.cluster.n_workers, timeout=config.cluster.timeout_s)
+            warming = warm_workers(client, str(config.model), task_inference(config.inference, config.cluster))
             ready = time.monotonic()
+            plan = make_plan(config)
+            planned = time.monotonic()
             summary = execute(plan, client, stream=StringIO())
             executed = time.monotonic()
+            del warming
         closed = time.monotonic()
         result = finish(plan, started=started, started_iso="")
         finished = time.monotonic()
     if summary.failed:
         raise RuntimeError(f"benchmark run had failures: {summary.failures[:3]}")
-    infer_s = summary.seconds.get("infer", 0.0)
-    load_s = summary.seconds.get("load", 0.0)
+    seconds = summary.seconds
+    processed = summary.statuses.get("processed", 0)
     return {
         "workers": config.cluster.n_workers,
         "total_s": finished - started,
-        "plan_s": planned - started,
-        "cluster_start_s": ready - planned,
-        "execute_s": executed - ready,
+        "cluster_start_s": ready - started,
+        "plan_s": planned - ready,
+        "execute_s": executed - planned,
         "cluster_close_s": closed - executed,
         "finish_s": finished - closed,
-        "task_load_s": load_s,
-        "task_infer_s": infer_s,
+        # Inside the tasks (summed over chunk-years): a load's own time (mostly on the prefetch
+        # thread), the time a year waited for its load (what the prefetch did not hide), the model,
+        # polygons and coverage rows (on the prefetch thread, behind the next load), and each
+        # chunk-year from its wait for the load to its record (these overlap one another).
+        "task_load_s": seconds.get("load", 0.0),
+        "task_load_wait_s": seconds.get("load_wait", 0.0),
+        "task_infer_s": seconds.get("infer", 0.0),
+        "task_vectorize_s": seconds.get("vectorize", 0.0),
+        "task_total_s": seconds.get("total", 0.0),
+        # CPU seconds of the worker processes over their life (start, imports and model load included).
+        "worker_cpu_s": sum(memory.cpu_s.values()),
+        "load_s_per_chunk_year": seconds.get("load", 0.0) / max(1, processed),
         "chunk_years": summary.chunk_years,
         "slumps": sum(y.count for y in result.years),
         "worker_peak_rss_mib": sorted(round(v / 2**20) for v in memory.peaks.values()),
@@ -213,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         plan = make_plan(config)
         tasks = plan.tasks
         n_chunk_years = sum(len(t.years) for t in tasks)
-        ort_1, n_tiles, n_calls = onnxruntime_alone(plan, args.batch_size, threads=1)
+        ort_1, n_tiles, n_calls, ort_cpu = onnxruntime_alone(plan, args.batch_size, threads=1)
         most = max(args.workers)
         ort_n = onnxruntime_alone(plan, args.batch_size, threads=most)[0] if most > 1 else ort_1
         figures = {
@@ -225,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_calls": n_calls,
             "batch_size": args.batch_size,
             "onnxruntime_1_thread_s": ort_1,
+            "onnxruntime_1_thread_cpu_s": ort_cpu,
             f"onnxruntime_{most}_threads_s": ort_n,
             "runs": [],
         }
@@ -232,18 +257,23 @@ def main(argv: list[str] | None = None) -> dict:
             f"plan: {len(tasks)} chunks, {n_chunk_years} chunk-years, {n_tiles} tiles in {n_calls} calls "
             f"of <= {args.batch_size}"
         )
-        print(f"onnxruntime alone: {ort_1:.2f} s with 1 thread, {ort_n:.2f} s with {most} threads")
+        print(f"onnxruntime alone: {ort_1:.2f} s with 1 thread ({ort_cpu:.2f} CPU s), {ort_n:.2f} s with {most} threads")
         for n in args.workers:
             run_config = replace(config, cluster=replace(config.cluster, n_workers=n))
             fig = end_to_end(run_config)
             fig["overhead_ratio"] = fig["total_s"] / (ort_1 / n)
             fig["execute_ratio"] = fig["execute_s"] / (ort_1 / n)
+            # CPU seconds are what a loaded machine (or a noisy neighbour) changes least.
+            fig["cpu_ratio"] = fig["worker_cpu_s"] / ort_cpu
             figures["runs"].append(fig)
             print(
-                f"{n} worker(s): total {fig['total_s']:.2f} s (plan {fig['plan_s']:.2f}, cluster start "
-                f"{fig['cluster_start_s']:.2f}, execute {fig['execute_s']:.2f}, close {fig['cluster_close_s']:.2f}, "
-                f"finish {fig['finish_s']:.2f}); in tasks: load {fig['task_load_s']:.2f} s, infer "
-                f"{fig['task_infer_s']:.2f} s; ratio to onnxruntime/{n}: total {fig['overhead_ratio']:.2f}, "
+                f"{n} worker(s): total {fig['total_s']:.2f} s (cluster start {fig['cluster_start_s']:.2f}, plan "
+                f"{fig['plan_s']:.2f} while the workers open the model, execute {fig['execute_s']:.2f}, close {fig['cluster_close_s']:.2f}, "
+                f"finish {fig['finish_s']:.2f}); in tasks: load {fig['task_load_s']:.2f} s "
+                f"({fig['load_s_per_chunk_year']:.2f} s per chunk-year; waited for {fig['task_load_wait_s']:.2f} s), "
+                f"model {fig['task_infer_s']:.2f} s, vectorize+coverage {fig['task_vectorize_s']:.2f} s; "
+                f"worker CPU {fig['worker_cpu_s']:.2f} s ({fig['cpu_ratio']:.2f}x the bare model's); "
+                f"ratio to onnxruntime/{n}: total {fig['overhead_ratio']:.2f}, "
                 f"execute only {fig['execute_ratio']:.2f}; peak RSS per worker {fig['worker_peak_rss_mib']} MiB, "
                 f"main process {fig['main_peak_rss_mib']} MiB; {fig['slumps']} slumps"
             )

@@ -10,6 +10,7 @@ batch walltime and their replacement jobs carry on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from distributed import Client, LocalCluster
 
 from rtsmap.pipeline.errors import ConfigError
-from rtsmap.workflows.config import ClusterConfig
+from rtsmap.workflows.config import ClusterConfig, InferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,34 @@ def local_worker_count(config: ClusterConfig) -> int:
     if config.n_workers > 0:
         return config.n_workers
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def task_inference(inference: InferenceConfig, cluster: ClusterConfig) -> InferenceConfig:
+    """The inference settings the tasks get: ``inference``, with each local worker's share of the
+    cores as onnxruntime's threads when it leaves them to onnxruntime (0), because onnxruntime's
+    default (every core) in each of several local workers oversubscribes the machine."""
+    if cluster.kind == "local" and inference.threads == 0:
+        share = max(1, (os.cpu_count() or 1) // local_worker_count(cluster))
+        return dataclasses.replace(inference, threads=share)
+    return inference
+
+
+def warm_workers(client: Client, model_path: str, inference: InferenceConfig) -> list:
+    """Have every worker of ``client`` import the task code and open the model now (a task
+    each, :func:`rtsmap.workflows.tasks.warm_up`), so a run can plan meanwhile instead of its
+    first task doing it (about 3 s on a 2-core machine: imports, then onnxruntime's session).
+
+    Returns
+    -------
+    list of distributed.Future
+        Keep them until the run's tasks are submitted (a released future is cancelled). Their
+        errors need no handling: the first task meets the same one and reports it.
+    """
+    from rtsmap.workflows.tasks import warm_up
+
+    workers = list(client.scheduler_info(n_workers=-1).get("workers", {}))
+    return [client.submit(warm_up, str(model_path), inference, workers=[address], allow_other_workers=False,
+                          pure=False) for address in workers]
 
 
 def worker_extra_args(config: ClusterConfig) -> list[str]:

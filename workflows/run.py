@@ -32,8 +32,8 @@ import shapely
 from rtsmap.pipeline.errors import ConfigError, OutputError
 from rtsmap.pipeline.grid import BlockCells, Chunk, GridSpec
 from rtsmap.pipeline.outputs import check_output_file
-from rtsmap.workflows.cluster import local_worker_count, open_cluster
-from rtsmap.workflows.config import RunConfig, config_to_dict, load_run_config, replace
+from rtsmap.workflows.cluster import open_cluster
+from rtsmap.workflows.config import RunConfig, config_to_dict, load_run_config
 from rtsmap.workflows.fragments import FragmentStore, run_key
 from rtsmap.workflows.planning import (
     DEFAULT_BLOCK_CHUNKS,
@@ -42,7 +42,7 @@ from rtsmap.workflows.planning import (
     check_workers,
     plan_chunks,
 )
-from rtsmap.workflows.tasks import ChunkTask, process_chunk
+from rtsmap.workflows.tasks import ChunkTask
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,9 @@ def make_plan(config: RunConfig, *, region_name: str | None = None,
     }
     store = FragmentStore(config.work_dir / run_key(info.sha256, settings))
     store.prepare()  # a work directory that cannot be written ends the run before any work
-    inference = config.inference
-    if config.cluster.kind == "local" and inference.threads == 0:
-        # onnxruntime's default (every core) in each of several local workers oversubscribes the
-        # machine; give each worker its share.
-        share = max(1, (os.cpu_count() or 1) // local_worker_count(config.cluster))
-        inference = replace(inference, threads=share)
+    from rtsmap.workflows.cluster import task_inference
+
+    inference = task_inference(config.inference, config.cluster)  # local workers share the cores
     region = region_name or Path(config.aoi).stem
     return RunPlan(config, planned.spec, store, info, planned.aoi, planned, inference, region,
                    block_chunks=block_chunks)
@@ -302,10 +299,15 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> ExecuteSummary
     """Run the plan's tasks on the cluster in waves; return their counts and first failures.
 
     Tasks are made as they are submitted (:meth:`RunPlan.iter_tasks`): at most
-    ``max_in_flight`` exist at a time (default 4 per worker), and a new one is made and
+    ``max_in_flight`` Dask tasks exist at a time (default 4 per worker), and a new one is made and
     submitted as each completes, so memory on the client and the scheduler stays bounded
-    however large the AOI. A task that raises (after Dask's own retries, e.g. for a worker that
-    died) is recorded as failed, for each of its years, with its error; the others go on.
+    however large the AOI. Consecutive chunks are chained, up to
+    :data:`~rtsmap.workflows.tasks.CHAIN_CHUNKS` in one Dask task
+    (:func:`~rtsmap.workflows.tasks.process_chunks`: a chunk's first year loads while the one
+    before is inferred), fewer at the end of the run so that every worker gets a share
+    (:func:`~rtsmap.workflows.tasks.chain_length`). A Dask task that raises (after Dask's own
+    retries, e.g. for a worker that died) is recorded as failed for each of its chunk-years not
+    written yet, with its error; the others go on.
 
     Parameters
     ----------
@@ -326,7 +328,11 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> ExecuteSummary
 
     The time to the first submitted task is logged (``[rtsmap] first task submitted after``).
     """
+    from collections import deque
+
     from distributed import as_completed
+
+    from rtsmap.workflows.tasks import CHAIN_CHUNKS, chain_length, process_chunks
 
     t0 = time.monotonic()
 
@@ -337,13 +343,21 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> ExecuteSummary
     resources = {"GPU": 1 / config.cluster.tasks_per_gpu} if config.cluster.gpus_per_worker > 0 else None
     progress = Progress(None, stream=stream)
     pending = iter(plan.iter_tasks() if tasks is None else tasks)
+    waiting: deque[ChunkTask] = deque()  # tasks made ahead, to see how long a chain may be
     summary = ExecuteSummary()
 
-    def submit(task: ChunkTask):
+    def next_group() -> list[ChunkTask]:
+        while len(waiting) < n_workers * CHAIN_CHUNKS and (task := next(pending, None)) is not None:
+            waiting.append(task)
+        return [waiting.popleft() for _ in range(chain_length(len(waiting), n_workers))]
+
+    def submit(group: list[ChunkTask]):
+        first = group[0]
+        more = f"+{len(group) - 1}" if len(group) > 1 else ""
         return client.submit(
-            process_chunk,
-            task,
-            key=f"chunk-{task.chunk.id}-{'-'.join(map(str, task.years))}-{plan.store.root.name}",
+            process_chunks,
+            group,
+            key=f"chunk-{first.chunk.id}{more}-{'-'.join(map(str, first.years))}-{plan.store.root.name}",
             retries=config.retries,
             resources=resources,
             pure=False,
@@ -351,19 +365,19 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> ExecuteSummary
 
     futures = as_completed()
     owner = {}
-    for task in pending:
-        fut = submit(task)
+    while group := next_group():
+        fut = submit(group)
         if summary.first_submit_s is None:
             summary.first_submit_s = time.monotonic() - t0
             print(f"[rtsmap] first task submitted after {summary.first_submit_s:.1f} s", file=stream or sys.stderr,
                   flush=True)
-        owner[fut.key] = task
+        owner[fut.key] = group
         futures.add(fut)
         if futures.count() >= limit:
             break
     try:
         for fut in futures:
-            task = owner.pop(fut.key)
+            group = owner.pop(fut.key)
             if fut.status == "error":
                 exc = fut.exception()
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
@@ -373,21 +387,26 @@ def execute(plan: RunPlan, client, *, stream=None, tasks=None) -> ExecuteSummary
                     plan.stopped = str(exc)
                     print(f"[rtsmap] stopping: {exc}", file=stream or sys.stderr, flush=True)
                 done = []
-                for year in task.years:
-                    record = {"chunk_id": task.chunk.id, "year": year, "status": "failed", "reason": reason}
-                    try:
-                        plan.store.write_failure(year, task.chunk.id, record)
-                    except OutputError:
-                        pass  # not even the failure can be kept; the next run retries the chunk-year anyway
-                    done.append(record)
+                for task in group:
+                    for year in task.years:
+                        if plan.store.is_done(year, task.chunk.id):
+                            # Written by an earlier chunk of the chain before another one raised.
+                            done.append({"chunk_id": task.chunk.id, "year": year, "status": "processed"})
+                            continue
+                        record = {"chunk_id": task.chunk.id, "year": year, "status": "failed", "reason": reason}
+                        try:
+                            plan.store.write_failure(year, task.chunk.id, record)
+                        except OutputError:
+                            pass  # not even the failure can be kept; the next run retries the chunk-year anyway
+                        done.append(record)
             else:
-                done = fut.result()
+                done = [record for records in fut.result() for record in records]
             fut.release()
             for record in done:
                 summary.add(record)
                 progress.update(record)
-            nxt = None if plan.stopped else next(pending, None)
-            if nxt is not None:
+            nxt = [] if plan.stopped else next_group()
+            if nxt:
                 new = submit(nxt)
                 owner[new.key] = nxt
                 futures.add(new)
@@ -857,6 +876,10 @@ def _version() -> str:
 def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> RunResult:
     """Plan, execute on the configured cluster, and write the inventory.
 
+    A local cluster is started once the inputs are checked, and its workers open the model
+    while the run plans (:func:`~rtsmap.workflows.cluster.warm_workers`); other clusters start
+    after the plan.
+
     Parameters
     ----------
     config
@@ -883,23 +906,37 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
         logging.getLogger("distributed").setLevel(root_level)
     started = time.monotonic()
     started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    plan = make_plan(config, region_name=region_name)
-    tasks = plan.iter_tasks()
-    first = next(tasks, None)
-    print(
-        f"[rtsmap] {len(plan.planned.blocks)} blocks of chunks x {len(config.years)} years "
-        f"(work dir {plan.store.root}); {'nothing to do' if first is None else 'tasks made as they run'}",
-        file=stream,
-        flush=True,
-    )
-    if first is None:
-        return finish(plan, started=started, started_iso=started_iso)
+    import contextlib
     import itertools
 
-    with open_cluster(config.cluster) as client:
+    from rtsmap.workflows.cluster import task_inference, warm_workers
+
+    with contextlib.ExitStack() as stack:
+        client = warming = None
+        if config.cluster.kind == "local":
+            # A local cluster starts before the plan (after the input checks, which need no
+            # catalog), and its workers import the task code and open the model while the run
+            # plans (a few seconds a run). A batch or remote cluster starts only for a valid plan.
+            check_run_inputs(config)
+            client = stack.enter_context(open_cluster(config.cluster))
+            warming = warm_workers(client, str(config.model), task_inference(config.inference, config.cluster))
+        plan = make_plan(config, region_name=region_name)
+        tasks = plan.iter_tasks()
+        first = next(tasks, None)
+        print(
+            f"[rtsmap] {len(plan.planned.blocks)} blocks of chunks x {len(config.years)} years "
+            f"(work dir {plan.store.root}); {'nothing to do' if first is None else 'tasks made as they run'}",
+            file=stream,
+            flush=True,
+        )
+        if first is None:
+            return finish(plan, started=started, started_iso=started_iso)
+        if client is None:
+            client = stack.enter_context(open_cluster(config.cluster))
         if client.dashboard_link:
             print(f"[rtsmap] Dask dashboard: {client.dashboard_link}", file=stream, flush=True)
         summary = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
+        del warming  # done before the first task ran
         print(f"[rtsmap] {summary.chunk_years} chunk-years run, {plan.skipped} already done", file=stream, flush=True)
         # The blocks are read and merged on the cluster's workers.
         return finish(plan, started=started, started_iso=started_iso, executor=client.get_executor(pure=False))

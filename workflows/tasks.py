@@ -8,7 +8,9 @@ token per collection, not one per task.
 
 A chunk-year lacking some modality's items runs with the others when the model was trained for
 that subset (``ModelInfo.supports``), else it is no_data; records and coverage rows name the
-modalities used. The next year loads on one background thread while this one is inferred.
+modalities used. The next year loads on one background thread while this one is inferred;
+:func:`process_chunks` runs several chunks in one task with one such chain through all their
+years, so a chunk's first year loads while the previous chunk's last year is inferred.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -100,6 +103,21 @@ def get_detector(path: str, sha256: str, inference: InferenceConfig) -> Detector
             intra_op_threads=inference.threads,
         )
     return _DETECTORS[key]
+
+
+def warm_up(model_path: str, inference: InferenceConfig) -> str:
+    """Open the model in this worker process's cache (importing the task code on the way), as
+    the first task would: a run does it while it plans (``cluster.warm_workers``).
+
+    Returns
+    -------
+    str
+        The execution providers in use, comma-joined.
+    """
+    from rtsmap.pipeline.model_file import file_sha256
+
+    detector = get_detector(model_path, file_sha256(model_path), inference)
+    return ",".join(detector.providers)
 
 
 def _valid_fraction(stack, modality: str) -> float:
@@ -194,14 +212,17 @@ def signed_items(task: ChunkTask, year: int, modalities=None) -> dict[str, list[
     return items
 
 
-def _infer(task: _Year, stack, present: list[str]) -> tuple[Any, list]:
-    """Detections of the chunk's tiles as polygons, and the per-tile detections (the model cached
-    per process); the model runs with the modalities ``present`` (those with items)."""
+def _infer(task: _Year, stack, present: list[str]) -> list:
+    """The per-tile detections of the chunk (the model cached per process); the model runs with
+    the modalities ``present`` (those with items)."""
     detector = get_detector(task.model_path, task.model_sha256, task.inference)
-    detections = infer_chunk(detector, stack, task.chunk.tiles, batch_size=task.inference.batch_size,
-                             presence=present)
+    return infer_chunk(detector, stack, task.chunk.tiles, batch_size=task.inference.batch_size, presence=present)
+
+
+def _vectorize(task: _Year, stack, detections: list):
+    """The detections of a chunk-year as polygons (one row each, disjoint within a tile)."""
     source_items = sorted({i for ids in stack.item_ids.values() for i in ids})
-    gdf = vectorize_detections(
+    return vectorize_detections(
         detections,
         stack.transform,
         stack.crs,
@@ -209,7 +230,6 @@ def _infer(task: _Year, stack, present: list[str]) -> tuple[Any, list]:
         min_area_m2=task.inference.min_area_m2,
         source_items=source_items,
     )
-    return gdf, detections
 
 
 def _tile_cell(tile, spec) -> shapely.Geometry:
@@ -291,6 +311,21 @@ class _Loader:
         return stack, time.perf_counter() - started
 
 
+CHAIN_CHUNKS = 4
+"""Chunks one Dask task processes at most (:func:`process_chunks`): its prefetch chain then waits
+for one first load in four instead of one per chunk. The tail of a run gets shorter chains
+(:func:`chain_length`) so that every worker still has work."""
+
+
+def chain_length(waiting: int, workers: int, longest: int = CHAIN_CHUNKS) -> int:
+    """How many of the ``waiting`` tasks (those made and not submitted) to chain into the next
+    Dask task: ``longest`` while each of the ``workers`` can get as many, else the waiting tasks
+    shared out (at least 1; 0 when none wait)."""
+    if waiting <= 0:
+        return 0
+    return max(1, min(longest, math.ceil(waiting / max(1, workers))))
+
+
 def process_chunk(task: ChunkTask, *, prefetch: bool = True) -> list[dict[str, Any]]:
     """Process one chunk for all its missing years; write one fragment per chunk-year.
 
@@ -302,7 +337,8 @@ def process_chunk(task: ChunkTask, *, prefetch: bool = True) -> list[dict[str, A
     inferred, the next one loads on one background thread (at most one year ahead). Asset
     errors, of a background load too, are recorded as that chunk-year's failure (a static
     modality's as every year's) and returned, not raised, so the run goes on; anything else
-    raises, and Dask retries the task.
+    raises, and Dask retries the task. A year is vectorized and written on the same thread
+    while the next one is inferred.
 
     Parameters
     ----------
@@ -319,13 +355,94 @@ def process_chunk(task: ChunkTask, *, prefetch: bool = True) -> list[dict[str, A
         ``failed``, ``processed``), ``reason`` and, when processed, the ``modalities`` used
         (``optical+sar+dem``), counts, item ids, valid fractions and timings.
     """
-    static = {m: p for m, p in task.profiles.items() if not p.per_year}
-    per_year = {m: p for m, p in task.profiles.items() if p.per_year}
-    core = shapely.from_wkb(task.core_wkb)
-    info = get_detector(task.model_path, task.model_sha256, task.inference).info
-    loader = _Loader(task, static, per_year)
+    return process_chunks([task], prefetch=prefetch)[0]
 
-    # What each year does, decided before any load: skip, no_data, or load these modalities.
+
+def process_chunks(tasks: list[ChunkTask], *, prefetch: bool = True) -> list[list[dict[str, Any]]]:
+    """Process several chunks, one after the other, as :func:`process_chunk` does each.
+
+    One prefetch chain runs through them: while the last year of a chunk is inferred, the first
+    year of the next chunk loads, so only the first chunk's first load is waited for (a task of
+    one chunk waits for every chunk's first load). On the same thread, after that load, a
+    chunk-year whose model has run is vectorized, covered and written while the next one is
+    inferred; the model's thread does nothing but the model. The fragments are those
+    :func:`process_chunk` writes for each task alone, loading in turn. At most two chunk-years'
+    stacks (and two chunks' static modalities) are held at once.
+
+    Parameters
+    ----------
+    tasks
+        The chunks and their years, in the order they are processed.
+    prefetch
+        Load the next chunk-year while this one is inferred.
+
+    Returns
+    -------
+    list of list of dict
+        Per task, what :func:`process_chunk` returns for it.
+    """
+    records: list[dict[int, dict[str, Any]]] = []
+    jobs: list[tuple[int, int, list[str]]] = []  # (task index, year, modalities to load), in order
+    loaders: list[_Loader | None] = []
+    cores = []
+    for i, task in enumerate(tasks):
+        done, to_load = _decide_years(task)
+        records.append(done)
+        jobs += [(i, year, present) for year, present in to_load]
+        loaders.append(_Loader(task, {m: p for m, p in task.profiles.items() if not p.per_year},
+                               {m: p for m, p in task.profiles.items() if p.per_year}))
+        cores.append(shapely.from_wkb(task.core_wkb))
+    last_job = {i: k for k, (i, _, _) in enumerate(jobs)}  # a chunk's loader is dropped after its last year
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+        ahead = None  # the next chunk-year's load, submitted while this one is inferred
+        # The chunk-year inferred last: (task index, year, its vectorize-and-write on the loader
+        # thread, which runs while the next chunk-year is inferred).
+        writing: tuple[int, int, Any] | None = None
+        for k, (i, year, present) in enumerate(jobs):
+            task = tasks[i]
+            one = _Year(task.chunk, year, task.store, task.inference, task.model_path, task.model_sha256)
+            started = time.perf_counter()
+            try:
+                stack, load_s = ahead.result() if ahead is not None else loaders[i].load(year, present)
+            except AssetError as exc:
+                record = _record(one, "failed", str(exc), modalities=modality_label(present))
+                task.store.write_failure(year, task.chunk.id, record)
+                records[i][year] = record
+                stack = None
+            ahead = None
+            if last_job[i] == k:
+                loaders[i] = None  # its static stack (the DEM) is not needed any more
+            # Bounded memory: at most this year's stack and the next one's exist at once.
+            if prefetch and k + 1 < len(jobs):
+                nxt, nxt_year, nxt_present = jobs[k + 1]
+                ahead = pool.submit(loaders[nxt].load, nxt_year, nxt_present)
+            if stack is None:
+                continue
+            loaded = time.perf_counter()
+            _keep_hillshade(one.store, one.chunk.id, stack)
+            detections = _infer(one, stack, present)
+            inferred = time.perf_counter()
+            if writing is not None:  # long done, as a rule: it ran during this inference
+                records[writing[0]][writing[1]] = writing[2].result()
+            times = {"started": started, "load": load_s, "loaded": loaded, "inferred": inferred}
+            if prefetch:
+                # Queued behind the next load: it vectorizes while the next chunk-year is inferred
+                # (and, as it holds this stack, the load after the next waits for it: two stacks at most).
+                writing = (i, year, pool.submit(_write_year, one, stack, cores[i], detections, present, times))
+            else:
+                records[i][year] = _write_year(one, stack, cores[i], detections, present, times)
+            del stack, detections
+        if writing is not None:
+            records[writing[0]][writing[1]] = writing[2].result()
+    return [[done[year] for year in task.years] for done, task in zip(records, tasks)]
+
+
+def _decide_years(task: ChunkTask) -> tuple[dict[int, dict[str, Any]], list[tuple[int, list[str]]]]:
+    """What each year of a task does, decided before any load: the records of the years skipped
+    (fragment exists) or written as no_data, and the (year, modalities) to load and run."""
+    info = get_detector(task.model_path, task.model_sha256, task.inference).info
+    core = shapely.from_wkb(task.core_wkb)
     records: dict[int, dict[str, Any]] = {}
     to_load: list[tuple[int, list[str]]] = []
     for year in task.years:
@@ -339,36 +456,18 @@ def process_chunk(task: ChunkTask, *, prefetch: bool = True) -> list[dict[str, A
             records[year] = _write_no_data(one, core, missing, _needs(info, missing))
             continue
         to_load.append((year, present))
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{task.chunk.id}") as pool:
-        ahead = None  # the next year's load, submitted while this one is inferred
-        for k, (year, present) in enumerate(to_load):
-            one = _Year(task.chunk, year, task.store, task.inference, task.model_path, task.model_sha256)
-            started = time.perf_counter()
-            try:
-                stack, load_s = ahead.result() if ahead is not None else loader.load(year, present)
-            except AssetError as exc:
-                record = _record(one, "failed", str(exc), modalities=modality_label(present))
-                task.store.write_failure(year, task.chunk.id, record)
-                records[year] = record
-                stack = None
-            ahead = None
-            # Bounded memory: at most this year's stack and the next one's exist at once.
-            if prefetch and k + 1 < len(to_load):
-                ahead = pool.submit(loader.load, *to_load[k + 1])
-            if stack is not None:
-                records[year] = _process_stack(one, stack, core, started, load_s, present)
-            del stack
-    return [records[year] for year in task.years]
+    return records, to_load
 
 
-def _process_stack(one: _Year, stack, core: shapely.Geometry, started: float, load_s: float,
-                   present: list[str]) -> dict[str, Any]:
-    """Infer, vectorize and write one chunk-year whose stack is loaded."""
-    loaded = time.perf_counter()
-    _keep_hillshade(one.store, one.chunk.id, stack)
-    gdf, detections = _infer(one, stack, present)
-    inferred = time.perf_counter()
+def _write_year(one: _Year, stack, core: shapely.Geometry, detections: list, present: list[str],
+                times: dict[str, float]) -> dict[str, Any]:
+    """Vectorize, cover and write one chunk-year whose model has run; return its record.
+
+    ``times``: ``perf_counter`` marks of the chunk-year (``started``, ``loaded``, ``inferred``)
+    and its load's own seconds (``load``).
+    """
+    vectorizing = time.perf_counter()
+    gdf = _vectorize(one, stack, detections)
     coverage = _coverage(stack, core, one.chunk, detections, tuple(present))
     finished = time.perf_counter()
     record = _record(
@@ -380,9 +479,12 @@ def _process_stack(one: _Year, stack, core: shapely.Geometry, started: float, lo
         items={m: list(ids) for m, ids in stack.item_ids.items()},
         valid_fraction={m: _valid_fraction(stack, m) for m in stack.valid},
         # load: the load's own time (on the prefetch thread, mostly hidden behind the previous
-        # year's inference); load_wait: how long this year waited for it.
-        seconds={"load": load_s, "load_wait": loaded - started, "infer": inferred - loaded,
-                 "vectorize": finished - inferred, "total": finished - started},
+        # year's inference); load_wait: how long this year waited for it; infer: the model;
+        # vectorize: polygons and coverage rows (on the prefetch thread too, while the next
+        # chunk-year is inferred); total: from the wait for the load to the record.
+        seconds={"load": times["load"], "load_wait": times["loaded"] - times["started"],
+                 "infer": times["inferred"] - times["loaded"], "vectorize": finished - vectorizing,
+                 "total": finished - times["started"]},
         coverage=coverage,
     )
     one.store.write(one.year, one.chunk.id, gdf, record)

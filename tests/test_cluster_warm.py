@@ -1,0 +1,47 @@
+"""Warming workers while a run plans: ``warm_workers`` opens the model in each worker's cache under
+the key the plan's tasks look it up by, with the inference settings the tasks get
+(``task_inference``).
+
+Real components: a Dask LocalCluster (its worker in this process, so that the worker's model
+cache can be inspected), onnxruntime on the shipped demo model, ``make_plan`` on the demo region.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from distributed import Client, LocalCluster
+
+from rtsmap.workflows import tasks as task_module
+from rtsmap.workflows.cluster import task_inference, warm_workers
+from rtsmap.workflows.config import DEMO_MODEL, ClusterConfig, GridConfig, InferenceConfig, RunConfig
+
+
+def test_local_workers_share_the_cores_only_when_onnxruntime_would_take_them_all():
+    cores = os.cpu_count() or 1
+    two = ClusterConfig(kind="local", n_workers=2)
+    assert task_inference(InferenceConfig(threads=0), two).threads == max(1, cores // 2)
+    assert task_inference(InferenceConfig(threads=3), two).threads == 3
+    remote = dataclasses.replace(two, kind="address", address="tcp://127.0.0.1:8786")
+    assert task_inference(InferenceConfig(threads=0), remote).threads == 0
+
+
+def test_a_warmed_worker_has_the_model_the_tasks_ask_for(demo_region, tmp_path):
+    from rtsmap.workflows.run import make_plan
+
+    config = RunConfig(aoi=str(demo_region.aoi), years=(2021,), catalog=str(demo_region.items), profile="demo",
+                       model=str(DEMO_MODEL), out=str(tmp_path / "inv.gpkg"), grid=GridConfig(tiles_per_chunk=2),
+                       inference=InferenceConfig(batch_size=4, threads=1), cluster=ClusterConfig(n_workers=1))
+    task = make_plan(config).tasks[0]
+    task_module._DETECTORS.clear()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        futures = warm_workers(client, str(config.model), task_inference(config.inference, config.cluster))
+        assert len(futures) == 1
+        assert [f.result() for f in futures] == ["CPUExecutionProvider"]
+    key = (task.model_path, task.model_sha256, tuple(task.inference.providers))
+    assert list(task_module._DETECTORS) == [key]
+    # The task finds it there: no second session is opened.
+    warmed = task_module._DETECTORS[key]
+    assert task_module.get_detector(task.model_path, task.model_sha256, task.inference) is warmed
