@@ -163,7 +163,10 @@ def _base_map(plt, cov, hillshade, title: str):
     import matplotlib.ticker
     from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
+    # The layout engine lays the figure out in the one draw savefig makes; geopandas' plot() ends
+    # in canvas.draw_idle(), which on Agg renders the whole figure each time: drawn once, at save.
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=110, layout="tight")
+    fig.canvas.draw_idle = lambda *args, **kwargs: None
     if hillshade is not None:
         image, extent = hillshade
         # Stretch to the scene's own range: low Arctic relief gives a flat grey at 0..1.
@@ -197,7 +200,6 @@ def _finish_map(plt, fig, ax, handles, crs, path: Path, overwrite: bool) -> None
     ax.set_xlabel(f"x (km, {crs})")
     ax.set_ylabel(f"y (km, {crs})")
     ax.legend(handles=handles, loc="lower right", fontsize=8)
-    fig.tight_layout()
     try:
         _save_png(fig, path, overwrite)
     finally:
