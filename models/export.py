@@ -24,7 +24,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from rtsmap.contract import MASK_SIZE, METADATA_KEY, OUTPUT_NAMES, READABLE_MODEL_FORMATS, input_names
+from rtsmap.contract import MASK_SIZE, METADATA_KEY, OUTPUT_NAMES, PRESENCE_INPUT, READABLE_MODEL_FORMATS, input_names
 from rtsmap.contract import MODEL_FORMAT as METADATA_FORMAT  # the name callers of this module know
 from rtsmap.models.config import ModelConfig
 from rtsmap.models.detector import RTSDetector
@@ -210,6 +210,7 @@ def export_onnx(
             )
         proto = onnx.load(str(tmp))
         _fix_output_shapes(proto, config)
+        _keep_presence_input(proto, len(config.modalities))
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key = METADATA_KEY
@@ -222,6 +223,15 @@ def export_onnx(
         if tmp.exists():
             tmp.unlink()
     return meta
+
+
+def _keep_presence_input(proto: onnx.ModelProto, n_modalities: int) -> None:
+    """Declare ``presence`` [batch, M] again where the tracer dropped it as unused (a one-modality
+    model), so every format 2 file has the same inputs: the pipeline feeds it whatever the model."""
+    if any(i.name == PRESENCE_INPUT for i in proto.graph.input):
+        return
+    proto.graph.input.append(onnx.helper.make_tensor_value_info(
+        PRESENCE_INPUT, onnx.TensorProto.FLOAT, ["batch", n_modalities]))
 
 
 def _fix_output_shapes(proto: onnx.ModelProto, config: ModelConfig) -> None:

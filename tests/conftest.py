@@ -13,6 +13,7 @@ ARTS_SAMPLE = ARTS_DIR / "ARTS_main_dataset_v.0.0.7-alpha.geojson"
 ARTS_SCHEMA = ARTS_DIR / "Metadata_Format_Summary.csv"
 
 
+
 @pytest.fixture(scope="session")
 def demo_region(tmp_path_factory):
     """A 2.5 km x 2.5 km demo region, 2021-2023, seed 0 (generated once per session, a few seconds).
@@ -33,6 +34,14 @@ def realistic_region(tmp_path_factory):
 
     return generate_region(tmp_path_factory.mktemp("realistic_region"), seed=0, years=(2021, 2022, 2023),
                            size_m=(2500.0, 2500.0), sar="realistic")
+
+
+@pytest.fixture(scope="session")
+def v1_model() -> Path:
+    """The first shipped demo model (format 1: no presence input, every modality needed), kept so
+    that reading format 1 files and their no_data rule stay tested; the same bytes are in the
+    repository's history, so the copy costs git nothing."""
+    return Path(__file__).resolve().parent / "data" / "demo_model_v1.onnx"
 
 
 @pytest.fixture(scope="session")

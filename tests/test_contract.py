@@ -234,13 +234,13 @@ def test_match_threshold_boundary_and_order_independence():
         match_one_to_one([0, 1], [0], [0.5], 0.5)
 
 
-def test_demo_model_metadata_is_still_accepted():
-    """The shipped demo model (exported before the contract module) reads as format 1: no presence
+def test_format_1_model_metadata_is_still_accepted(v1_model):
+    """The first demo model (exported before the contract module) reads as format 1: no presence
     input, so it runs only with every modality."""
     pytest.importorskip("onnxruntime")
     from rtsmap.pipeline.model_file import read_model_info
 
-    info = read_model_info(DEMO_MODEL)
+    info = read_model_info(v1_model)
     assert info.metadata["format"] == contract.MODEL_FORMAT_V1 == info.format
     assert contract.MODEL_FORMAT_V1 in contract.READABLE_MODEL_FORMATS
     assert info.output_names == contract.OUTPUT_NAMES

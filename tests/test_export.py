@@ -178,9 +178,10 @@ def test_exported_file_is_read_by_the_pipeline_through_the_contract(demo):
     assert info.modality_subsets == cfg.modality_subsets and len(info.modality_subsets) == 7
 
 
-def test_read_model_metadata_accepts_the_demo_model_and_refuses_other_formats(tmp_path):
+def test_read_model_metadata_accepts_both_formats_and_refuses_others(tmp_path, v1_model):
     demo_model = Path(__file__).resolve().parents[1] / "workflows" / "assets" / "demo_model.onnx"
-    assert read_model_metadata(demo_model)["format"] == contract.MODEL_FORMAT_V1
+    assert read_model_metadata(demo_model)["format"] in contract.READABLE_MODEL_FORMATS
+    assert read_model_metadata(v1_model)["format"] == contract.MODEL_FORMAT_V1
     proto = onnx.load(str(_write_plain_onnx(tmp_path / "plain.onnx")))
     entry = proto.metadata_props.add()
     entry.key, entry.value = contract.METADATA_KEY, json.dumps({"format": "rtsmap-model/0"})
@@ -228,6 +229,22 @@ def _write_plain_onnx(path):
 
 
 @pytest.mark.slow
+def test_a_one_modality_model_keeps_the_presence_input(tmp_path):
+    """The tracer drops ``presence`` where no layer reads it (a unimodal model); the exporter
+    declares it again, so the pipeline reads and feeds every format 2 file alike."""
+    from rtsmap.pipeline.infer import load_model
+
+    torch.manual_seed(0)
+    cfg = build_config("demo", tile_size=128, fusion="none", modalities={"sar": ("vv", "vh")})
+    path = tmp_path / "sar.onnx"
+    export_onnx(RTSDetector(cfg).eval(), cfg, path)
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["sar", contract.PRESENCE_INPUT]
+    detector = load_model(path, intra_op_threads=1)
+    assert detector.info.has_presence_input and detector.info.modalities == ("sar",)
+    out = detector.predict({"sar": np.zeros((2, 2, 128, 128), np.float32)})
+    assert out["boxes"].shape == (2, cfg.max_detections, 4)
+
+
 def test_tiny_exports_at_512_and_matches_pytorch(tmp_path):
     """The production variant (MViTv2-T, 512 px, FPN 256) exports and keeps parity."""
     torch.manual_seed(0)

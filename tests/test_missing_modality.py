@@ -94,8 +94,8 @@ def test_a_dropout_model_maps_the_years_that_lack_a_modality(base_task, dropout_
         assert area == pytest.approx(core.area, rel=1e-6)
 
 
-def test_the_v1_demo_model_records_no_data_naming_what_it_needs(base_task, tmp_path):
-    task = _task(base_task, tmp_path / "work", Path(DEMO_MODEL), drop={2022: "sar", 2023: "optical"})
+def test_a_format_1_model_records_no_data_naming_what_it_needs(base_task, v1_model, tmp_path):
+    task = _task(base_task, tmp_path / "work", v1_model, drop={2022: "sar", 2023: "optical"})
     records = process_chunk(task)
     assert [r["status"] for r in records] == ["processed", "no_data", "no_data"], records
     assert records[0]["modalities"] == "optical+sar+dem"
