@@ -7,7 +7,8 @@
 
 For every checkpoint: export to ONNX, COCO AP on the chips' test split (``models.evaluate``),
 optionally on every chip of a second region no model saw (``--heldout-chips``: more instances
-than a test split can spare), and precision/recall/F1 of a whole `rtsmap run` on a demo region
+than a test split can spare; there also with each modality in turn absent, for a model trained
+with modality dropout), and precision/recall/F1 of a whole `rtsmap run` on a demo region
 that no model saw in training (the end-to-end figure users get). Prints a markdown table and
 writes ``results.json``.
 """
@@ -80,13 +81,31 @@ def recall_by_optical_view(results: list[dict], dataset: ChipDataset, score_thre
     return out
 
 
-def evaluate_heldout(onnx_path: Path, chips: Path) -> tuple[dict, dict]:
-    """COCO metrics on every chip of an unseen region and recall by optical view, from one ORT pass."""
-    results, dataset, threshold = predict_onnx(onnx_path, chips, "all")
+def evaluate_heldout(onnx_path: Path, chips: Path, present: list[str] | None = None) -> tuple[dict, dict]:
+    """COCO metrics on every chip of an unseen region and recall by optical view, from one ORT pass
+    (``present``: only these modalities, the others fed as absent; None: all)."""
+    results, dataset, threshold = predict_onnx(onnx_path, chips, "all", present=present)
     metrics = {"model": str(onnx_path), "split": "all", "chips": len(dataset),
                "instances": len(dataset.coco["annotations"]), "score_threshold": threshold,
                **coco_metrics(dataset.coco, results, threshold)}
     return metrics, recall_by_optical_view(results, dataset, threshold)
+
+
+def missing_modality_metrics(onnx_path: Path, config, chips: Path) -> dict[str, dict]:
+    """Held-out metrics with each modality in turn absent, for a model trained for that subset.
+
+    Returns
+    -------
+    dict
+        ``{"sar": metrics, ...}``: the modality left out -> :func:`evaluate_heldout`'s metrics;
+        a modality the model does not take, or whose absence it was not trained for, is left out.
+    """
+    out = {}
+    for missing in config.modalities:
+        present = [m for m in config.modalities if m != missing]
+        if present and tuple(present) in {tuple(s) for s in config.supported_subsets}:
+            out[missing] = evaluate_heldout(onnx_path, chips, present)[0]
+    return out
 
 
 def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers: int = 2,
@@ -104,6 +123,7 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
         exported = time.perf_counter() - started
         test = evaluate_model(onnx_path, chips, "test")
         heldout, by_view = evaluate_heldout(onnx_path, heldout_chips) if heldout_chips else (None, None)
+        robustness = missing_modality_metrics(onnx_path, config, heldout_chips) if heldout_chips else {}
         result = run(
             RunConfig(
                 aoi=str(region / "aoi.geojson"),
@@ -125,7 +145,8 @@ def study(models: dict[str, Path], chips: Path, region: Path, out: Path, workers
         }
         results[name] = {"checkpoint": str(checkpoint), "training": training_record(checkpoint),
                          "export_seconds": exported, "test_split": test,
-                         "heldout_chips": heldout, "recall_by_optical_view": by_view, "end_to_end": per_year}
+                         "heldout_chips": heldout, "recall_by_optical_view": by_view,
+                         "heldout_without": robustness, "end_to_end": per_year}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
@@ -150,6 +171,23 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_robustness(results: dict) -> str:
+    """A markdown table: held-out F1 and mask AP50 with every modality, then without each one."""
+    head = "| model | all: F1 | all: mask AP50 | " + " | ".join(
+        f"without {m}: F1 | without {m}: mask AP50" for m in ("sar", "optical", "dem")) + " |"
+    lines = [head, "|" + "---|" * 9]
+    for name, r in results.items():
+        h, without = r.get("heldout_chips"), r.get("heldout_without", {})
+        if not h:
+            continue
+        cells = [h["f1"], h["segm_AP50"]]
+        for m in ("sar", "optical", "dem"):
+            w = without.get(m)
+            cells += [w["f1"], w["segm_AP50"]] if w else [None, None]
+        lines.append(f"| {name} | " + " | ".join(map(_cell, cells)) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat)")
@@ -163,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     results = study({k: Path(v) for k, v in models.items()}, args.chips, args.region, args.out, args.workers,
                     args.heldout_chips)
     print(format_table(results))
+    print()
+    print(format_robustness(results))
 
 
 if __name__ == "__main__":

@@ -299,6 +299,12 @@ def test_fused_stage_with_modality_dropout(trained, tmp_path, monkeypatch):
     for path in (tmp_path / "dropout" / "fusion", onnx_path):
         no_sar[path.suffix] = evaluate_model(path, tc.data, "all", present=["optical", "dem"], score_threshold=0.0)
     assert no_sar[""]["chips"] == no_sar[".onnx"]["chips"] >= 40
+    from rtsmap.workflows.model_commands import evaluate_command
+
+    result = CliRunner().invoke(evaluate_command, ["--model", str(onnx_path), "--data", str(tc.data), "--split", "all",
+                                                   "--without", "sar", "--score-threshold", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["segm_AP"] == no_sar[".onnx"]["segm_AP"]
     assert abs(no_sar[""]["tp"] + no_sar[""]["fp"] - no_sar[".onnx"]["tp"] - no_sar[".onnx"]["fp"]) <= 2
     assert abs(no_sar[""]["segm_AP"] - no_sar[".onnx"]["segm_AP"]) <= 0.02
 
@@ -357,7 +363,7 @@ def test_metrics_wiring_with_stand_in_predictions(chips):
     assert coco_metrics(gt, perturbed + [low], score_threshold=0.05)["fn"] == p["fn"] - 1
 
 
-def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
+def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path, capsys):
     from rtsmap.workflows.model_commands import evaluate_command, export_command
 
     tc, _, _ = trained
@@ -394,6 +400,15 @@ def test_export_and_evaluate_onnx_end_to_end(trained, chips, tmp_path):
     for path in (onnx_path, Path(tc.out) / "fusion"):
         with pytest.raises(ValueError, match="not trained for modalities"):
             evaluate_model(path, chips, "all", present=["optical", "dem"])
+    # The command says so in one line; `--without` names only the model's modalities, never all.
+    from rtsmap.workflows.cli import main
+
+    for args, message in ((["--without", "sar"], "not trained for modalities"),
+                          (["--without", "optical", "--without", "sar", "--without", "dem"], "must be left")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["evaluate", "--model", str(onnx_path), "--data", str(chips), *args])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_recall_by_optical_view_splits_slumps_by_what_optical_sees(chips):
@@ -420,7 +435,7 @@ def test_recall_by_optical_view_splits_slumps_by_what_optical_sees(chips):
 
 def test_fusion_study_exports_evaluates_and_runs_each_model(trained, chips, demo_region, tmp_path):
     """The study script over one tiny checkpoint: ONNX, test and held-out metrics, a whole run, a table."""
-    from benchmarks.fusion_study import format_table, study
+    from benchmarks.fusion_study import format_robustness, format_table, study
 
     tc, _, _ = trained
     results = study({"fused": Path(tc.out) / "fusion"}, chips, demo_region.root, tmp_path / "study",
@@ -436,6 +451,10 @@ def test_fusion_study_exports_evaluates_and_runs_each_model(trained, chips, demo
     assert sorted(r["end_to_end"]) == ["2021", "2022", "2023"]
     table = format_table(results).splitlines()
     assert len(table) == 3 and table[2].startswith("| fused |") and table[0].count("|") == table[2].count("|")
+    # Trained without modality dropout: no subset to evaluate, n/a in the robustness table.
+    assert r["heldout_without"] == {}
+    robust = format_robustness(results).splitlines()
+    assert robust[2].startswith("| fused |") and robust[2].count("n/a") == 6 and robust[0].count("|") == robust[2].count("|")
 
 
 def test_train_config_refuses_unknown_keys(tmp_path):

@@ -119,6 +119,27 @@ def _check_device(device: str, config_path: Path) -> None:
                           "use device: cpu (or auto), or run on a GPU machine with a CUDA build of torch")
 
 
+def _present(model_path: Path, absent: tuple[str, ...]) -> list[str] | None:
+    """The modalities left when ``absent`` are removed from the model's (None: nothing removed)."""
+    if not absent:
+        return None
+    if model_path.suffix.lower() == ".onnx":
+        from rtsmap.pipeline.model_file import read_model_info
+
+        modalities = read_model_info(model_path).modalities
+    else:
+        from rtsmap.models.train import load_detector
+
+        modalities = load_detector(model_path, "cpu").config.modalities
+    unknown = sorted(set(absent) - set(modalities))
+    if unknown:
+        raise ConfigError(f"--without {unknown[0]}: the model's modalities are {list(modalities)}")
+    present = [m for m in modalities if m not in absent]
+    if not present:
+        raise ConfigError("--without: at least one of the model's modalities must be left")
+    return present
+
+
 @click.command("evaluate")
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="A checkpoint (.safetensors or stage folder) or an exported .onnx model.")
@@ -127,8 +148,12 @@ def _check_device(device: str, config_path: Path) -> None:
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
 @click.option("--score-threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="Operating point of precision/recall/F1 (default: the model's); choose it on the val split.")
+@click.option("--without", "absent", multiple=True, type=click.Choice(["optical", "sar", "dem"]),
+              help="Evaluate as if this modality were missing (repeatable): fed as the zero fill with "
+                   "presence 0, as the pipeline does; the model must support the subset left.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate_command(model_path: Path, data_dir: Path, split: str, score_threshold: float | None, as_json: bool) -> None:
+def evaluate_command(model_path: Path, data_dir: Path, split: str, score_threshold: float | None,
+                     absent: tuple[str, ...], as_json: bool) -> None:
     """COCO box/mask AP, AP50, AP75 and F1 at IoU 0.5 of a model on a chip split."""
     from rtsmap.models.evaluate import evaluate_model
 
@@ -145,7 +170,8 @@ def evaluate_command(model_path: Path, data_dir: Path, split: str, score_thresho
     else:
         check_checkpoint(model_path)
     try:
-        metrics = evaluate_model(model_path, data_dir, split, score_threshold=score_threshold)
+        metrics = evaluate_model(model_path, data_dir, split, score_threshold=score_threshold,
+                                 present=_present(model_path, absent))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if as_json:
