@@ -28,7 +28,9 @@ that names the work directory; fragments already written stay. Records pass thro
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -42,6 +44,7 @@ from affine import Affine
 
 from rtsmap.pipeline.errors import OutputError
 from rtsmap.pipeline.inventory import redact_metadata
+from rtsmap.pipeline.vectorize import empty_polygons
 
 
 def shard_of(chunk_id: str) -> str:
@@ -83,6 +86,15 @@ def _write_error(root: Path, exc: OSError) -> OutputError:
 def _save_npz(path: str, **arrays: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path
         np.savez(f, **arrays)
+
+
+@functools.lru_cache(maxsize=4)
+def _empty_fragment(crs: str) -> bytes:
+    """The GeoParquet bytes of a chunk-year without detections: building and writing an empty
+    GeoDataFrame costs ~25 ms, most of a no_data chunk-year's time."""
+    buffer = io.BytesIO()
+    empty_polygons(crs).to_parquet(buffer, index=False)
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
@@ -128,12 +140,22 @@ class FragmentStore:
         """True when the chunk-year finished (its marker exists)."""
         return self.path(year, chunk_id, ".json").is_file()
 
-    def write(self, year: int, chunk_id: str, detections: gpd.GeoDataFrame, record: dict[str, Any]) -> None:
-        """Write the detections, then the marker, each atomically; clear an old failure record."""
+    def write(self, year: int, chunk_id: str, detections: gpd.GeoDataFrame | None, record: dict[str, Any],
+              crs: Any = None) -> None:
+        """Write the detections, then the marker, each atomically; clear an old failure record.
+
+        ``detections`` None: none (a no_data chunk-year), written as the empty table in ``crs``
+        (the same bytes each time, made once per process).
+        """
         base = self._base(year, chunk_id)
         text = json.dumps(redact_metadata(record), sort_keys=True)
+        if detections is None:
+            empty = _empty_fragment(str(crs))
+            write_detections = lambda tmp: Path(tmp).write_bytes(empty)  # noqa: E731
+        else:
+            write_detections = lambda tmp: detections.to_parquet(tmp, index=False)  # noqa: E731
         try:
-            _atomic_write_bytes(base.with_name(chunk_id + ".parquet"), lambda tmp: detections.to_parquet(tmp, index=False))
+            _atomic_write_bytes(base.with_name(chunk_id + ".parquet"), write_detections)
             _atomic_write_bytes(base.with_name(chunk_id + ".json"), lambda tmp: Path(tmp).write_text(text))
             self.path(year, chunk_id, ".failed.json").unlink(missing_ok=True)
         except OSError as exc:

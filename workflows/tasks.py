@@ -37,7 +37,7 @@ from rtsmap.pipeline.infer import Detector, infer_chunk, load_model
 from rtsmap.pipeline.load import load_chunk
 from rtsmap.pipeline.profiles import ModalityProfile
 from rtsmap.pipeline.stac import shared_signer
-from rtsmap.pipeline.vectorize import empty_polygons, vectorize_detections
+from rtsmap.pipeline.vectorize import vectorize_detections
 from rtsmap.workflows.config import InferenceConfig
 from rtsmap.workflows.fragments import FragmentStore
 
@@ -170,7 +170,7 @@ def _write_no_data(task: _Year, core: shapely.Geometry, missing: list[str], need
     reason = f"no {', '.join(missing)} items for {task.year}" + (f": {needs}" if needs else "")
     record = _record(task, "no_data", reason, n_detections=0, seconds=0.0, modalities="")
     record["coverage"] = [{"status": "no_data", "reason": reason, "modalities": "", "wkb": core.wkb_hex}]
-    task.store.write(task.year, task.chunk.id, empty_polygons(task.chunk.spec.crs), record)
+    task.store.write(task.year, task.chunk.id, None, record, crs=task.chunk.spec.crs)
     return record
 
 
