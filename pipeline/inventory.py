@@ -134,8 +134,49 @@ def _arts_defaults(year: int, run_metadata: Mapping[str, Any]) -> dict[str, Any]
     }
 
 
+def _text(values: Any, n: int) -> pd.Series:
+    """Per-row strings as a column ('' for missing): pandas' ``str`` dtype where it is the
+    default (pandas 3: one Arrow buffer, ~10 bytes a row more than the text), else object.
+
+    Object columns of distinct Python strings cost ~60 bytes a row more, a copy each.
+    """
+    if isinstance(values, pd.Series):
+        values = values.array  # by position, whatever the index
+    return pd.Series(values, index=pd.RangeIndex(n)).fillna("").astype(str)
+
+
+def _same(value: str, n: int) -> pd.Series:
+    """A column holding ``value`` on every row: one shared string (8 bytes a row), object dtype."""
+    column = np.empty(n, dtype=object)
+    column[:] = value  # np.full would make a copy of the string for each row
+    return pd.Series(column, index=pd.RangeIndex(n), dtype=object)
+
+
+def _centroids_lonlat(geoms: np.ndarray, crs: Any, rows: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids in the CRS, then in WGS84 (lat, lon), ``rows`` at a time (no whole-layer points)."""
+    lat, lon = np.zeros(len(geoms)), np.zeros(len(geoms))
+    for start in range(0, len(geoms), rows):
+        cen = gpd.GeoSeries(shapely.centroid(geoms[start:start + rows]), crs=crs).to_crs("EPSG:4326")
+        lat[start:start + rows], lon[start:start + rows] = cen.y.to_numpy(), cen.x.to_numpy()
+    return lat, lon
+
+
+def _stable_uids(given: pd.Series, rts_id: pd.Series, rows: int = 50_000) -> pd.Series:
+    """``given`` where set, else :func:`rts_uid` of ``rts_id``, ``rows`` at a time (few Python strings at once)."""
+    parts = []
+    for start in range(0, len(rts_id), rows):
+        part = zip(given.iloc[start:start + rows].tolist(), rts_id.iloc[start:start + rows].tolist())
+        parts.append(pd.Series([u or rts_uid(r) for u, r in part], dtype=object))
+    return _text(pd.concat(parts, ignore_index=True) if parts else [], len(rts_id))
+
+
 def _rts_layer(gdf: gpd.GeoDataFrame, year: int, run_metadata: Mapping[str, Any], crs: Any) -> gpd.GeoDataFrame:
-    """An ``rts_<year>`` layer in the inventory schema."""
+    """An ``rts_<year>`` layer in the inventory schema.
+
+    Memory: geometries are shared with ``gdf`` (promoted to MultiPolygon only as each slice is
+    written), per-row strings are single buffers (:func:`_text`), columns holding one value
+    for every row share it (:func:`_same`).
+    """
     if gdf is None:
         gdf = gpd.GeoDataFrame({"rts_id": []}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
     if not isinstance(gdf, gpd.GeoDataFrame):
@@ -148,46 +189,57 @@ def _rts_layer(gdf: gpd.GeoDataFrame, year: int, run_metadata: Mapping[str, Any]
         g = gdf.to_crs(crs)
     else:  # already in the CRS: no copy of the geometries
         g = gdf.set_crs(crs, allow_override=True)
-    g = g.sort_values("rts_id", kind="mergesort").reset_index(drop=True)
+    rts_id = _text(g["rts_id"], len(g))
+    if not rts_id.is_monotonic_increasing:  # merge output is sorted already: no reordered copy
+        g = g.iloc[np.argsort(rts_id.to_numpy(dtype=object), kind="stable")]
+    g = g.reset_index(drop=True)
     n = len(g)
-    out = pd.DataFrame(index=range(n))
+    cols: dict[str, Any] = {}
     defaults = _arts_defaults(year, run_metadata)
     geoms = g.geometry.values
     area = shapely.area(geoms) if n else np.zeros(0)
-    out["rts_id"] = g["rts_id"].astype(str).to_numpy()
-    out["year"] = np.full(n, int(year), dtype=np.int64)
-    out["score"] = g["score"].astype(np.float64).to_numpy() if "score" in g else np.full(n, np.nan)
-    out["area_m2"] = area
-    out["perimeter_m"] = shapely.length(geoms) if n else np.zeros(0)
-    out["n_detections"] = g["n_detections"].astype(np.int64).to_numpy() if "n_detections" in g else np.ones(n, np.int64)
-    if n:
-        # Centroid in the (equal-area-ish) grid CRS, then to WGS84, as ARTS asks (5 decimals).
-        cen = gpd.GeoSeries(shapely.centroid(geoms), crs=crs).to_crs("EPSG:4326")
-        out["CentroidLat"] = np.round(cen.y.to_numpy(), 5)
-        out["CentroidLon"] = np.round(cen.x.to_numpy(), 5)
-    else:
-        out["CentroidLat"] = np.zeros(0)
-        out["CentroidLon"] = np.zeros(0)
+    cols["rts_id"] = _text(g["rts_id"], n)
+    cols["year"] = np.full(n, int(year), dtype=np.int64)
+    cols["score"] = g["score"].astype(np.float64).to_numpy() if "score" in g else np.full(n, np.nan)
+    cols["area_m2"] = area
+    cols["perimeter_m"] = shapely.length(geoms) if n else np.zeros(0)
+    cols["n_detections"] = g["n_detections"].astype(np.int64).to_numpy() if "n_detections" in g else np.ones(n, np.int64)
+    tracks = pd.DataFrame(index=range(n))
+    _track_columns(tracks, g, year)
+    for field in TRACK_FIELDS:
+        cols[field] = tracks[field]
+    del tracks
+    # Centroid in the (equal-area-ish) grid CRS, then to WGS84, as ARTS asks (5 decimals).
+    lat, lon = _centroids_lonlat(np.asarray(geoms, dtype=object), crs) if n else (np.zeros(0), np.zeros(0))
+    cols["CentroidLat"], cols["CentroidLon"] = np.round(lat, 5), np.round(lon, 5)
     for field in ("RegionName", "CreatorLab", "BaseMapDate", "BaseMapSource", "BaseMapResolution",
                   "TrainClass", "LabelType", "ContributionDate", "Notes"):
-        out[field] = g[field].to_numpy() if field in g else [defaults[field]] * n
-    _track_columns(out, g, year)
+        if field in g:
+            cols[field] = g[field].to_numpy()
+        elif field == "BaseMapResolution":
+            cols[field] = np.full(n, defaults[field], dtype=np.float64)
+        else:
+            cols[field] = _same(defaults[field], n)
     for field in RELATION_FIELDS:
-        out[field] = g[field].fillna("").astype(str).to_numpy() if field in g else [""] * n
+        cols[field] = _text(g[field], n) if field in g else _same("", n)
     # A frame's own UID wins (its relation fields name UIDs); else the stable one of its rts_id.
-    given = g["UID"].fillna("").astype(str).to_numpy() if "UID" in g else np.array([""] * n, dtype=object)
-    out["UID"] = [u or rts_uid(r) for u, r in zip(given, out["rts_id"])]
-    items = g["source_items"].fillna("").astype(str).to_numpy() if "source_items" in g else np.array([""] * n, dtype=object)
-    out["BaseMapID"] = [s if (s and "," not in s) else "" for s in items]  # ARTS: only for a single image
-    out["Area"] = area
-    out["tile_ids"] = g["tile_ids"].fillna("").astype(str).to_numpy() if "tile_ids" in g else [""] * n
-    out["source_items"] = items
+    given = _text(g["UID"], n) if "UID" in g else _same("", n)
+    cols["UID"] = _stable_uids(given, cols["rts_id"])
+    del given
+    items = _text(g["source_items"], n) if "source_items" in g else _same("", n)
+    # ARTS: BaseMapID only for a single image.
+    cols["BaseMapID"] = items.where(~items.str.contains(",", regex=False), "") if n else _same("", 0)
+    cols["Area"] = area
+    cols["tile_ids"] = _text(g["tile_ids"], n) if "tile_ids" in g else _same("", n)
+    cols["source_items"] = items
     for field in _STRING_FIELDS:
-        out[field] = out[field].astype(object)
-    out["BaseMapResolution"] = out["BaseMapResolution"].astype(np.float64)
+        if isinstance(cols[field], np.ndarray):  # given by the frame: kept as the frame typed it, as text
+            cols[field] = _text(cols[field], n)
+    cols["BaseMapResolution"] = np.asarray(cols["BaseMapResolution"], dtype=np.float64)
+    out = pd.DataFrame({f: cols.pop(f) for f in RTS_FIELDS}, index=pd.RangeIndex(n))
     # Polygons stay Polygons here (no second copy of every geometry): the writer promotes them
     # to MultiPolygon as it writes each slice (promote_to_multi).
-    return gpd.GeoDataFrame(out[list(RTS_FIELDS)], geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
+    return gpd.GeoDataFrame(out, geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
 
 
 def _track_columns(out: pd.DataFrame, g: gpd.GeoDataFrame, year: int) -> None:
@@ -195,9 +247,9 @@ def _track_columns(out: pd.DataFrame, g: gpd.GeoDataFrame, year: int) -> None:
     from rtsmap.pipeline.tracks import CHANGES
 
     n = len(g)
-    out["track_id"] = g["track_id"].fillna("").astype(str).to_numpy() if "track_id" in g else [""] * n
-    change = g["change"].fillna("").astype(str).to_numpy() if "change" in g else np.array([""] * n, dtype=object)
-    bad = sorted(set(change) - set(CHANGES) - {""})
+    out["track_id"] = _text(g["track_id"], n).array if "track_id" in g else _same("", n).array
+    change = _text(g["change"], n).array if "change" in g else _same("", n).array
+    bad = sorted(set(pd.unique(change)) - set(CHANGES) - {""})
     if bad:
         raise OutputError(f"inventory layer rts_{year}: unknown change value(s) {bad}; use one of {list(CHANGES)}")
     out["change"] = change
@@ -392,7 +444,7 @@ def write_inventory(
 
 #: Rows a single write call takes: a layer is appended in slices of this many rows, so the
 #: copies GDAL's writer makes (WKB, column arrays) stay this size whatever the year holds.
-WRITE_ROWS = 50_000
+WRITE_ROWS = 20_000
 
 
 class InventoryWriter:
@@ -497,9 +549,10 @@ class InventoryWriter:
         fields = pd.DataFrame(index=rts.index)
         _track_columns(fields, linked, year)
         for field in TRACK_FIELDS:
-            rts[field] = fields[field].to_numpy()
+            # Text stays one buffer; numbers as before (prev_year: REAL in the file, NULL where none).
+            rts[field] = fields[field].array if field in _STRING_FIELDS else fields[field].to_numpy()
         for field in RELATION_FIELDS:
-            rts[field] = linked[field].fillna("").astype(str).to_numpy(dtype=object)
+            rts[field] = _text(linked[field], len(rts)).array
         del linked, fields
         self.append(f"rts_{year}", rts)
         if cov is not None:

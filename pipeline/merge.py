@@ -824,7 +824,8 @@ def _resolve_pairs(slumps: gpd.GeoDataFrame, left: np.ndarray, right: np.ndarray
     log.debug("resolve_overlaps: %d contested slumps, %d dropped", len(np.unique(loser)), int(dropped.sum()))
     out = slumps.copy()
     out = out.set_geometry(gpd.GeoSeries(current, index=slumps.index, crs=slumps.crs))
-    out = out[~dropped]
+    if dropped.any():  # else no copy of every column (a whole year's in finish)
+        out = out[~dropped]
     if "area_m2" in out.columns:
         out["area_m2"] = shapely.area(out.geometry.values)
     if "perimeter_m" in out.columns:

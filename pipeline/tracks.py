@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import geopandas as gpd
@@ -133,9 +133,13 @@ def _join(values: pd.Series, index: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass
 class _Tracks:
-    """Growing arrays of every track's state (one entry per track)."""
+    """Growing lists of every track's state (one entry per track), and each year's areas.
 
-    track_id: list
+    A track's areas are kept per year as arrays (:class:`_YearAreas`), not as a dict per track:
+    a dict and its float objects cost ~500 bytes a track, the arrays 24 bytes a track a year.
+    A track's id is not kept: it is ``track_id_of(first_uid)`` (:func:`_track_id`).
+    """
+
     last_geom: list
     last_uid: list
     last_year: list
@@ -145,10 +149,40 @@ class _Tracks:
     split_from: list
     first_year: list
     first_geom: list
-    areas: list  # dict year -> area
-    changes: list  # dict year -> area change
     last_change: list
-    first_uid: list
+    first_uid: list  # its first slump's UID; the track id is derived from it
+    by_year: dict = field(default_factory=dict)  # year -> _YearAreas
+
+
+@dataclass(frozen=True)
+class _YearAreas:
+    """The tracks seen in one year and their area and area change that year."""
+
+    tracks: np.ndarray
+    """Track positions, ascending (int64)."""
+    area: np.ndarray
+    """Area of the track's slump that year, m2 (float64)."""
+    change: np.ndarray
+    """Its area change from the predecessors, m2 (float64; NaN without one)."""
+
+    def at(self, tracks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(area, change) of ``tracks`` (each seen this year)."""
+        pos = np.searchsorted(self.tracks, tracks)
+        return self.area[pos], self.change[pos]
+
+
+def _track_id(T: _Tracks, k: int) -> str:
+    """Track ``k``'s id (as given when it began: :func:`track_id_of` of its first slump's UID)."""
+    return track_id_of(T.first_uid[k])
+
+
+def _area_in(T: _Tracks, tracks: np.ndarray, years: np.ndarray) -> np.ndarray:
+    """Area of each track in the matching year of ``years`` (a year it was seen)."""
+    out = np.full(len(tracks), np.nan)
+    for year in np.unique(years).tolist():
+        here = years == year
+        out[here] = T.by_year[year].at(tracks[here])[0]
+    return out
 
 
 def link_years(
@@ -218,7 +252,7 @@ class YearLinker:
 
     def __init__(self, rules: TrackRules = TrackRules()) -> None:
         self.rules = rules
-        self._tracks = _Tracks(*([] for _ in range(14)))
+        self._tracks = _Tracks(*([] for _ in range(11)))
         self._years: list[int] = []
         # Earlier years' coverage: whether a lone slump's ground was looked at before (new vs first seen).
         self._coverage: dict[int, gpd.GeoDataFrame | None] = {}
@@ -301,7 +335,7 @@ class YearLinker:
 
         # Predecessor area, a split track's area shared by overlap among its pieces.
         if len(lt):
-            last_area = np.asarray([T.areas[k][T.last_year[k]] for k in open_idx.tolist()], np.float64)
+            last_area = _area_in(T, open_idx, np.asarray([T.last_year[k] for k in open_idx.tolist()], np.int64))
             succ_total = np.bincount(lt, weights=li, minlength=len(open_idx))
             share = li / succ_total[lt]
             prev_area = np.bincount(lc, weights=last_area[lt] * share, minlength=n)
@@ -354,10 +388,8 @@ class YearLinker:
         # Track bookkeeping: continued tracks, tracks that ended, new tracks.
         track_of = np.full(n, "", dtype=object)
         for c, k in zip(mc.tolist(), open_idx[mt].tolist()):
-            track_of[c] = T.track_id[k]
+            track_of[c] = _track_id(T, k)
             T.last_geom[k], T.last_uid[k], T.last_year[k] = geoms[c], uid[c], year
-            T.areas[k][year] = float(area[c])
-            T.changes[k][year] = float(change_m2[c])
             T.last_change[k] = change[c]
         continued = set(open_idx[mt].tolist())
         linked_tracks = set(open_idx[lt].tolist())
@@ -370,22 +402,28 @@ class YearLinker:
                     T.open[k], T.end[k] = False, "merged"
                     into = cont_of_slump[lc[lt == pos]]
                     into = into[into >= 0]
-                    T.merged_into[k] = T.track_id[int(into[0])] if len(into) else ""
+                    T.merged_into[k] = _track_id(T, int(into[0])) if len(into) else ""
                 elif frac[pos] >= rules.seen_fraction:
                     T.open[k], T.end[k] = False, "not_seen"
                 # else: no data over it this year; the track stays open
-        for c in np.flatnonzero(track_of == "").tolist():
-            k = len(T.track_id)
-            T.track_id.append(track_id_of(uid[c]))
+        new_track = track_of == ""
+        first_new = len(T.first_uid)
+        for c in np.flatnonzero(new_track).tolist():
             T.last_geom.append(geoms[c]); T.last_uid.append(uid[c]); T.last_year.append(year)
             T.open.append(True); T.end.append(""); T.merged_into.append("")
             parents = lt[lc == c]
-            T.split_from.append(T.track_id[int(open_idx[parents[0]])] if len(parents) else "")
+            T.split_from.append(_track_id(T, int(open_idx[parents[0]])) if len(parents) else "")
             T.first_year.append(year); T.first_geom.append(geoms[c])
-            T.areas.append({year: float(area[c])}); T.changes.append({year: float(change_m2[c])})
             T.last_change.append(change[c])
             T.first_uid.append(uid[c])
-            track_of[c] = T.track_id[k]
+            track_of[c] = track_id_of(uid[c])
+
+        # This year's areas of the tracks it continued or began (each slump is in one track).
+        seen = np.r_[mc, np.flatnonzero(new_track)].astype(np.int64)
+        ks = np.r_[open_idx[mt], np.arange(first_new, len(T.first_uid))].astype(np.int64)
+        order = np.argsort(ks, kind="stable")
+        T.by_year[year] = _YearAreas(ks[order], area[seen][order].astype(np.float64),
+                                     change_m2[seen][order].astype(np.float64))
 
         frame["UID"] = uid
         frame["track_id"] = track_of
@@ -400,7 +438,7 @@ class YearLinker:
 
 def _table(T: _Tracks, years: list[int], rules: TrackRules) -> pd.DataFrame:
     """The tracks table (see :func:`link_years`)."""
-    n = len(T.track_id)
+    n = len(T.first_uid)
     final = years[-1] if years else None
     status = []
     for k in range(n):
@@ -412,27 +450,38 @@ def _table(T: _Tracks, years: list[int], rules: TrackRules) -> pd.DataFrame:
             status.append("not_seen")
         else:
             status.append("no_data")
+    # Per track and year: seen, area, area change (NaN where not seen).
+    seen = np.zeros((n, len(years)), bool)
+    area = np.full((n, len(years)), np.nan)
+    change = np.full((n, len(years)), np.nan)
+    for j, y in enumerate(years):
+        ya = T.by_year[y]
+        seen[ya.tracks, j], area[ya.tracks, j], change[ya.tracks, j] = True, ya.area, ya.change
+    kinds, kind = np.unique(seen, axis=0, return_inverse=True) if n else (np.zeros((0, len(years)), bool), np.zeros(0, np.int64))
+    labels = np.asarray([",".join(str(y) for y, s in zip(years, row) if s) for row in kinds.tolist()] + [""], dtype=object)
+    years_seen = labels[np.asarray(kind, np.int64).reshape(-1)].tolist()
     table = pd.DataFrame({
-        "track_id": pd.Series(T.track_id, dtype=object),
+        "track_id": pd.Series([track_id_of(u) for u in T.first_uid], dtype=object),
         "first_year": np.asarray(T.first_year, np.int64),
         "last_year": np.asarray(T.last_year, np.int64),
-        "years_seen": [",".join(str(y) for y in sorted(a)) for a in T.areas],
-        "n_years": np.asarray([len(a) for a in T.areas], np.int64),
+        "years_seen": years_seen,
+        "n_years": seen.sum(axis=1).astype(np.int64),
         "status": pd.Series(status, dtype=object),
         "merged_into": pd.Series(T.merged_into, dtype=object),
         "split_from": pd.Series(T.split_from, dtype=object),
         "first_uid": pd.Series(T.first_uid, dtype=object),
         "last_uid": pd.Series(T.last_uid, dtype=object),
     })
-    for y in years:
-        table[f"area_m2_{y}"] = [a.get(y, np.nan) for a in T.areas]
-    for y in years:
-        table[f"area_change_m2_{y}"] = [c.get(y, np.nan) for c in T.changes]
+    for y, col in zip(years, area.T):
+        table[f"area_m2_{y}"] = col
+    for y, col in zip(years, change.T):
+        table[f"area_change_m2_{y}"] = col
     first = np.asarray(T.first_geom, dtype=object)
     last = np.asarray(T.last_geom, dtype=object)
     span = table["last_year"].to_numpy() - table["first_year"].to_numpy()
-    a_first = np.array([a[f] for a, f in zip(T.areas, T.first_year)], np.float64) if n else np.zeros(0)
-    a_last = np.array([a[l] for a, l in zip(T.areas, T.last_year)], np.float64) if n else np.zeros(0)
+    tracks = np.arange(n, dtype=np.int64)
+    a_first = _area_in(T, tracks, np.asarray(T.first_year, np.int64))
+    a_last = _area_in(T, tracks, np.asarray(T.last_year, np.int64))
     table["growth_m2_per_yr"] = np.divide(a_last - a_first, span, out=np.full(n, np.nan), where=span > 0)
     retreat = np.full(n, np.nan)
     azimuth = np.full(n, np.nan)

@@ -285,3 +285,27 @@ def test_writer_that_fails_leaves_no_file(demo_region, tmp_path):
             writer.add_year(first, layers[first])
             writer.add_year(first + 1, layers[first + 1].drop(columns="rts_id"))
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_written_layer_keeps_text_compact(demo_region, tmp_path):
+    """What add_year holds (and returns) for a year costs little per slump: a value every row
+    shares is one string object, not a copy per row; per-row text (ids, UIDs, tile lists) is
+    pandas' string dtype where that is the default (pandas 3: one buffer, no object per row).
+    The layers stay the same on disk (tests above); this pins the memory layout that
+    benchmarks/bench_finish.py measures."""
+    from rtsmap.pipeline.inventory import InventoryWriter
+
+    layers = demo_layers(read_truth(demo_region.truth))
+    first = min(layers)
+    with InventoryWriter(tmp_path / "inv.gpkg", {"software_version": "test", "region_name": "demo"}, crs=CRS,
+                         rows_per_write=2) as writer:
+        back = writer.add_year(first, layers[first], full_coverage(layers)[first])
+    assert len(back) > 2
+    for field in ("RegionName", "CreatorLab", "BaseMapDate", "BaseMapSource", "TrainClass", "LabelType", "Notes"):
+        assert back[field].dtype == object
+        assert len({id(v) for v in back[field].to_numpy()}) == 1, field
+    text = ("rts_id", "UID", "track_id")  # the demo layers have no tile or item lists
+    strings_by_default = pd.api.types.is_string_dtype(pd.Series(["a"]).dtype) and pd.Series(["a"]).dtype != object
+    for field in text:
+        assert (back[field].dtype != object) == strings_by_default, field
+    assert back["UID"].str.len().eq(36).all() and back["UID"].is_unique
