@@ -16,24 +16,21 @@ ARTS_SCHEMA = ARTS_DIR / "Metadata_Format_Summary.csv"
 
 @pytest.fixture(scope="session")
 def demo_region(tmp_path_factory):
-    """A 2.5 km x 2.5 km demo region, 2021-2023, seed 0 (generated once per session, a few seconds).
-
-    Its SAR is the legacy synthesis the shipped demo model was trained on, since many tests run
-    that model on it; tests of the realistic SAR make their own region.
-    """
+    """A 2.5 km x 2.5 km demo region, 2021-2023, seed 0, realistic SAR (docs/synthetic-sar.md),
+    as the shipped demo model was trained on (generated once per session, a few seconds)."""
     from rtsmap.workflows.demo_region import generate_region
 
     return generate_region(tmp_path_factory.mktemp("demo_region"), seed=0, years=(2021, 2022, 2023), size_m=(2500.0, 2500.0),
-                           sar="legacy")
+                           sar="realistic")
 
 
 @pytest.fixture(scope="session")
-def realistic_region(tmp_path_factory):
-    """The same region with the realistic SAR synthesis (docs/synthetic-sar.md)."""
+def legacy_region(tmp_path_factory):
+    """The same region with the first generator's SAR (``legacy``: far too easy)."""
     from rtsmap.workflows.demo_region import generate_region
 
-    return generate_region(tmp_path_factory.mktemp("realistic_region"), seed=0, years=(2021, 2022, 2023),
-                           size_m=(2500.0, 2500.0), sar="realistic")
+    return generate_region(tmp_path_factory.mktemp("legacy_region"), seed=0, years=(2021, 2022, 2023),
+                           size_m=(2500.0, 2500.0), sar="legacy")
 
 
 @pytest.fixture(scope="session")

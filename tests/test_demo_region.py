@@ -228,14 +228,14 @@ def _sar_contrast(vv_db: np.ndarray, src, poly, others) -> float | None:
     return float(vv_db[mi].mean() - vv_db[mr].mean())
 
 
-def test_slumps_hidden_by_cloud_are_seen_by_sar_only_at_their_own_contrast(realistic_region):
+def test_slumps_hidden_by_cloud_are_seen_by_sar_only_at_their_own_contrast(demo_region):
     """Under cloud, SAR shows a slump whose contrast is strong and not one whose contrast is ~0."""
-    optical = _by_collection(realistic_region, dr.OPTICAL_COLLECTION)
-    others = shapely.union_all(list(_truth(realistic_region, "distractors").geometry))
+    optical = _by_collection(demo_region, dr.OPTICAL_COLLECTION)
+    others = shapely.union_all(list(_truth(demo_region, "distractors").geometry))
     seen, unseen = 0, 0
     for year in (2021, 2022, 2023):
-        truth = _truth(realistic_region, f"rts_{year}")
-        sar = next(i for i in _by_collection(realistic_region, dr.SAR_COLLECTION) if i.datetime.year == year)
+        truth = _truth(demo_region, f"rts_{year}")
+        sar = next(i for i in _by_collection(demo_region, dr.SAR_COLLECTION) if i.datetime.year == year)
         with rasterio.open(sar.assets["vv"].href) as src:
             vv_db = 10 * np.log10(src.read(1))
             for sid, poly, cloud in zip(truth["slump_id"], truth.geometry, truth["cloud_fraction"]):
@@ -245,7 +245,7 @@ def test_slumps_hidden_by_cloud_are_seen_by_sar_only_at_their_own_contrast(reali
                 for item in (i for i in optical if i.datetime.year == year):
                     with rasterio.open(item.assets["scl"].href) as s:
                         assert np.isin(s.read(1)[_masks([poly], s)], (8, 9, 10)).mean() > 0.9
-                drawn, _ = dr.slump_sar_contrast_db(realistic_region.seed, sid)
+                drawn, _ = dr.slump_sar_contrast_db(demo_region.seed, sid)
                 measured = _sar_contrast(vv_db, src, poly, others.union(shapely.union_all(list(truth.geometry))))
                 if measured is None:
                     continue
@@ -295,7 +295,7 @@ def test_a_slump_is_at_the_same_place_in_every_native_raster(demo_region):
 # --- the synthetic SAR: speckle, slump contrast, terrain, yearly offsets (docs/synthetic-sar.md) ----
 
 
-def test_speckle_is_unit_mean_gamma_with_the_stated_looks(realistic_region):
+def test_speckle_is_unit_mean_gamma_with_the_stated_looks(demo_region):
     rng = np.random.default_rng(7)
     flat = np.full((400, 400), 0.05)
     x = dr._speckle(rng, flat, dr.SAR_MODEL.looks)
@@ -303,9 +303,9 @@ def test_speckle_is_unit_mean_gamma_with_the_stated_looks(realistic_region):
     assert x.mean() ** 2 / x.var() == pytest.approx(dr.SAR_MODEL.looks, rel=0.03)
     assert 4.0 <= dr.SAR_MODEL.looks <= 5.0  # multi-looked RTC, not single-look (ENL 1)
     # in the written scenes: the lake's interior is one flat gamma0, so its spread is speckle alone
-    lakes = [g.buffer(-40.0) for g in _truth(realistic_region, "distractors").query("`class` == 'lake'").geometry]
+    lakes = [g.buffer(-40.0) for g in _truth(demo_region, "distractors").query("`class` == 'lake'").geometry]
     ratios = []
-    for item in _by_collection(realistic_region, dr.SAR_COLLECTION):
+    for item in _by_collection(demo_region, dr.SAR_COLLECTION):
         for band in dr.SAR_BANDS:
             with rasterio.open(item.assets[band].href) as src:
                 v = src.read(1)[_masks(lakes, src)].astype(np.float64)
@@ -329,19 +329,19 @@ def test_slump_contrast_is_drawn_per_slump_from_the_stated_range():
     assert dr.slump_sar_contrast_db(1, "s001") != dr.slump_sar_contrast_db(0, "s001")
 
 
-def test_written_slump_contrast_follows_the_drawn_one(realistic_region):
+def test_written_slump_contrast_follows_the_drawn_one(demo_region):
     """Measured in the COGs (20 m, speckled, moisture and terrain included) against the draw."""
-    others = shapely.union_all(list(_truth(realistic_region, "distractors").geometry))
+    others = shapely.union_all(list(_truth(demo_region, "distractors").geometry))
     pairs = []
-    for item in _by_collection(realistic_region, dr.SAR_COLLECTION):
-        truth = _truth(realistic_region, f"rts_{item.datetime.year}")
+    for item in _by_collection(demo_region, dr.SAR_COLLECTION):
+        truth = _truth(demo_region, f"rts_{item.datetime.year}")
         near = others.union(shapely.union_all(list(truth.geometry)))
         with rasterio.open(item.assets["vv"].href) as src:
             vv_db = 10 * np.log10(src.read(1))
             for sid, poly in zip(truth["slump_id"], truth.geometry):
                 measured = _sar_contrast(vv_db, src, poly, near)
                 if measured is not None:
-                    pairs.append((dr.slump_sar_contrast_db(realistic_region.seed, sid)[0], measured))
+                    pairs.append((dr.slump_sar_contrast_db(demo_region.seed, sid)[0], measured))
     drawn, measured = np.array(pairs).T
     assert len(drawn) >= 12
     assert np.median(np.abs(measured - drawn)) < 1.0
@@ -397,7 +397,7 @@ def test_look_direction_is_west_north_west_in_the_grid():
     assert np.dot(look, north) > 0  # a little to the north of west
 
 
-def test_moisture_offsets_are_smooth_and_differ_between_years(realistic_region):
+def test_moisture_offsets_are_smooth_and_differ_between_years(demo_region):
     m, res = dr.SAR_MODEL, 5.0
     rng = np.random.default_rng(3)
     canvas = dr._Grid("EPSG:3413", dr.Affine(res, 0, -2.3e6, 0, -res, -0.2e6), (800, 800))
@@ -415,11 +415,11 @@ def test_moisture_offsets_are_smooth_and_differ_between_years(realistic_region):
     # in the written scenes: 200 m block means of land change between years by far more than
     # speckle alone would move them (~0.3 dB for 100 pixels of ENL 4.4)
     blocked = []
-    for item in sorted(_by_collection(realistic_region, dr.SAR_COLLECTION), key=lambda i: i.datetime):
+    for item in sorted(_by_collection(demo_region, dr.SAR_COLLECTION), key=lambda i: i.datetime):
         with rasterio.open(item.assets["vv"].href) as src:
             vv_db = 10 * np.log10(src.read(1))
-            water = _masks([g.buffer(40.0) for g in _truth(realistic_region, "distractors").geometry], src)
-            slumps = _masks([g.buffer(40.0) for g in _truth(realistic_region, "rts_2023").geometry], src)
+            water = _masks([g.buffer(40.0) for g in _truth(demo_region, "distractors").geometry], src)
+            slumps = _masks([g.buffer(40.0) for g in _truth(demo_region, "rts_2023").geometry], src)
         h, w = (s // 10 * 10 for s in vv_db.shape)
         keep = ~(water | slumps)[:h, :w].reshape(h // 10, 10, w // 10, 10).any(axis=(1, 3))
         blocked.append((vv_db[:h, :w].reshape(h // 10, 10, w // 10, 10).mean(axis=(1, 3)), keep))
@@ -577,13 +577,13 @@ def test_parse_years_refuses_huge_ranges():
     assert dr._parse_years("2021-2023") == (2021, 2022, 2023)
 
 
-def test_legacy_sar_is_the_strong_signature_the_demo_model_was_trained_on(demo_region, realistic_region):
+def test_legacy_sar_is_the_strong_signature_of_the_first_generator(legacy_region, demo_region):
     """The two SAR variants share every other raster; legacy slumps stand ~5 dB above the tundra."""
-    legacy = next(i for i in _by_collection(demo_region, dr.SAR_COLLECTION) if i.datetime.year == 2021)
-    realistic = next(i for i in _by_collection(realistic_region, dr.SAR_COLLECTION) if i.datetime.year == 2021)
+    legacy = next(i for i in _by_collection(legacy_region, dr.SAR_COLLECTION) if i.datetime.year == 2021)
+    realistic = next(i for i in _by_collection(demo_region, dr.SAR_COLLECTION) if i.datetime.year == 2021)
     assert legacy.id == realistic.id  # the same acquisition dates: the same rng_sar draws
-    assert json.loads(demo_region.region_json.read_text())["sar"] == "legacy"
-    assert json.loads(realistic_region.region_json.read_text())["sar"] == "realistic"
+    assert json.loads(legacy_region.region_json.read_text())["sar"] == "legacy"
+    assert json.loads(demo_region.region_json.read_text())["sar"] == "realistic"
     truth = _truth(demo_region, "rts_2021")
     contrasts = {}
     for name, item in (("legacy", legacy), ("realistic", realistic)):

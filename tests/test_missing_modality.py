@@ -94,6 +94,25 @@ def test_a_dropout_model_maps_the_years_that_lack_a_modality(base_task, dropout_
         assert area == pytest.approx(core.area, rel=1e-6)
 
 
+def test_the_shipped_demo_model_maps_a_year_without_sar_and_one_without_optical(base_task, demo_region, tmp_path):
+    """The demo model was fine-tuned with modality dropout: a year without SAR items runs on
+    optical + DEM, a year without optical on SAR + DEM, and it still finds the region's slumps
+    where optical sees them (none is expected of SAR + DEM alone, see docs/fusion-study.md)."""
+    import geopandas as gpd
+
+    from rtsmap.pipeline.evaluation import match_polygons
+
+    task = _task(base_task, tmp_path / "work", Path(DEMO_MODEL), drop={2022: "sar", 2023: "optical"})
+    records = process_chunk(task)
+    assert [r["status"] for r in records] == ["processed"] * 3, records
+    assert [r["modalities"] for r in records] == ["optical+sar+dem", "optical+dem", "sar+dem"]
+    found = task.store.read_detections(2022, task.chunk.id)
+    truth = gpd.read_file(demo_region.truth, layer="rts_2022")
+    truth = truth[truth.centroid.within(shapely.from_wkb(task.core_wkb))]
+    matched = match_polygons(found.geometry, truth.geometry, iou_threshold=0.5)
+    assert len(truth) > 0 and matched.tp >= 0.5 * len(truth), (len(found), len(truth), matched)
+
+
 def test_a_format_1_model_records_no_data_naming_what_it_needs(base_task, v1_model, tmp_path):
     task = _task(base_task, tmp_path / "work", v1_model, drop={2022: "sar", 2023: "optical"})
     records = process_chunk(task)

@@ -119,6 +119,7 @@ def test_demo_dropout_config_is_the_demo_config_plus_dropout():
     rates = dropout.pop("modality_dropout")
     assert set(rates) == set(MODS) and all(0 < r < 1 for r in rates.values())
     assert dropout.pop("out") != demo.pop("out")  # its own output folder
+    assert dropout.pop("unimodal_from") == "../../runs/demo-train/training"  # demo.yaml's unimodal stage
     assert dropout == demo
     tc = load_train_config(CONFIGS / "demo_dropout.yaml")
     assert tc.modality_dropout == rates

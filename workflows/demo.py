@@ -26,7 +26,7 @@ SAME_AREA_TOLERANCE = 1e-6
 EXIT_MISMATCH = 1
 
 
-def ensure_region(region_dir: Path, *, seed: int, years: tuple[int, ...], size_km: float, sar: str = "legacy") -> dict:
+def ensure_region(region_dir: Path, *, seed: int, years: tuple[int, ...], size_km: float, sar: str = "realistic") -> dict:
     """Generate the demo region into ``region_dir`` unless it is already there; return region.json.
 
     Raises
@@ -59,9 +59,9 @@ def ensure_region(region_dir: Path, *, seed: int, years: tuple[int, ...], size_k
 @click.option("--remote", is_flag=True,
               help="Then serve the region over HTTP (nginx on 127.0.0.1), run again reading every COG "
                    "from there, and check that both inventories hold the same polygons.")
-@click.option("--sar", type=click.Choice(("legacy", "realistic")), default="legacy", show_default=True,
-              help="SAR synthesis of the generated region; the shipped demo model was trained on legacy "
-                   "(docs/synthetic-sar.md).")
+@click.option("--sar", type=click.Choice(("realistic", "legacy")), default="realistic", show_default=True,
+              help="SAR synthesis of the generated region (docs/synthetic-sar.md); the shipped demo model was "
+                   "trained on realistic, the first demo model on legacy.")
 def demo_command(out_dir, model, workers, years, size_km, seed, remote, sar):
     """Run rtsmap end to end on the synthetic demo region (generated if absent).
 

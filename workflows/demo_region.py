@@ -1181,7 +1181,7 @@ def generate_region(
         Replace an earlier demo region in ``out_dir``.
     sar : str
         The SAR synthesis, one of :data:`SAR_VARIANTS`: ``realistic`` (:class:`SarModel`) or
-        ``legacy`` (what the shipped demo model was trained on).
+        ``legacy`` (the first generator's, far too easy; what the first demo model was trained on).
 
     Returns
     -------
@@ -1301,7 +1301,7 @@ def _parse_years(text: str) -> tuple[int, ...]:
 @click.option("--size-km", default=6.0, show_default=True, type=float, help="Side of the square region in km (1-50).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo region in --out.")
 @click.option("--sar", type=click.Choice(SAR_VARIANTS), default="realistic", show_default=True,
-              help="SAR synthesis: realistic (docs/synthetic-sar.md) or legacy (what the shipped demo model was trained on).")
+              help="SAR synthesis: realistic (docs/synthetic-sar.md) or legacy (the first generator's, far too easy).")
 def demo_data_command(out_dir: Path, seed: int, shapes: Path | None, years_text: str, size_km: float, overwrite: bool,
                       sar: str) -> None:
     """Generate the synthetic multimodal demo region (COGs, STAC, truth) into --out.
