@@ -7,7 +7,7 @@ and the thresholds. This module turns that into a :class:`ModelInfo` and refuses
 that do not match, before any work starts. The metadata key, format versions and tensor names are
 ``rtsmap.contract``'s, the module the exporter writes them with. Format 2 files also take a
 ``presence`` input and list the modality subsets they run on (:attr:`ModelInfo.modality_subsets`);
-format 1 files (the shipped demo model) run only with every modality.
+format 1 files (the first demo model) run only with every modality.
 
 onnxruntime is imported lazily, so ``pipeline`` can be imported (and plans made) on a machine
 that has neither ``rtsmap[cpu]`` nor ``rtsmap[gpu]`` installed.

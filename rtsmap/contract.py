@@ -53,7 +53,7 @@ MODEL_FORMAT = "rtsmap-model/2"
 the pipeline cannot read the old way."""
 
 MODEL_FORMAT_V1 = "rtsmap-model/1"
-"""The first format (the shipped demo model): one input per modality, no presence input, so such
+"""The first format (the first demo model): one input per modality, no presence input, so such
 a model runs only with every modality present (its one supported subset is the full set)."""
 
 READABLE_MODEL_FORMATS = (MODEL_FORMAT_V1, MODEL_FORMAT)

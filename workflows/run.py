@@ -906,9 +906,9 @@ def _version() -> str:
 def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> RunResult:
     """Plan, execute on the configured cluster, and write the inventory.
 
-    A local cluster is started once the inputs are checked, and its workers open the model
-    while the run plans (:func:`~rtsmap.workflows.cluster.warm_workers`); other clusters start
-    after the plan.
+    The cluster starts only for a valid plan with work to do (a plan that fails leaves no
+    cluster to tear down mid-start); its workers then open the model while the first tasks are
+    made (:func:`~rtsmap.workflows.cluster.warm_workers`).
 
     Parameters
     ----------
@@ -942,14 +942,6 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
     from rtsmap.workflows.cluster import task_inference, warm_workers
 
     with contextlib.ExitStack() as stack:
-        client = warming = None
-        if config.cluster.kind == "local":
-            # A local cluster starts before the plan (after the input checks, which need no
-            # catalog), and its workers import the task code and open the model while the run
-            # plans (a few seconds a run). A batch or remote cluster starts only for a valid plan.
-            check_run_inputs(config)
-            client = stack.enter_context(open_cluster(config.cluster))
-            warming = warm_workers(client, str(config.model), task_inference(config.inference, config.cluster))
         plan = make_plan(config, region_name=region_name)
         tasks = plan.iter_tasks()
         first = next(tasks, None)
@@ -961,8 +953,8 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
         )
         if first is None:
             return finish(plan, started=started, started_iso=started_iso)
-        if client is None:
-            client = stack.enter_context(open_cluster(config.cluster))
+        client = stack.enter_context(open_cluster(config.cluster))
+        warming = warm_workers(client, str(config.model), task_inference(config.inference, config.cluster))
         if client.dashboard_link:
             print(f"[rtsmap] Dask dashboard: {client.dashboard_link}", file=stream, flush=True)
         summary = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
