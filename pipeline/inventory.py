@@ -460,7 +460,7 @@ class InventoryWriter:
     exception (or leaving without :meth:`close`) removes the temporary file.
 
     What it holds between years: the linker's state (one entry per track: first and last
-    polygon, area per year) and the coverage of the years added, never an earlier year's layer.
+    polygon as WKB, area per year) and the coverage of the years added, never an earlier year's layer.
 
     Parameters
     ----------
@@ -887,6 +887,35 @@ def change_classes(frame: gpd.GeoDataFrame) -> np.ndarray:
     return out
 
 
+def not_continued(previous: pd.DataFrame, current: pd.DataFrame) -> np.ndarray:
+    """Which slumps of a year no slump of the next year continues (by track) or names as merged.
+
+    The part of :func:`no_longer_seen` that needs no geometry: only these rows can be no
+    longer seen, so a caller can keep the year before without its polygons and read back
+    those of these rows alone.
+
+    Parameters
+    ----------
+    previous, current : pandas.DataFrame
+        Linked layers (or their ``UID``, ``track_id`` and ``MergedRTS`` columns) of two
+        consecutive years.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, one per row of ``previous`` (all False without a ``track_id`` column).
+    """
+    if len(previous) == 0 or "track_id" not in previous.columns:
+        return np.zeros(len(previous), bool)
+    kept = set(current["track_id"].astype(str)) if "track_id" in current.columns else set()
+    merged = set()
+    if "MergedRTS" in current.columns:
+        for value in current["MergedRTS"].fillna("").astype(str):
+            merged.update(v for v in value.split(",") if v)
+    uid = previous["UID"].astype(str) if "UID" in previous.columns else pd.Series([""] * len(previous))
+    return ~previous["track_id"].astype(str).isin(kept).to_numpy() & ~uid.isin(merged).to_numpy()
+
+
 def no_longer_seen(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame,
                    current_coverage: gpd.GeoDataFrame | None = None) -> np.ndarray:
     """Which slumps of a year are gone the next year: ground processed, track not continued.
@@ -910,15 +939,7 @@ def no_longer_seen(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame,
     """
     from rtsmap.pipeline.tracks import TrackRules, processed_fraction
 
-    if len(previous) == 0 or "track_id" not in previous.columns:
-        return np.zeros(len(previous), bool)
-    kept = set(current["track_id"].astype(str)) if "track_id" in current.columns else set()
-    merged = set()
-    if "MergedRTS" in current.columns:
-        for value in current["MergedRTS"].fillna("").astype(str):
-            merged.update(v for v in value.split(",") if v)
-    uid = previous["UID"].astype(str) if "UID" in previous.columns else pd.Series([""] * len(previous))
-    gone = ~previous["track_id"].astype(str).isin(kept).to_numpy() & ~uid.isin(merged).to_numpy()
+    gone = not_continued(previous, current)
     if gone.any():
         geoms = np.asarray(previous.geometry.values, dtype=object)[gone]
         seen = processed_fraction(geoms, current_coverage) >= TrackRules().seen_fraction

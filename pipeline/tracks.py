@@ -138,6 +138,10 @@ class _Tracks:
     A track's areas are kept per year as arrays (:class:`_YearAreas`), not as a dict per track:
     a dict and its float objects cost ~500 bytes a track, the arrays 24 bytes a track a year.
     A track's id is not kept: it is ``track_id_of(first_uid)`` (:func:`_track_id`).
+    Its first and last polygon are kept as WKB (:func:`_geoms` reads them back, exactly): a
+    17-vertex polygon is ~310 bytes of WKB against ~880 as a GEOS object, and between years the
+    tracks' polygons are all the client holds of the years before; a new track's first and
+    last polygon are one bytes object.
     """
 
     last_geom: list
@@ -169,6 +173,41 @@ class _YearAreas:
         """(area, change) of ``tracks`` (each seen this year)."""
         pos = np.searchsorted(self.tracks, tracks)
         return self.area[pos], self.change[pos]
+
+
+def _geoms(wkb: list) -> np.ndarray:
+    """The polygons of a list of the tracks' WKB (object array; the same coordinates, bit for bit)."""
+    return shapely.from_wkb(np.asarray(wkb, dtype=object)) if wkb else np.zeros(0, dtype=object)
+
+
+#: Tracks whose polygons are read back from WKB at a time (with their intersections: a few
+#: tens of MB, where the whole of a pan-Arctic year's tracks would be ~1 GB).
+GEOM_ROWS = 50_000
+
+
+def _overlaps(T: _Tracks, open_idx: np.ndarray, geoms: np.ndarray, area: np.ndarray,
+              cov: gpd.GeoDataFrame | None) -> tuple[np.ndarray, ...]:
+    """The (open track, slump) pairs that intersect: positions in ``open_idx`` and in ``geoms``,
+    intersection area and the smaller of the two areas; and each open track's processed
+    fraction in ``cov``. The tracks' last polygons are read back :data:`GEOM_ROWS` at a time:
+    one tree query per slice gives the pairs of the whole query, in its order.
+    """
+    parts = []
+    tree = shapely.STRtree(geoms) if len(geoms) else None
+    for start in range(0, len(open_idx), GEOM_ROWS):
+        last = _geoms([T.last_geom[k] for k in open_idx[start:start + GEOM_ROWS].tolist()])
+        frac = processed_fraction(last, cov)
+        if tree is None:
+            parts.append((np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), frac))
+            continue
+        ti, ci = tree.query(last, predicate="intersects")
+        inter = shapely.area(shapely.intersection(last[ti], geoms[ci]))
+        smaller = np.minimum(shapely.area(last[ti]), area[ci])
+        parts.append((ti + start, ci, inter, smaller, frac))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
+    ti, ci, inter, smaller, frac = (np.concatenate(p) for p in zip(*parts))
+    return ti.astype(np.int64), ci.astype(np.int64), inter.astype(np.float64), smaller.astype(np.float64), frac
 
 
 def _track_id(T: _Tracks, k: int) -> str:
@@ -238,8 +277,8 @@ def link_years(
 class YearLinker:
     """:func:`link_years` a year at a time, for a writer that streams the years.
 
-    It keeps one entry per track (its first and last polygon, its area per year) and the
-    coverage of the years added, never an earlier year's layer: :meth:`add` links a year's
+    It keeps one entry per track (its first and last polygon as WKB, its area per year) and
+    the coverage of the years added, never an earlier year's layer or GEOS polygons: :meth:`add` links a year's
     slumps against the open tracks' last polygons and returns the linked frame; :meth:`table`
     gives the tracks table of the years added so far. Adding the years of ``link_years`` in
     ascending order gives exactly its layers and table (``link_years`` is this loop).
@@ -257,6 +296,9 @@ class YearLinker:
         # Earlier years' coverage: whether a lone slump's ground was looked at before (new vs first seen).
         self._coverage: dict[int, gpd.GeoDataFrame | None] = {}
         self._crs: str | None = None
+        #: WKB of the slumps of the year added last, in the returned frame's row order: the
+        #: bytes the tracks keep as their last polygons (a writer keeps them, not a copy).
+        self.last_wkb: np.ndarray = np.zeros(0, dtype=object)
 
     @property
     def years(self) -> list[int]:
@@ -294,7 +336,7 @@ class YearLinker:
                 raise RtsmapError(f"tracks: the yearly layers are in different CRSs {sorted({self._crs, str(layer.crs)})}; "
                                   "reproject them to the grid CRS")
             self._crs = str(layer.crs)
-        frame = self._link(year, layer, coverage)
+        frame, self.last_wkb = self._link(year, layer, coverage)
         self._years.append(year)
         self._coverage[year] = coverage
         return frame
@@ -303,8 +345,8 @@ class YearLinker:
         """The tracks table of the years added so far (see :func:`link_years`)."""
         return _table(self._tracks, self._years, self.rules)
 
-    def _link(self, year: int, layer: gpd.GeoDataFrame, cov: gpd.GeoDataFrame | None) -> gpd.GeoDataFrame:
-        """One year of :func:`link_years` (the tracks' state is updated in place)."""
+    def _link(self, year: int, layer: gpd.GeoDataFrame, cov: gpd.GeoDataFrame | None) -> tuple[gpd.GeoDataFrame, np.ndarray]:
+        """One year of :func:`link_years` (the tracks' state is updated in place), and its slumps' WKB."""
         rules, T = self.rules, self._tracks
         frame = layer.reset_index(drop=True).copy()
         geoms = np.asarray(frame.geometry.values, dtype=object)
@@ -313,16 +355,10 @@ class YearLinker:
         area = shapely.area(geoms) if n else np.zeros(0)
 
         open_idx = np.array([k for k, o in enumerate(T.open) if o], dtype=np.int64)
-        last = np.asarray([T.last_geom[k] for k in open_idx.tolist()], dtype=object)
-        # Pairs (open track, slump) that overlap at all.
-        if len(open_idx) and n:
-            ti, ci = shapely.STRtree(geoms).query(last, predicate="intersects")
-            inter = shapely.area(shapely.intersection(last[ti], geoms[ci]))
-            smaller = np.minimum(shapely.area(last[ti]), area[ci])
-            ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
-        else:
-            ti = ci = np.zeros(0, np.int64)
-            inter = ios = np.zeros(0)
+        # Pairs (open track, slump) that overlap at all, and whether each open track's ground
+        # was processed this year (for those that end).
+        ti, ci, inter, smaller, frac = _overlaps(T, open_idx, geoms, area, cov)
+        ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
         linked = ios >= rules.link_ios
         unknown = (~linked) & (inter > 0)
         lt, lc, li = ti[linked], ci[linked], inter[linked]
@@ -367,7 +403,7 @@ class YearLinker:
         ended = np.array([k for k, e in enumerate(T.end) if e == "not_seen"], dtype=np.int64)
         is_new = (~has_pred) & seen_before
         if len(ended) and is_new.any():
-            scars = np.asarray([T.last_geom[k] for k in ended.tolist()], dtype=object)
+            scars = _geoms([T.last_geom[k] for k in ended.tolist()])
             si, ni = shapely.STRtree(scars).query(geoms[is_new], predicate="intersects")
             targets = np.flatnonzero(is_new)[si]
             new_rts = _join(np.asarray([T.last_uid[k] for k in ended[ni].tolist()], dtype=object), targets, n)
@@ -385,16 +421,17 @@ class YearLinker:
         if plain.any():
             stabilized_rts[plain] = [T.last_uid[cont_of_slump[c]] for c in np.flatnonzero(plain).tolist()]
 
-        # Track bookkeeping: continued tracks, tracks that ended, new tracks.
+        # Track bookkeeping: continued tracks, tracks that ended, new tracks. Each slump becomes
+        # its track's last polygon, kept as WKB (the layer's GEOS objects go with the layer).
+        wkb = shapely.to_wkb(geoms) if n else np.zeros(0, dtype=object)
         track_of = np.full(n, "", dtype=object)
         for c, k in zip(mc.tolist(), open_idx[mt].tolist()):
             track_of[c] = _track_id(T, k)
-            T.last_geom[k], T.last_uid[k], T.last_year[k] = geoms[c], uid[c], year
+            T.last_geom[k], T.last_uid[k], T.last_year[k] = wkb[c], uid[c], year
             T.last_change[k] = change[c]
         continued = set(open_idx[mt].tolist())
         linked_tracks = set(open_idx[lt].tolist())
         if len(open_idx):
-            frac = processed_fraction(last, cov)
             for pos, k in enumerate(open_idx.tolist()):
                 if k in continued:
                     continue
@@ -409,11 +446,11 @@ class YearLinker:
         new_track = track_of == ""
         first_new = len(T.first_uid)
         for c in np.flatnonzero(new_track).tolist():
-            T.last_geom.append(geoms[c]); T.last_uid.append(uid[c]); T.last_year.append(year)
+            T.last_geom.append(wkb[c]); T.last_uid.append(uid[c]); T.last_year.append(year)
             T.open.append(True); T.end.append(""); T.merged_into.append("")
             parents = lt[lc == c]
             T.split_from.append(_track_id(T, int(open_idx[parents[0]])) if len(parents) else "")
-            T.first_year.append(year); T.first_geom.append(geoms[c])
+            T.first_year.append(year); T.first_geom.append(wkb[c])
             T.last_change.append(change[c])
             T.first_uid.append(uid[c])
             track_of[c] = track_id_of(uid[c])
@@ -433,7 +470,7 @@ class YearLinker:
         for name, values in (("MergedRTS", merged_rts), ("SplitRTS", split_rts), ("NewRTS", new_rts),
                              ("StabilizedRTS", stabilized_rts), ("UnknownRelationship", unknown_rts)):
             frame[name] = np.asarray(values, dtype=object)
-        return frame
+        return frame, wkb
 
 
 def _table(T: _Tracks, years: list[int], rules: TrackRules) -> pd.DataFrame:
@@ -476,8 +513,6 @@ def _table(T: _Tracks, years: list[int], rules: TrackRules) -> pd.DataFrame:
         table[f"area_m2_{y}"] = col
     for y, col in zip(years, change.T):
         table[f"area_change_m2_{y}"] = col
-    first = np.asarray(T.first_geom, dtype=object)
-    last = np.asarray(T.last_geom, dtype=object)
     span = table["last_year"].to_numpy() - table["first_year"].to_numpy()
     tracks = np.arange(n, dtype=np.int64)
     a_first = _area_in(T, tracks, np.asarray(T.first_year, np.int64))
@@ -486,18 +521,22 @@ def _table(T: _Tracks, years: list[int], rules: TrackRules) -> pd.DataFrame:
     retreat = np.full(n, np.nan)
     azimuth = np.full(n, np.nan)
     moved = span > 0
-    if moved.any():
-        retreat[moved] = shapely.hausdorff_distance(first[moved], last[moved])
     # Direction only where the track grew by the grown rule: a noise ring has no direction.
     grew = moved & ((a_last - a_first) > np.maximum(rules.grown_relative * a_first, rules.grown_absolute_m2))
-    if grew.any():
-        gained = shapely.difference(last[grew], first[grew])
-        ok = ~shapely.is_empty(gained)
-        c0 = shapely.centroid(first[grew][ok])
-        c1 = shapely.centroid(gained[ok])
-        dx, dy = shapely.get_x(c1) - shapely.get_x(c0), shapely.get_y(c1) - shapely.get_y(c0)
-        where = np.flatnonzero(grew)[ok]
-        azimuth[where] = np.degrees(np.arctan2(dx, dy)) % 360.0
+    # Per track, so a slice of tracks at a time (their polygons read back from WKB).
+    for start in np.flatnonzero(moved)[::GEOM_ROWS].tolist():
+        rows = np.flatnonzero(moved[start:])[:GEOM_ROWS] + start
+        first = _geoms([T.first_geom[k] for k in rows.tolist()])
+        last = _geoms([T.last_geom[k] for k in rows.tolist()])
+        retreat[rows] = shapely.hausdorff_distance(first, last)
+        g = grew[rows]
+        if g.any():
+            gained = shapely.difference(last[g], first[g])
+            ok = ~shapely.is_empty(gained)
+            c0 = shapely.centroid(first[g][ok])
+            c1 = shapely.centroid(gained[ok])
+            dx, dy = shapely.get_x(c1) - shapely.get_x(c0), shapely.get_y(c1) - shapely.get_y(c0)
+            azimuth[rows[g][ok]] = np.degrees(np.arctan2(dx, dy)) % 360.0
     table["retreat_m"] = retreat
     table["growth_azimuth_deg"] = azimuth
     return table.sort_values("track_id", kind="mergesort").reset_index(drop=True)

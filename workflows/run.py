@@ -764,8 +764,9 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
     before and appended to the GeoPackage in slices (``pipeline.inventory.InventoryWriter``);
     the change summary and the change quick-look of the pair come from the linked layers the
     writer returns (never read back from the file). The client holds the year being written,
-    of the year before what the change summary reads (``UID``, ``track_id``, ``change``,
-    geometry), the tracks' state and the coverage of every year.
+    of the year before its ``UID``, ``track_id`` and ``change`` and its polygons as WKB (the
+    tracks' bytes, :class:`_Before`), the tracks' state (polygons as WKB) and the coverage of
+    every year: no GEOS polygon of an earlier year while a year is merged.
     Quick-looks are drawn as the years pass into a folder in the work directory and moved
     beside ``--out`` once the GeoPackage is in place.
 
@@ -800,7 +801,7 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
     try:
         hillshade = _hillshade(plan) if staging else None
         results, failures, used, change = [], [], {}, {}
-        previous = None  # (year, linked layer, coverage) of the year before
+        previous = None  # _Before: what the next pair's summary and quick-look read of the year before
         # Never replace a file that appeared at --out during the run (a second run with the same
         # --out): without --overwrite it is kept, and ours stays in the work directory.
         with InventoryWriter(out, arts_metadata(plan), crs=plan.spec.crs, overwrite=config.overwrite,
@@ -815,12 +816,18 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
                 if staging:
                     _draw_quicklook(staging / out.name, year, y, hillshade)
                 linked = writer.add_year(year, y.layer, y.coverage, base_map_date=date)
+                y.layer = None  # the merged layer's columns not in the inventory schema
                 if previous is not None:
-                    change.update(change_summary({previous[0]: previous[1], year: linked}, {year: y.coverage}))
+                    # Only the slumps of the year before that are not continued can be no
+                    # longer seen: their polygons alone are read back.
+                    before = _slumps_before(previous, linked)
+                    change.update(change_summary({previous.year: before, year: linked}, {year: y.coverage}))
                     if staging:
-                        _draw_change_quicklook(staging / out.name, year, y, linked, previous, hillshade)
-                # Of the year before, the next year's change summary and quick-look read only these.
-                previous = (year, linked[["UID", "track_id", "change", "geometry"]], y.coverage)
+                        _draw_change_quicklook(staging / out.name, year, y, linked,
+                                               (previous.year, before, previous.coverage), hillshade)
+                    del before
+                previous = _Before(year, linked[["UID", "track_id", "change"]], writer.linker.last_wkb,
+                                   y.coverage, linked.crs)
                 del y, linked
                 _release_free_memory()
             previous = None
@@ -839,6 +846,40 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
 
         result.evaluation = evaluate_inventory(config.out, config.truth)
     return result
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What the change summary and change quick-look of the next pair read of a year."""
+
+    year: int
+    """The year."""
+    ids: Any
+    """Its linked slumps' ``UID``, ``track_id`` and ``change`` (DataFrame, text; no geometry)."""
+    wkb: Any
+    """Their polygons as WKB, row for row (numpy object array: the bytes the tracks keep)."""
+    coverage: Any
+    """Its coverage (GeoDataFrame)."""
+    crs: Any
+    """The layer's CRS."""
+
+
+def _slumps_before(before: _Before, linked) -> Any:
+    """The slumps of the year before that ``linked`` does not continue, their polygons read back.
+
+    The only rows ``no_longer_seen`` can count or the change quick-look draws (the others are
+    continued or merged), in their order: the summary and the picture are those of the whole
+    year before, without its polygons held while the next year is merged.
+    """
+    import geopandas as gpd
+    import numpy as np
+
+    from rtsmap.pipeline.inventory import not_continued
+
+    rows = np.flatnonzero(not_continued(before.ids, linked))
+    geoms = shapely.from_wkb(before.wkb[rows]) if len(rows) else np.zeros(0, dtype=object)
+    return gpd.GeoDataFrame(before.ids.iloc[rows].reset_index(drop=True),
+                            geometry=gpd.GeoSeries(geoms, crs=before.crs), crs=before.crs)
 
 
 def _release_free_memory() -> None:
