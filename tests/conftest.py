@@ -25,6 +25,24 @@ def demo_region(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_plan(demo_region, tmp_path_factory):
+    """A function ``years -> RunPlan``: the demo region planned with the demo model in chunks of
+    2 x 2 tiles, for one worker of one thread (what the task tests run)."""
+    from rtsmap.workflows.config import DEMO_MODEL, ClusterConfig, GridConfig, InferenceConfig, RunConfig
+    from rtsmap.workflows.run import make_plan
+
+    def plan(years: tuple[int, ...]):
+        out = tmp_path_factory.mktemp("plan") / "inv.gpkg"
+        return make_plan(RunConfig(aoi=str(demo_region.aoi), years=years, catalog=str(demo_region.items),
+                                   profile="demo", model=str(DEMO_MODEL), out=str(out),
+                                   grid=GridConfig(tiles_per_chunk=2),
+                                   inference=InferenceConfig(batch_size=4, threads=1),
+                                   cluster=ClusterConfig(n_workers=1)))
+
+    return plan
+
+
+@pytest.fixture(scope="session")
 def legacy_region(tmp_path_factory):
     """The same region with the first generator's SAR (``legacy``: far too easy)."""
     from rtsmap.workflows.demo_region import generate_region

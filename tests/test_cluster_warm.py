@@ -15,7 +15,7 @@ from distributed import Client, LocalCluster
 
 from rtsmap.workflows import tasks as task_module
 from rtsmap.workflows.cluster import task_inference, warm_workers
-from rtsmap.workflows.config import DEMO_MODEL, ClusterConfig, GridConfig, InferenceConfig, RunConfig
+from rtsmap.workflows.config import ClusterConfig, InferenceConfig
 
 
 def test_local_workers_share_the_cores_only_when_onnxruntime_would_take_them_all():
@@ -27,13 +27,9 @@ def test_local_workers_share_the_cores_only_when_onnxruntime_would_take_them_all
     assert task_inference(InferenceConfig(threads=0), remote).threads == 0
 
 
-def test_a_warmed_worker_has_the_model_the_tasks_ask_for(demo_region, tmp_path):
-    from rtsmap.workflows.run import make_plan
-
-    config = RunConfig(aoi=str(demo_region.aoi), years=(2021,), catalog=str(demo_region.items), profile="demo",
-                       model=str(DEMO_MODEL), out=str(tmp_path / "inv.gpkg"), grid=GridConfig(tiles_per_chunk=2),
-                       inference=InferenceConfig(batch_size=4, threads=1), cluster=ClusterConfig(n_workers=1))
-    task = make_plan(config).tasks[0]
+def test_a_warmed_worker_has_the_model_the_tasks_ask_for(demo_plan):
+    plan = demo_plan((2021,))
+    config, task = plan.config, plan.tasks[0]
     task_module._DETECTORS.clear()
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import shapely
 
-from rtsmap.workflows.config import DEMO_MODEL, ClusterConfig, GridConfig, InferenceConfig, RunConfig
+from rtsmap.workflows.config import DEMO_MODEL
 from rtsmap.workflows.fragments import FragmentStore
 from rtsmap.workflows.tasks import process_chunk
 
@@ -43,17 +43,9 @@ def dropout_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_task(demo_region, tmp_path_factory):
+def base_task(demo_plan):
     """The first chunk task of the demo region, all three years, planned with the demo model."""
-    from rtsmap.workflows.run import make_plan
-
-    tmp = tmp_path_factory.mktemp("plan")
-    config = RunConfig(aoi=str(demo_region.aoi), years=YEARS, catalog=str(demo_region.items), profile="demo",
-                       model=str(DEMO_MODEL), out=str(tmp / "inv.gpkg"),
-                       grid=GridConfig(tiles_per_chunk=2),
-                       inference=InferenceConfig(batch_size=4, threads=1), cluster=ClusterConfig(n_workers=1))
-    plan = make_plan(config)
-    task = plan.tasks[0]
+    task = demo_plan(YEARS).tasks[0]
     assert task.years == YEARS and all(task.items[y].get(m) for y in YEARS for m in ("optical", "sar", "dem"))
     return task
 

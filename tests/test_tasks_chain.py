@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from rtsmap.workflows.config import DEMO_MODEL, ClusterConfig, GridConfig, InferenceConfig, RunConfig
 from rtsmap.workflows.fragments import FragmentStore
 from rtsmap.workflows.tasks import CHAIN_CHUNKS, chain_length, process_chunk, process_chunks
 
@@ -23,16 +22,9 @@ YEARS = (2021, 2022)
 
 
 @pytest.fixture(scope="module")
-def tasks(demo_region, tmp_path_factory):
+def tasks(demo_plan):
     """The first three chunk tasks of the demo region (2021-2022), planned with the demo model."""
-    from rtsmap.workflows.run import make_plan
-
-    tmp = tmp_path_factory.mktemp("plan")
-    config = RunConfig(aoi=str(demo_region.aoi), years=YEARS, catalog=str(demo_region.items), profile="demo",
-                       model=str(DEMO_MODEL), out=str(tmp / "inv.gpkg"),
-                       grid=GridConfig(tiles_per_chunk=2),
-                       inference=InferenceConfig(batch_size=4, threads=1), cluster=ClusterConfig(n_workers=1))
-    found = make_plan(config).tasks
+    found = demo_plan(YEARS).tasks
     assert len(found) >= 3
     return found[:3]
 
