@@ -12,6 +12,7 @@ import math
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,8 +22,11 @@ from rtsmap.pipeline.outputs import check_output_file
 # Also reachable from here; the CLI registers it from workflows.training_data (no torch there).
 from rtsmap.workflows.training_data import training_data_command  # noqa: F401
 
+if TYPE_CHECKING:  # the models package imports torch: only commands that need it load it
+    from rtsmap.models.config import ModelConfig
 
-def check_checkpoint(path: Path) -> Path:
+
+def check_checkpoint(path: Path) -> tuple[Path, ModelConfig]:
     """Resolve a checkpoint and read it once, so a broken file is refused before work starts.
 
     Parameters
@@ -32,8 +36,8 @@ def check_checkpoint(path: Path) -> Path:
 
     Returns
     -------
-    pathlib.Path
-        The weights file.
+    tuple
+        The weights file and the model config it was saved with.
 
     Raises
     ------
@@ -48,12 +52,12 @@ def check_checkpoint(path: Path) -> Path:
         raise ModelError(f"checkpoint {path} does not exist")
     try:
         weights = resolve_checkpoint(path)
-        read_weights(weights)
+        _, config, _ = read_weights(weights)
     except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise ModelError(f"checkpoint {path} cannot be read as an rtsmap checkpoint ({detail}); "
                          "give a .safetensors file or stage folder written by `rtsmap train`") from None
-    return weights
+    return weights, config
 
 
 def _place(staged: Path, path: Path, *, overwrite: bool) -> None:
@@ -119,18 +123,10 @@ def _check_device(device: str, config_path: Path) -> None:
                           "use device: cpu (or auto), or run on a GPU machine with a CUDA build of torch")
 
 
-def _present(model_path: Path, absent: tuple[str, ...]) -> list[str] | None:
-    """The modalities left when ``absent`` are removed from the model's (None: nothing removed)."""
+def _present(modalities, absent: tuple[str, ...]) -> list[str] | None:
+    """The model's ``modalities`` left when ``absent`` are removed (None: nothing removed)."""
     if not absent:
         return None
-    if model_path.suffix.lower() == ".onnx":
-        from rtsmap.pipeline.model_file import read_model_info
-
-        modalities = read_model_info(model_path).modalities
-    else:
-        from rtsmap.models.train import load_detector
-
-        modalities = load_detector(model_path, "cpu").config.modalities
     unknown = sorted(set(absent) - set(modalities))
     if unknown:
         raise ConfigError(f"--without {unknown[0]}: the model's modalities are {list(modalities)}")
@@ -166,12 +162,13 @@ def evaluate_command(model_path: Path, data_dir: Path, split: str, score_thresho
     if model_path.suffix.lower() == ".onnx":
         from rtsmap.pipeline.model_file import read_model_info
 
-        read_model_info(model_path)  # ModelError for a text, truncated or foreign file
+        # ModelError for a text, truncated or foreign file
+        modalities = read_model_info(model_path).modalities
     else:
-        check_checkpoint(model_path)
+        modalities = check_checkpoint(model_path)[1].modalities
+    present = _present(modalities, absent)
     try:
-        metrics = evaluate_model(model_path, data_dir, split, score_threshold=score_threshold,
-                                 present=_present(model_path, absent))
+        metrics = evaluate_model(model_path, data_dir, split, score_threshold=score_threshold, present=present)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if as_json:
@@ -203,7 +200,7 @@ def export_command(checkpoint: Path, out_path: Path, overwrite: bool, opset: int
     check_output_file(out_path, overwrite=overwrite, suffix=".onnx")
     if not 7 <= opset <= 23:
         raise ConfigError(f"--opset {opset}: use an ONNX opset between 7 and 23 (default 17)")
-    weights = check_checkpoint(checkpoint)
+    weights, _ = check_checkpoint(checkpoint)
     try:
         model = load_detector(weights)
         _, _, meta = read_weights(weights)
