@@ -277,3 +277,13 @@ def test_quicklooks_never_replace_a_png_without_overwrite(tmp_path):
     assert [p.name for p in paths] == ["out_2021.png", "out_2022.png"]
     assert own.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_2021.png", "out_2022.png"]
+
+
+def test_quicklooks_are_readable_as_the_umask_allows_not_private_temporary_files(tmp_path):
+    # Written under a temporary name and renamed: the temporary file's mode must not be 0600.
+    old = os.umask(0o022)
+    try:
+        paths = write_quicklooks(tmp_path / "out.gpkg", {2021: slumps(1, 2021)}, {2021: coverage()})
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in paths] == [oct(0o644)]
