@@ -41,3 +41,12 @@ def test_a_warmed_worker_has_the_model_the_tasks_ask_for(demo_plan):
     # The task finds it there: no second session is opened.
     warmed = task_module._DETECTORS[key]
     assert task_module.get_detector(task.model_path, task.model_sha256, task.inference) is warmed
+
+
+def test_warm_up_reports_a_model_it_cannot_open_instead_of_raising(tmp_path):
+    # A raising task would print its traceback on the worker's stderr; the plan reports the
+    # same problem as one line.
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx file")
+    message = task_module.warm_up(str(bad), InferenceConfig(threads=1))
+    assert message.startswith("error: ModelError")

@@ -60,6 +60,16 @@ def warm_workers(client: Client, model_path: str, inference: InferenceConfig) ->
                           pure=False) for address in workers]
 
 
+def settle(futures: list, timeout: float = 120.0) -> None:
+    """Wait until ``futures`` are finished (or ``timeout`` seconds pass), whatever their outcome."""
+    from distributed import wait
+
+    try:
+        wait(futures, timeout=timeout)
+    except Exception:  # noqa: BLE001 - a late or failed warm-up only costs the first task the time
+        pass
+
+
 def worker_extra_args(config: ClusterConfig) -> list[str]:
     """Arguments for `dask worker` in batch jobs: GPU resource and lifetime."""
     args: list[str] = []

@@ -944,12 +944,25 @@ def _version() -> str:
         return "unknown"
 
 
+def _start_cluster(stack, config: RunConfig):
+    """Enter the configured cluster on ``stack`` and start its workers opening the model; return the client.
+
+    Leaving ``stack`` first waits for those warm-ups (seconds at most): a worker closed in the
+    middle of one prints tracebacks on stderr (a plan that fails right after a local start).
+    """
+    from rtsmap.workflows.cluster import settle, task_inference, warm_workers
+
+    client = stack.enter_context(open_cluster(config.cluster))
+    stack.callback(settle, warm_workers(client, str(config.model), task_inference(config.inference, config.cluster)))
+    return client
+
+
 def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> RunResult:
     """Plan, execute on the configured cluster, and write the inventory.
 
-    The cluster starts only for a valid plan with work to do (a plan that fails leaves no
-    cluster to tear down mid-start); its workers then open the model while the first tasks are
-    made (:func:`~rtsmap.workflows.cluster.warm_workers`).
+    A local cluster starts before the plan, once the checks that need no catalog pass, and its
+    workers open the model while the run plans (:func:`~rtsmap.workflows.cluster.warm_workers`);
+    a batch or remote cluster starts only for a valid plan with work to do.
 
     Parameters
     ----------
@@ -980,9 +993,14 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
     import contextlib
     import itertools
 
-    from rtsmap.workflows.cluster import task_inference, warm_workers
-
     with contextlib.ExitStack() as stack:
+        client = None
+        if config.cluster.kind == "local":
+            # A local cluster starts once the inputs that need no catalog are checked, and its
+            # workers open the model while the run plans. A batch or remote cluster starts only
+            # for a valid plan (it costs queue time or money).
+            check_run_inputs(config)
+            client = _start_cluster(stack, config)
         plan = make_plan(config, region_name=region_name)
         tasks = plan.iter_tasks()
         first = next(tasks, None)
@@ -994,12 +1012,11 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
         )
         if first is None:
             return finish(plan, started=started, started_iso=started_iso)
-        client = stack.enter_context(open_cluster(config.cluster))
-        warming = warm_workers(client, str(config.model), task_inference(config.inference, config.cluster))
+        if client is None:
+            client = _start_cluster(stack, config)
         if client.dashboard_link:
             print(f"[rtsmap] Dask dashboard: {client.dashboard_link}", file=stream, flush=True)
         summary = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
-        del warming  # done before the first task ran
         print(f"[rtsmap] {summary.chunk_years} chunk-years run, {plan.skipped} already done", file=stream, flush=True)
         # The blocks are read and merged on the cluster's workers.
         return finish(plan, started=started, started_iso=started_iso, executor=client.get_executor(pure=False))

@@ -112,11 +112,16 @@ def warm_up(model_path: str, inference: InferenceConfig) -> str:
     Returns
     -------
     str
-        The execution providers in use, comma-joined.
+        The execution providers in use, comma-joined; or ``error: ...`` when the model cannot
+        be opened. Never raises: a failed task would print its traceback on the worker's
+        stderr, and the plan (or the first task) reports the same problem as one line.
     """
     from rtsmap.pipeline.model_file import file_sha256
 
-    detector = get_detector(model_path, file_sha256(model_path), inference)
+    try:
+        detector = get_detector(model_path, file_sha256(model_path), inference)
+    except Exception as exc:  # noqa: BLE001 - see Returns
+        return f"error: {type(exc).__name__}: {exc}"
     return ",".join(detector.providers)
 
 
