@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import Mapping, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -66,6 +67,16 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def _valid_share(optical: torch.Tensor, strides: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Per level, the share [B, 1, H/s, W/s] of optical input pixels that hold data.
+
+    An invalid pixel is the contract's zero fill in every band (``rtsmap.contract.normalize``);
+    a normalised valid pixel is exactly zero in all bands with probability zero.
+    """
+    valid = (optical != 0).any(dim=1, keepdim=True).to(optical.dtype)
+    return {lvl: F.avg_pool2d(valid, s, s, ceil_mode=True) for lvl, s in strides.items()}
+
+
 class MultimodalBackbone(nn.Module):
     """MViTv2 + FPN per branch and a per-level fusion; returns FPN levels P2..P6.
 
@@ -85,7 +96,7 @@ class MultimodalBackbone(nn.Module):
     fusion_heads : int, optional
         Heads of the attention fusions; default ``fpn_channels // 32`` (head width 32).
     fusion_gate : str
-        Gate of the residual attention fusion, ``channel`` or ``query``
+        Gate of the residual attention fusion, ``channel``, ``query`` or ``query_open``
         (:class:`models.fusion.ResidualCrossModalityAttention`).
 
     Attributes
@@ -125,6 +136,7 @@ class MultimodalBackbone(nn.Module):
         if fusion not in ("none", "data_level") and len(modalities) < 2:
             raise ValueError(f"MultimodalBackbone: fusion {fusion!r} needs at least two modalities")
         self.fusion = fusion
+        self.fusion_gate = fusion_gate if fusion == "residual_attention" else None
         self.modalities = tuple(modalities)
         self.in_channels = dict(modalities)
         self.img_size = img_size
@@ -203,6 +215,10 @@ class MultimodalBackbone(nn.Module):
         if self.fusions is None:
             return pyramids[0]
         query, aux = pyramids[0], pyramids[1:]
+        if self.fusion_gate == "query_open":
+            valid = _valid_share(inputs[self.modalities[0]], self.strides)
+            return OrderedDict((lvl, self.fusions[lvl](query[lvl], [p[lvl] for p in aux], presence, valid[lvl]))
+                               for lvl in LEVELS)
         if presence is None:
             return OrderedDict((lvl, self.fusions[lvl](query[lvl], [p[lvl] for p in aux])) for lvl in LEVELS)
         return OrderedDict((lvl, self.fusions[lvl](query[lvl], [p[lvl] for p in aux], presence)) for lvl in LEVELS)

@@ -26,6 +26,13 @@ pooling through the gate; the ``query`` gate sees the constant "no optical" toke
 its own opening for this case, the ``channel`` gate cannot. No new weights: a model trained
 without dropout keeps its state dict, and presence all ones gives bit-identical outputs.
 
+The ``query_open`` gate does not leave that case to learning: it is held fully open in the
+cells where the optical input has no data, per pixel (``optical_valid``, which the backbone
+reads off the zero fill: a cloud-masked pixel, a swath gap, or optical absent altogether), so
+there the fused map is the optical branch's response to the fill plus the full SAR/DEM
+attention. The query gate alone learned to open under cloud on the first synthetic SAR
+(docs/fusion-study.md) but not on the realistic one, where only the DEM shows a hidden slump.
+
 The attention is written with shifted views, products and one softmax (plain ONNX ops at opset
 17): each query has only ``num_aux * window**2`` keys, so a dense attention kernel would spend
 almost all its work on masked-out pairs.
@@ -192,12 +199,14 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
             raise ValueError(f"fusion: gate must be one of {FUSION_GATES}, got {gate!r}")
         self.gate = nn.Parameter(torch.zeros(channels))
         self.gate_from_query = None
-        if gate == "query":
+        if gate in ("query", "query_open"):
             self.gate_from_query = nn.Linear(channels, channels, bias=False)
             nn.init.zeros_(self.gate_from_query.weight)
+        self.open_where_missing = gate == "query_open"
 
     def forward(
-        self, optical: torch.Tensor, aux: list[torch.Tensor], presence: torch.Tensor | None = None
+        self, optical: torch.Tensor, aux: list[torch.Tensor], presence: torch.Tensor | None = None,
+        optical_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fuse one FPN level.
 
@@ -209,6 +218,10 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
             ``num_aux`` maps of the same shape.
         presence : Tensor, optional
             [B, 1 + num_aux] float, 1 where the modality is present (optical first); None: all.
+        optical_valid : Tensor, optional
+            [B, 1, H, W] share of valid optical input pixels under each cell (0..1); used by
+            the ``query_open`` gate only, which is then ``v * gate + (1 - v)``: fully open where
+            optical has no data (cloud, swath gaps, optical absent), learned elsewhere.
 
         Returns
         -------
@@ -222,6 +235,8 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
         gate = self.gate[None, :, None, None]
         if self.gate_from_query is not None:
             gate = gate + self.gate_from_query(tokens).permute(0, 3, 1, 2)
+        if self.open_where_missing and optical_valid is not None:
+            gate = optical_valid * gate + (1.0 - optical_valid)
         if aux_presence is not None:
             # Closed when no auxiliary modality is present: the output is the optical path.
             gate = gate * aux_presence.amax(dim=1)[:, None, None, None]

@@ -359,3 +359,48 @@ def test_fused_model_with_sar_and_dem_absent_equals_its_optical_path():
         shut = model(x)
     for level in shut:
         assert torch.equal(absent[level], shut[level]), level
+
+
+# --- the query_open gate ---------------------------------------------------------------------------
+
+
+def test_query_open_gate_is_fully_open_where_optical_has_no_data_and_learned_elsewhere():
+    fusion = ResidualCrossModalityAttention(16, 2, 3, 2, "query_open").eval()  # gate weights start at 0
+    opt, sar, dem = (torch.randn(1, 16, 8, 8) for _ in range(3))
+    valid = torch.ones(1, 1, 8, 8)
+    valid[..., :4] = 0.0  # the western half under cloud
+    with torch.no_grad():
+        out = fusion(opt, [sar, dem], None, valid)
+        attention = fusion.attend(fusion.query_tokens(opt), [sar, dem])
+        no_mask = fusion(opt, [sar, dem])
+        no_aux = fusion(opt, [sar, dem], _presence([1, 0, 0]), valid)
+    assert torch.equal(out[..., 4:], opt[..., 4:])  # valid optical: the learned gate (still shut)
+    torch.testing.assert_close(out[..., :4], opt[..., :4] + attention[..., :4])  # no optical: fully open
+    assert torch.equal(no_mask, opt)  # without a validity map it is the query gate
+    assert torch.equal(no_aux, opt)  # SAR and DEM absent: still exactly the optical path
+
+
+def test_query_open_backbone_reads_missing_optical_off_the_zero_fill_and_exports_to_onnx(tmp_path):
+    size = 128
+    torch.manual_seed(0)
+    model = MultimodalBackbone(MODS, DEMO, size, "residual_attention", fpn_channels=FPN, fusion_gate="query_open").eval()
+    x = _inputs(MODS, batch=1, size=size, seed=7)
+    cloudy = {**x, "optical": x["optical"].clone()}
+    cloudy["optical"][..., :64] = 0.0  # the contract's fill: invalid pixels are zeros
+    with torch.no_grad():
+        clear_out, cloudy_out = model(x), model(cloudy)
+        shut = MultimodalBackbone(MODS, DEMO, size, "residual_attention", fpn_channels=FPN, fusion_gate="query")
+        shut.load_state_dict(model.state_dict())
+        shut_out = shut.eval()(cloudy)
+    # Gates at their initial 0: clear pixels are the optical model; under the fill SAR/DEM come in.
+    assert torch.equal(clear_out["p3"], shut.eval()(x)["p3"])
+    assert not torch.allclose(cloudy_out["p3"][..., :6], shut_out["p3"][..., :6])
+    torch.testing.assert_close(cloudy_out["p3"][..., 10:], shut_out["p3"][..., 10:])
+    names_out = ["p2", "p3", "p4", "p5", "p6"]
+    path = tmp_path / "backbone.onnx"
+    torch.onnx.export(_Positional(model), tuple(cloudy.values()), str(path), dynamo=False, opset_version=17,
+                      input_names=list(MODS), output_names=names_out)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        names_out, {m: t.numpy() for m, t in cloudy.items()})
+    for name, value in zip(names_out, got):
+        np.testing.assert_allclose(value, cloudy_out[name].numpy(), rtol=1e-4, atol=1e-4)
