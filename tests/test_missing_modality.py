@@ -80,8 +80,11 @@ def test_a_dropout_model_maps_the_years_that_lack_a_modality(base_task, dropout_
     for year, modalities in ((2021, "optical+sar+dem"), (2022, "optical+dem"), (2023, "sar+dem")):
         coverage = task.store.read_record(year, task.chunk.id)["coverage"]
         processed = [row for row in coverage if row["status"] == "processed"]
-        # Every pixel of the demo region has data, so one processed row covers the whole core.
-        assert [row["modalities"] for row in processed] == [modalities], coverage
+        # Every pixel of the demo region has data in some modality: the processed rows cover the
+        # whole core, the year's set first, then (under cloud) parts mapped without optical.
+        labels = [row["modalities"] for row in processed]
+        assert labels[0] == modalities, coverage
+        assert all(set(label.split("+")) == set(modalities.split("+")) - {"optical"} for label in labels[1:]), labels
         area = sum(shapely.from_wkb(bytes.fromhex(row["wkb"])).area for row in processed)
         assert area == pytest.approx(core.area, rel=1e-6)
 
@@ -168,6 +171,8 @@ def test_coverage_rows_split_by_the_modalities_each_tile_ran_with(base_task, dro
     static = {m: p for m, p in task.profiles.items() if not p.per_year}
     per_year = {m: p for m, p in task.profiles.items() if p.per_year}
     stack, _ = _Loader(task, static, per_year).load(2021, ["optical", "sar", "dem"])
+    for valid in stack.valid.values():  # no cloud: the split by tile alone (gaps: the test below)
+        valid[:] = True
     core = shapely.from_wkb(task.core_wkb)
     ran = [("optical", "dem") if i == 0 else ("optical", "sar", "dem") for i in range(len(tiles))]
     detections = [TileDetections(tile_id=t.id, chunk_id=task.chunk.id, boxes=np.zeros((0, 4), np.float32),
@@ -179,3 +184,31 @@ def test_coverage_rows_split_by_the_modalities_each_tile_ran_with(base_task, dro
     parts = [shapely.from_wkb(bytes.fromhex(r["wkb"])) for r in rows]
     assert sum(p.area for p in parts) == pytest.approx(core.area, rel=1e-6)  # a partition of the core
     assert shapely.intersection(parts[0], parts[1]).area == pytest.approx(0.0, abs=1e-6)
+
+
+def test_coverage_splits_off_a_gap_of_one_modality_as_mapped_without_it(base_task):
+    """Inside a tile, a cloud (optical without data) of a few hectares becomes a part mapped with
+    SAR + DEM; a speck of a few pixels does not. Stack, tiles and core are the demo region's."""
+    from rtsmap.workflows.tasks import GAP_STEP, _coverage, _Loader
+
+    task = base_task
+    static = {m: p for m, p in task.profiles.items() if not p.per_year}
+    per_year = {m: p for m, p in task.profiles.items() if p.per_year}
+    stack, _ = _Loader(task, static, per_year).load(2022, ["optical", "sar", "dem"])
+    for valid in stack.valid.values():
+        valid[:] = True
+    core = shapely.from_wkb(task.core_wkb)
+    minx, miny, maxx, maxy = core.bounds
+    # A 40 x 40 px cloud (16 ha at 10 m) in the middle of the core, and a 2 x 2 px speck.
+    row, col = ~stack.transform * ((minx + maxx) / 2, (miny + maxy) / 2)
+    row, col = int(col), int(row)
+    stack.valid["optical"][row : row + 40, col : col + 40] = False
+    stack.valid["optical"][row + 60 : row + 62, col + 60 : col + 62] = False
+    rows = _coverage(stack, core, None, (), ("optical", "sar", "dem"))
+    assert [r["modalities"] for r in rows] == ["optical+sar+dem", "sar+dem"]
+    parts = [shapely.from_wkb(bytes.fromhex(r["wkb"])) for r in rows]
+    res = abs(stack.transform.a)
+    assert parts[1].area == pytest.approx((40 * res) ** 2, rel=0.25)  # traced every GAP_STEP pixels
+    assert sum(p.area for p in parts) == pytest.approx(core.area, rel=1e-6)
+    assert shapely.intersection(parts[0], parts[1]).area == pytest.approx(0.0, abs=1e-6)
+    assert GAP_STEP * 2 < 40

@@ -53,8 +53,9 @@ def shard_of(chunk_id: str) -> str:
 
 
 #: Bumped when what a task writes changes for the same model and settings (2: masks of a tile no
-#: longer overlap, pipeline.vectorize.suppress_overlaps), so a rerun never mixes old fragments in.
-FRAGMENT_RULES = 2
+#: longer overlap, pipeline.vectorize.suppress_overlaps; 3: coverage parts per modality gap, not
+#: per tile), so a rerun never mixes old fragments in.
+FRAGMENT_RULES = 3
 
 
 def run_key(model_sha256: str, settings: dict[str, Any]) -> str:

@@ -243,14 +243,22 @@ def _tile_cell(tile, spec) -> shapely.Geometry:
     return shapely.box(tile.bounds[0], tile.bounds[3] - step, tile.bounds[0] + step, tile.bounds[3])
 
 
+GAP_STEP = 4
+"""Where a modality has no data inside a processed part is traced every 4th pixel (40 m at 10 m)."""
+MIN_GAP_PX = 6
+"""Gaps of fewer traced pixels (~1 ha at 10 m) are folded into their surroundings
+(``rasterio.features.sieve``): SAR layover specks or DEM voids of a few pixels name no part."""
+
+
 def _coverage(stack, core: shapely.Geometry, chunk: Chunk | None = None, detections=(),
               present: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """The chunk's coverage rows: processed where some modality had data, no_data elsewhere.
 
-    Each processed row names the modalities the model ran with there (``modalities``): one row
-    when every tile ran with the same ones, else one per set (a model trained with modality
-    dropout drops, per tile, a modality with no valid pixel in it). Skipped tiles count as
-    ``present``, the chunk's modalities.
+    Each processed row names the modalities that had data where the model ran (``modalities``),
+    one row per set. Per tile, these are the modalities it ran with (a model trained with
+    modality dropout drops, per tile, a modality with no valid pixel in it; skipped tiles count
+    as ``present``, the chunk's modalities); within a tile, a modality's gaps of about a
+    hectare or more (cloud, a swath edge, a DEM void) are split off as a part mapped without it.
     """
     no_data = _no_data_geometry(stack, core)
     processed = shapely.difference(core, no_data)
@@ -258,19 +266,57 @@ def _coverage(stack, core: shapely.Geometry, chunk: Chunk | None = None, detecti
     for tile, found in zip(chunk.tiles if chunk is not None else (), detections):
         groups.setdefault(tuple(found.modalities) or tuple(present), []).append(tile)
     if len(groups) <= 1:
-        label = modality_label(next(iter(groups), present))
-        coverage = [{"status": "processed", "reason": "", "modalities": label, "wkb": processed.wkb_hex}]
+        parts = [(tuple(next(iter(groups), present)), processed)]
     else:
-        coverage = []
-        for modalities, tiles in sorted(groups.items(), key=lambda kv: (-len(kv[0]), kv[0])):
-            part = shapely.intersection(processed, shapely.union_all([_tile_cell(t, chunk.spec) for t in tiles]))
-            if not part.is_empty:
-                coverage.append({"status": "processed", "reason": "", "modalities": modality_label(modalities),
-                                 "wkb": part.wkb_hex})
+        parts = [(modalities, shapely.intersection(processed, shapely.union_all([_tile_cell(t, chunk.spec) for t in tiles])))
+                 for modalities, tiles in groups.items()]
+    by_label: dict[tuple[str, ...], list] = {}
+    for modalities, part in parts:
+        for label, piece in _split_by_gaps(stack, part, modalities):
+            by_label.setdefault(label, []).append(piece)
+    coverage = []
+    for label, pieces in sorted(by_label.items(), key=lambda kv: (-len(kv[0]), kv[0])):
+        part = shapely.union_all(pieces)
+        if not part.is_empty:
+            coverage.append({"status": "processed", "reason": "", "modalities": modality_label(label),
+                             "wkb": part.wkb_hex})
     if not no_data.is_empty:
         coverage.append({"status": "no_data", "reason": "no valid pixels in any modality", "modalities": "",
                          "wkb": no_data.wkb_hex})
     return coverage
+
+
+def _split_by_gaps(stack, area: shapely.Geometry, modalities: tuple[str, ...]) -> list[tuple[tuple[str, ...], shapely.Geometry]]:
+    """``area`` (mapped with ``modalities``) cut into (modalities with data there, part).
+
+    Traced every :data:`GAP_STEP` pixels; gaps under :data:`MIN_GAP_PX` traced pixels are
+    sieved away. Pixels where none of them has data are the chunk's no_data, not cut here.
+    """
+    import rasterio.features
+
+    partial = [m for m in modalities if m in stack.valid and not stack.valid[m][::GAP_STEP, ::GAP_STEP].all()]
+    if area.is_empty or not partial:
+        return [(modalities, area)]
+    code = np.zeros(stack.valid[partial[0]][::GAP_STEP, ::GAP_STEP].shape, np.uint8)
+    for bit, m in enumerate(modalities):
+        valid = stack.valid.get(m)
+        code |= (np.ones_like(code, bool) if valid is None else valid[::GAP_STEP, ::GAP_STEP]).astype(np.uint8) << bit
+    full = (1 << len(modalities)) - 1
+    code = rasterio.features.sieve(code, size=MIN_GAP_PX, connectivity=4)
+    cut = (code != full) & (code != 0)
+    if not cut.any():
+        return [(modalities, area)]
+    transform = stack.transform @ Affine.scale(GAP_STEP)
+    shapes: dict[int, list] = {}
+    for geom, value in rasterio.features.shapes(code, mask=cut, transform=transform, connectivity=4):
+        shapes.setdefault(int(value), []).append(shapely.geometry.shape(geom))
+    out, rest = [], area
+    for value, geoms in sorted(shapes.items(), reverse=True):
+        piece = shapely.intersection(area, shapely.union_all(geoms))
+        if not piece.is_empty:
+            out.append((tuple(m for bit, m in enumerate(modalities) if value >> bit & 1), piece))
+            rest = shapely.difference(rest, piece)
+    return [(modalities, rest)] + out
 
 
 class _Loader:
