@@ -96,7 +96,7 @@ class MultimodalBackbone(nn.Module):
     fusion_heads : int, optional
         Heads of the attention fusions; default ``fpn_channels // 32`` (head width 32).
     fusion_gate : str
-        Gate of the residual attention fusion, ``channel``, ``query`` or ``query_open``
+        Gate of the residual attention fusion, ``channel``, ``query``, ``query_open`` or ``query_fill``
         (:class:`models.fusion.ResidualCrossModalityAttention`).
 
     Attributes
@@ -215,7 +215,7 @@ class MultimodalBackbone(nn.Module):
         if self.fusions is None:
             return pyramids[0]
         query, aux = pyramids[0], pyramids[1:]
-        if self.fusion_gate == "query_open":
+        if self.fusion_gate in ("query_open", "query_fill"):
             valid = _valid_share(inputs[self.modalities[0]], self.strides)
             return OrderedDict((lvl, self.fusions[lvl](query[lvl], [p[lvl] for p in aux], presence, valid[lvl]))
                                for lvl in LEVELS)

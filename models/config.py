@@ -21,7 +21,7 @@ from rtsmap.contract import canonical_subset
 FUSION_MODES = ("none", "data_level", "conv", "attention", "residual_attention")
 
 #: Gates of ``models.fusion.ResidualCrossModalityAttention``.
-FUSION_GATES = ("channel", "query", "query_open")
+FUSION_GATES = ("channel", "query", "query_open", "query_fill")
 
 DEFAULT_MODALITIES: dict[str, tuple[str, ...]] = {
     "optical": ("blue", "green", "red", "nir"),

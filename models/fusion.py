@@ -32,6 +32,11 @@ reads off the zero fill: a cloud-masked pixel, a swath gap, or optical absent al
 there the fused map is the optical branch's response to the fill plus the full SAR/DEM
 attention. The query gate alone learned to open under cloud on the first synthetic SAR
 (docs/fusion-study.md) but not on the realistic one, where only the DEM shows a hidden slump.
+Held open, the attention path still came out about five times weaker than the optical features
+the heads are trained on (its gate is tiny wherever optical is present), so the heads found
+nothing without optical. ``query_fill`` adds, in the same cells, a zero-initialised 1x1
+projection of the SAR and DEM maps (``fill_from_aux``) that learns to stand in for the optical
+features there; it is the one new weight, and it is zero until trained.
 
 The attention is written with shifted views, products and one softmax (plain ONNX ops at opset
 17): each query has only ``num_aux * window**2`` keys, so a dense attention kernel would spend
@@ -199,10 +204,17 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
             raise ValueError(f"fusion: gate must be one of {FUSION_GATES}, got {gate!r}")
         self.gate = nn.Parameter(torch.zeros(channels))
         self.gate_from_query = None
-        if gate in ("query", "query_open"):
+        if gate in ("query", "query_open", "query_fill"):
             self.gate_from_query = nn.Linear(channels, channels, bias=False)
             nn.init.zeros_(self.gate_from_query.weight)
-        self.open_where_missing = gate == "query_open"
+        self.open_where_missing = gate in ("query_open", "query_fill")
+        self.fill_from_aux = None
+        if gate == "query_fill":
+            # Zero at start (the fused model starts as the optical model); trained where optical
+            # has no data, it gives the heads SAR/DEM features at the scale optical ones have.
+            self.fill_from_aux = nn.Conv2d(channels * num_aux, channels, 1)
+            nn.init.zeros_(self.fill_from_aux.weight)
+            nn.init.zeros_(self.fill_from_aux.bias)
 
     def forward(
         self, optical: torch.Tensor, aux: list[torch.Tensor], presence: torch.Tensor | None = None,
@@ -220,8 +232,9 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
             [B, 1 + num_aux] float, 1 where the modality is present (optical first); None: all.
         optical_valid : Tensor, optional
             [B, 1, H, W] share of valid optical input pixels under each cell (0..1); used by
-            the ``query_open`` gate only, which is then ``v * gate + (1 - v)``: fully open where
-            optical has no data (cloud, swath gaps, optical absent), learned elsewhere.
+            the ``query_open`` and ``query_fill`` gates only, which are then ``v * gate + (1 - v)``:
+            fully open where optical has no data (cloud, swath gaps, optical absent), learned
+            elsewhere; ``query_fill`` also adds ``(1 - v) * fill_from_aux([sar, dem])``.
 
         Returns
         -------
@@ -240,7 +253,11 @@ class ResidualCrossModalityAttention(_CrossModalityAttention):
         if aux_presence is not None:
             # Closed when no auxiliary modality is present: the output is the optical path.
             gate = gate * aux_presence.amax(dim=1)[:, None, None, None]
-        return optical + gate * self.attend(tokens, aux, aux_presence)
+        out = optical + gate * self.attend(tokens, aux, aux_presence)
+        if self.fill_from_aux is not None and optical_valid is not None:
+            # aux are zero where absent, so with SAR and DEM both absent this adds exactly 0.
+            out = out + (1.0 - optical_valid) * self.fill_from_aux(torch.cat(aux, dim=1))
+        return out
 
 
 class AttentionFusion(_CrossModalityAttention):

@@ -404,11 +404,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
 def make_optimizer(model: nn.Module, weight_decay: float, gate_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and kernels only (not norms, biases, gates, embeddings).
 
-    Fusion gates get their own group whose ``lr_scale`` multiplies the scheduled rate.
+    Fusion gates (and the zero-initialised fill of ``query_fill``) get their own group whose
+    ``lr_scale`` multiplies the scheduled rate.
     """
     decay, no_decay, gates = [], [], []
     for name, p in model.named_parameters():
-        if name.endswith(".gate") or ".gate_from_query." in name:
+        if name.endswith(".gate") or ".gate_from_query." in name or ".fill_from_aux." in name:
             gates.append(p)
         elif p.ndim >= 2 and "embed" not in name and "rel_pos" not in name:
             decay.append(p)

@@ -404,3 +404,21 @@ def test_query_open_backbone_reads_missing_optical_off_the_zero_fill_and_exports
         names_out, {m: t.numpy() for m, t in cloudy.items()})
     for name, value in zip(names_out, got):
         np.testing.assert_allclose(value, cloudy_out[name].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_query_fill_starts_as_query_open_and_fills_only_where_optical_has_no_data():
+    torch.manual_seed(4)
+    fill = ResidualCrossModalityAttention(16, 2, 3, 2, "query_fill").eval()
+    opened = ResidualCrossModalityAttention(16, 2, 3, 2, "query_open").eval()
+    opened.load_state_dict({k: v for k, v in fill.state_dict().items() if not k.startswith("fill_from_aux")})
+    opt, sar, dem = (torch.randn(1, 16, 8, 8) for _ in range(3))
+    valid = torch.ones(1, 1, 8, 8)
+    valid[..., :4] = 0.0
+    with torch.no_grad():
+        assert torch.equal(fill(opt, [sar, dem], None, valid), opened(opt, [sar, dem], None, valid))  # zero at start
+        torch.nn.init.normal_(fill.fill_from_aux.weight, std=0.3)
+        out, before = fill(opt, [sar, dem], None, valid), opened(opt, [sar, dem], None, valid)
+        no_aux = fill(opt, [sar, dem], _presence([1, 0, 0]), valid)
+    assert torch.equal(out[..., 4:], before[..., 4:])  # optical valid: untouched
+    assert not torch.allclose(out[..., :4], before[..., :4])  # no optical: SAR/DEM filled in
+    assert torch.equal(no_aux, opt)  # SAR and DEM absent: exactly the optical path
