@@ -42,6 +42,12 @@ def test_demo_command_end_to_end(demo_run):
     assert f"inventory: {gpkg}" in proc.stdout
     layers = {name for name, _ in pyogrio.list_layers(gpkg)}
     assert {"rts_2021", "rts_2022", "coverage_2021", "coverage_2022", "run_metadata"} <= layers
+    # Coverage parts split by modality gaps (cloud) stay polygons: the layers are MULTIPOLYGON
+    # and GDAL warns (a non-conformant GeoPackage) on a GEOMETRYCOLLECTION.
+    assert "GEOMETRYCOLLECTION" not in proc.stderr, proc.stderr[-2000:]
+    for year in (2021, 2022):
+        coverage = gpd.read_file(gpkg, layer=f"coverage_{year}")
+        assert set(coverage.geom_type) <= {"Polygon", "MultiPolygon"}, coverage.geom_type.value_counts()
     # Precision/recall/F1 against the region's truth, per year.
     scores = re.findall(r"(\d{4}) vs truth: precision ([\d.]+), recall ([\d.]+), F1 ([\d.]+)", proc.stdout)
     assert [s[0] for s in scores] == ["2021", "2022"]

@@ -84,6 +84,8 @@ def test_a_dropout_model_maps_the_years_that_lack_a_modality(base_task, dropout_
         # whole core, the year's set first, then (under cloud) parts mapped without optical.
         labels = [row["modalities"] for row in processed]
         assert labels[0] == modalities, coverage
+        kinds = {shapely.from_wkb(bytes.fromhex(row["wkb"])).geom_type for row in coverage}
+        assert kinds <= {"Polygon", "MultiPolygon"}, kinds  # the coverage layer is MULTIPOLYGON
         assert all(set(label.split("+")) == set(modalities.split("+")) - {"optical"} for label in labels[1:]), labels
         area = sum(shapely.from_wkb(bytes.fromhex(row["wkb"])).area for row in processed)
         assert area == pytest.approx(core.area, rel=1e-6)
@@ -207,6 +209,7 @@ def test_coverage_splits_off_a_gap_of_one_modality_as_mapped_without_it(base_tas
     rows = _coverage(stack, core, None, (), ("optical", "sar", "dem"))
     assert [r["modalities"] for r in rows] == ["optical+sar+dem", "sar+dem"]
     parts = [shapely.from_wkb(bytes.fromhex(r["wkb"])) for r in rows]
+    assert {p.geom_type for p in parts} <= {"Polygon", "MultiPolygon"}  # no line left by the cuts
     res = abs(stack.transform.a)
     assert parts[1].area == pytest.approx((40 * res) ** 2, rel=0.25)  # traced every GAP_STEP pixels
     assert sum(p.area for p in parts) == pytest.approx(core.area, rel=1e-6)

@@ -276,14 +276,25 @@ def _coverage(stack, core: shapely.Geometry, chunk: Chunk | None = None, detecti
             by_label.setdefault(label, []).append(piece)
     coverage = []
     for label, pieces in sorted(by_label.items(), key=lambda kv: (-len(kv[0]), kv[0])):
-        part = shapely.union_all(pieces)
+        part = _polygonal(shapely.union_all(pieces))
         if not part.is_empty:
             coverage.append({"status": "processed", "reason": "", "modalities": modality_label(label),
                              "wkb": part.wkb_hex})
+    no_data = _polygonal(no_data)
     if not no_data.is_empty:
         coverage.append({"status": "no_data", "reason": "no valid pixels in any modality", "modalities": "",
                          "wkb": no_data.wkb_hex})
     return coverage
+
+
+def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
+    """The (multi)polygon part of an overlay result: cuts along shared edges can leave lines or
+    points in a collection, which a MULTIPOLYGON coverage layer must not hold."""
+    if shapely.get_type_id(geom) in (3, 6):  # Polygon, MultiPolygon
+        return geom
+    parts = shapely.get_parts(geom)
+    parts = parts[np.isin(shapely.get_type_id(parts), (3, 6)) & ~shapely.is_empty(parts)]
+    return shapely.union_all(parts) if len(parts) else shapely.Polygon()
 
 
 def _split_by_gaps(stack, area: shapely.Geometry, modalities: tuple[str, ...]) -> list[tuple[tuple[str, ...], shapely.Geometry]]:
