@@ -93,8 +93,9 @@ def test_a_dropout_model_maps_the_years_that_lack_a_modality(base_task, dropout_
 
 def test_the_shipped_demo_model_maps_a_year_without_sar_and_one_without_optical(base_task, demo_region, tmp_path):
     """The demo model was fine-tuned with modality dropout: a year without SAR items runs on
-    optical + DEM, a year without optical on SAR + DEM, and it still finds the region's slumps
-    where optical sees them (none is expected of SAR + DEM alone, see docs/fusion-study.md)."""
+    optical + DEM and finds most of the chunk's slumps; a year without optical runs on SAR + DEM
+    and still finds some (the DEM shows them: held-out F1 0.45 without optical, as a DEM-only
+    detector; docs/fusion-study.md)."""
     import geopandas as gpd
 
     from rtsmap.pipeline.evaluation import match_polygons
@@ -103,11 +104,13 @@ def test_the_shipped_demo_model_maps_a_year_without_sar_and_one_without_optical(
     records = process_chunk(task)
     assert [r["status"] for r in records] == ["processed"] * 3, records
     assert [r["modalities"] for r in records] == ["optical+sar+dem", "optical+dem", "sar+dem"]
-    found = task.store.read_detections(2022, task.chunk.id)
-    truth = gpd.read_file(demo_region.truth, layer="rts_2022")
-    truth = truth[truth.centroid.within(shapely.from_wkb(task.core_wkb))]
-    matched = match_polygons(found.geometry, truth.geometry, iou_threshold=0.5)
-    assert len(truth) > 0 and matched.tp >= 0.5 * len(truth), (len(found), len(truth), matched)
+    core = shapely.from_wkb(task.core_wkb)
+    for year, share in ((2022, 0.5), (2023, 0.2)):
+        found = task.store.read_detections(year, task.chunk.id)
+        truth = gpd.read_file(demo_region.truth, layer=f"rts_{year}")
+        truth = truth[truth.centroid.within(core)]
+        matched = match_polygons(found.geometry, truth.geometry, iou_threshold=0.5)
+        assert len(truth) > 0 and matched.tp >= share * len(truth), (year, len(found), len(truth), matched)
 
 
 def test_a_format_1_model_records_no_data_naming_what_it_needs(base_task, v1_model, tmp_path):
