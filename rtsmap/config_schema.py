@@ -277,7 +277,10 @@ def _dotted(parts: tuple) -> str:
         if isinstance(part, int) and not isinstance(part, bool):
             text += f"[{part}]"
         else:
-            text += ("." if text else "") + str(part)
+            name = str(part)
+            if not name.isprintable():  # a key with a newline must not break the one-line message
+                name = name.encode("unicode_escape").decode("ascii")
+            text += ("." if text else "") + name
     return text
 
 

@@ -39,6 +39,7 @@ GOOD_PROFILE = (
 CASES = [
     # run configuration (rtsmap run --config)
     ("run", "inference: {batch_sise: 8}\n", "unknown key 'inference.batch_sise'"),
+    ("run", 'grid: {"tiles\\n": 8}\n', "unknown key 'grid.tiles\\n'"),  # a newline in a key stays escaped: one line
     ("run", "inference: {batch_size: abc}\n", "inference.batch_size: expected an integer >= 1, got 'abc'"),
     ("run", "cluster: {timeout_s: 1e-4x}\n", "cluster.timeout_s: expected a number > 0, got '1e-4x'"),
     ("run", "cluster: {jobs: true}\n", "cluster.jobs: expected an integer >= 1, got true"),
