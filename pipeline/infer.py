@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rtsmap.contract import OUTPUT_NAMES, PRESENCE_INPUT, canonical_subset, input_names, keep, normalize, paste_mask
+from rtsmap.pipeline import graph_cache
 from rtsmap.pipeline.errors import ModelError
 from rtsmap.pipeline.model_file import (
     ModelInfo,
@@ -68,6 +69,9 @@ class Detector:
     """The model's metadata and signature."""
     providers: tuple[str, ...]
     """Execution providers in use, as reported by the session after it was created."""
+    graph: Path | None = None
+    """The cached optimized graph the session was opened from (:mod:`rtsmap.pipeline.graph_cache`);
+    None: the model file itself, optimized as it opened."""
 
     def predict(self, batch: Mapping[str, np.ndarray], presence: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Run one batch through the network.
@@ -270,12 +274,46 @@ def load_model(
     # Idle intra-op threads spin by default, which steals the cores that chunk loading and the
     # other workers' tasks need; a pipeline shares its cores, so they sleep instead.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = open_session(path, options, asked)
+    try:
+        sha256 = file_sha256(path) if path.is_file() else None
+    except OSError:  # unreadable: open_session says so in its words
+        sha256 = None
+    session, graph = _open_session_cached(ort, path, sha256, options, asked)
     in_use = session.get_providers()
     check_providers(asked, ort.get_available_providers(), in_use, require_gpu)
-    info = model_info_from_session(session, path, file_sha256(path))
-    log.info("model %s (%s %s, sha256 %s) on %s", path, info.name, info.version, info.sha256[:12], in_use)
-    return Detector(session=session, info=info, providers=tuple(in_use))
+    info = model_info_from_session(session, path, sha256)
+    log.info("model %s (%s %s, sha256 %s) on %s%s", path, info.name, info.version, info.sha256[:12], in_use,
+             f", its optimized graph read from {graph}" if graph else "")
+    return Detector(session=session, info=info, providers=tuple(in_use), graph=graph)
+
+
+def _open_session_cached(ort, path: Path, sha256: str | None, options, providers: Sequence[str]):
+    """Open a session of ``path``, from its optimized graph in the cache when there is one
+    (:mod:`rtsmap.pipeline.graph_cache`), else optimizing it and keeping the graph for next time.
+
+    Returns the session and the cached graph's path (None: opened from the model file itself).
+    """
+    target = graph_cache.graph_path(sha256, providers, ort.__version__) if sha256 else None
+    if target is not None and target.is_file():
+        level = options.graph_optimization_level
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once already
+        try:
+            return open_session(target, options, providers), target
+        except ModelError:
+            log.info("optimized graph %s cannot be opened: the model is optimized again", target)
+        options.graph_optimization_level = level
+    staged = graph_cache.staging_path(target) if target is not None else None
+    if staged is not None:
+        options.optimized_model_filepath = str(staged)
+    try:
+        session = open_session(path, options, providers)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    if staged is not None:
+        graph_cache.publish(staged, target)
+    return session, None
 
 
 @dataclass(frozen=True)

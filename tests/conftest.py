@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# onnxruntime's optimized graphs (pipeline/graph_cache.py) go to a folder of this test session, not
+# the user's cache; set before any test starts a process, so Dask workers and CLI runs inherit it.
+os.environ["RTSMAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="rtsmap-test-cache-")
+atexit.register(shutil.rmtree, os.environ["RTSMAP_CACHE_DIR"], True)
 
 # The ARTS files live in ../shared beside the checkout (not in the repository), found relative to
 # this file so that the tests that need them run on any machine that has them.
