@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 from distributed import Client, LocalCluster
 
-from rtsmap.workflows import tasks as task_module
+from rtsmap.workflows import detectors
 from rtsmap.workflows.cluster import task_inference, warm_workers
 from rtsmap.workflows.config import ClusterConfig, InferenceConfig
 
@@ -30,17 +32,17 @@ def test_local_workers_share_the_cores_only_when_onnxruntime_would_take_them_all
 def test_a_warmed_worker_has_the_model_the_tasks_ask_for(demo_plan):
     plan = demo_plan((2021,))
     config, task = plan.config, plan.tasks[0]
-    task_module._DETECTORS.clear()
+    detectors._DETECTORS.clear()
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         futures = warm_workers(client, str(config.model), task_inference(config.inference, config.cluster))
         assert len(futures) == 1
         assert [f.result() for f in futures] == ["CPUExecutionProvider"]
     key = (task.model_path, task.model_sha256, tuple(task.inference.providers))
-    assert list(task_module._DETECTORS) == [key]
+    assert list(detectors._DETECTORS) == [key]
     # The task finds it there: no second session is opened.
-    warmed = task_module._DETECTORS[key]
-    assert task_module.get_detector(task.model_path, task.model_sha256, task.inference) is warmed
+    warmed = detectors._DETECTORS[key]
+    assert detectors.get_detector(task.model_path, task.model_sha256, task.inference) is warmed
 
 
 def test_warm_up_reports_a_model_it_cannot_open_instead_of_raising(tmp_path):
@@ -48,5 +50,21 @@ def test_warm_up_reports_a_model_it_cannot_open_instead_of_raising(tmp_path):
     # same problem as one line.
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not an onnx file")
-    message = task_module.warm_up(str(bad), InferenceConfig(threads=1))
+    message = detectors.warm_up(str(bad), InferenceConfig(threads=1))
     assert message.startswith("error: ModelError")
+
+
+def test_warm_up_imports_the_task_code_while_the_model_opens():
+    # In a fresh process, as on a new worker: after the warm-up the first task finds its code
+    # imported and the model open.
+    code = (
+        "import sys\n"
+        "from rtsmap.workflows.config import DEMO_MODEL, InferenceConfig\n"
+        "from rtsmap.workflows.detectors import _DETECTORS, warm_up\n"
+        "assert 'rtsmap.workflows.tasks' not in sys.modules\n"
+        "print(warm_up(str(DEMO_MODEL), InferenceConfig(threads=1)), len(_DETECTORS),\n"
+        "      'rtsmap.workflows.tasks' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["CPUExecutionProvider", "1", "True"]

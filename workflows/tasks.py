@@ -33,18 +33,16 @@ import shapely
 
 from rtsmap.pipeline.errors import AssetError
 from rtsmap.pipeline.grid import Chunk
-from rtsmap.pipeline.infer import Detector, infer_chunk, load_model
+from rtsmap.pipeline.infer import infer_chunk
 from rtsmap.pipeline.load import load_chunk
 from rtsmap.pipeline.profiles import ModalityProfile
 from rtsmap.pipeline.stac import shared_signer
 from rtsmap.pipeline.vectorize import vectorize_detections
 from rtsmap.workflows.config import InferenceConfig
+from rtsmap.workflows.detectors import get_detector
 from rtsmap.workflows.fragments import FragmentStore
 
 log = logging.getLogger(__name__)
-
-_DETECTORS: dict[tuple[str, str, tuple[str, ...]], Detector] = {}
-
 
 @dataclass(frozen=True)
 class ChunkTask:
@@ -92,39 +90,6 @@ class _Year:
     """Its hash."""
 
 
-def get_detector(path: str, sha256: str, inference: InferenceConfig) -> Detector:
-    """The worker process's detector for this model, loaded on first use."""
-    key = (path, sha256, tuple(inference.providers))
-    if key not in _DETECTORS:
-        _DETECTORS[key] = load_model(
-            path,
-            providers=tuple(inference.providers),
-            require_gpu=inference.require_gpu,
-            intra_op_threads=inference.threads,
-        )
-    return _DETECTORS[key]
-
-
-def warm_up(model_path: str, inference: InferenceConfig) -> str:
-    """Open the model in this worker process's cache (importing the task code on the way), as
-    the first task would: a run does it while it plans (``cluster.warm_workers``).
-
-    Returns
-    -------
-    str
-        The execution providers in use, comma-joined; or ``error: ...`` when the model cannot
-        be opened. Never raises: a failed task would print its traceback on the worker's
-        stderr, and the plan (or the first task) reports the same problem as one line.
-    """
-    from rtsmap.pipeline.model_file import file_sha256
-
-    try:
-        detector = get_detector(model_path, file_sha256(model_path), inference)
-    except Exception as exc:  # noqa: BLE001 - see Returns
-        return f"error: {type(exc).__name__}: {exc}"
-    return ",".join(detector.providers)
-
-
 def _valid_fraction(stack, modality: str) -> float:
     valid = stack.valid.get(modality)
     return float(valid.mean()) if valid is not None else 0.0
@@ -158,7 +123,7 @@ def _keep_hillshade(store: FragmentStore, chunk_id: str, stack) -> None:
     image = stack.data["dem"][names.index("hillshade")][::THUMBNAIL_STEP, ::THUMBNAIL_STEP]
     valid = stack.valid["dem"][::THUMBNAIL_STEP, ::THUMBNAIL_STEP]
     image = np.where(valid, image, np.nan).astype(np.float16)
-    store.write_thumbnail(chunk_id, image, stack.transform * Affine.scale(THUMBNAIL_STEP))
+    store.write_thumbnail(chunk_id, image, stack.transform @ Affine.scale(THUMBNAIL_STEP))
 
 
 def _record(task: _Year, status: str, reason: str = "", **values: Any) -> dict[str, Any]:
