@@ -9,9 +9,12 @@ What it measures, on a synthetic demo region (``workflows.demo_region``):
 - **onnxruntime alone**: the same tiles (loaded and normalized beforehand, outside the clock),
   in the same batches (per chunk, ``--batch-size``), through one bare onnxruntime session in this
   process: once with 1 intra-op thread, once with one thread per worker of the largest run.
-- **end to end**: cluster start + plan (the workers open the model while the run plans, as
-  ``rtsmap run`` does on a local cluster) + execute + merge/GeoPackage/quick-looks, with 1 and with 2
-  (``--workers``) worker processes of 1 thread each, each run from an empty work directory.
+- **end to end**: ``rtsmap run`` itself (``workflows.run.run``: cluster start, plan while the
+  workers open the model, execute, merge/GeoPackage/quick-looks, cluster close), timed by the
+  phases the run records, with 1 and with 2 (``--workers``) worker processes of 1 thread each,
+  each run from an empty work directory. The workers open the model from onnxruntime's optimized
+  graph, kept by the bare-model reference's session (``pipeline/graph_cache.py``), as every run
+  after a model's first on a machine does; ``RTSMAP_CACHE_DIR=none`` measures without it.
 - **overhead ratio**: end-to-end time over the onnxruntime time the same cores would need at
   best (single-thread time / workers). 1.0 would mean loading, vectorizing, Dask and writing
   cost nothing.
@@ -141,27 +144,16 @@ def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, 
 
 
 def end_to_end(config) -> dict:
-    """One run from an empty work directory, timed by phase, with peak memory."""
-    from rtsmap.workflows.cluster import open_cluster, task_inference, warm_workers
-    from rtsmap.workflows.run import execute, finish, make_plan
+    """One ``rtsmap run`` (:func:`rtsmap.workflows.run.run`) from an empty work directory, timed by
+    phase as the run times them, with peak memory."""
+    from rtsmap.workflows.run import run
 
     shutil.rmtree(config.work_dir, ignore_errors=True)
     with MemorySampler() as memory:
-        # The order of `rtsmap run` on a local cluster: the cluster, whose workers open the
-        # model while the run plans, then the plan.
         started = time.monotonic()
-        with open_cluster(config.cluster) as client:
-            client.wait_for_workers(config.cluster.n_workers, timeout=config.cluster.timeout_s)
-            warming = warm_workers(client, str(config.model), task_inference(config.inference, config.cluster))
-            planning = time.monotonic()
-            plan = make_plan(config)
-            ready = time.monotonic()
-            summary = execute(plan, client, stream=StringIO())
-            executed = time.monotonic()
-            del warming
-        closed = time.monotonic()
-        result = finish(plan, started=started, started_iso="")
+        result = run(config, stream=StringIO())
         finished = time.monotonic()
+    summary, phases = result.summary, result.phases
     if summary.failed:
         raise RuntimeError(f"benchmark run had failures: {summary.failures[:3]}")
     seconds = summary.seconds
@@ -169,11 +161,12 @@ def end_to_end(config) -> dict:
     return {
         "workers": config.cluster.n_workers,
         "total_s": finished - started,
-        "cluster_start_s": planning - started,
-        "plan_s": ready - planning,
-        "execute_s": executed - ready,
-        "cluster_close_s": closed - executed,
-        "finish_s": finished - closed,
+        "cluster_start_s": phases["cluster_start"],
+        "plan_s": phases["plan"],
+        "execute_s": phases["execute"],
+        # What closing the cluster added after the finish (0 when it closed during the finish).
+        "cluster_close_s": phases["close"],
+        "finish_s": phases["finish"],
         # Inside the tasks (summed over chunk-years): a load's own time (mostly on the prefetch
         # thread), the time a year waited for its load (what the prefetch did not hide), the model,
         # polygons and coverage rows (on the prefetch thread, behind the next load), and each

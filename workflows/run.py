@@ -32,7 +32,7 @@ import shapely
 from rtsmap.pipeline.errors import ConfigError, OutputError
 from rtsmap.pipeline.grid import BlockCells, Chunk, GridSpec
 from rtsmap.pipeline.outputs import check_output_file
-from rtsmap.workflows.cluster import open_cluster
+from rtsmap.workflows.cluster import close_in_background, open_cluster
 from rtsmap.workflows.config import RunConfig, config_to_dict, load_run_config
 from rtsmap.workflows.fragments import FragmentStore, run_key
 from rtsmap.workflows.planning import (
@@ -439,6 +439,12 @@ class RunResult:
     evaluation: dict | None = None
     change: dict = field(default_factory=dict)
     """Year -> new / grown / stable / ... counts and area change (``pipeline.inventory.change_summary``)."""
+    summary: ExecuteSummary | None = None
+    """The execute phase's counts and summed task seconds (None: nothing was run)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds of each phase of :func:`run`: ``cluster_start``, ``plan``, ``execute``, ``finish``
+    (the merge, the GeoPackage and the quick-looks) and ``close`` (what closing the cluster
+    added: 0 when it closed while the run finished)."""
 
     @property
     def partial(self) -> bool:
@@ -993,6 +999,15 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
     import contextlib
     import itertools
 
+    phases: dict[str, float] = {}
+    mark = started
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[phase] = phases.get(phase, 0.0) + now - mark
+        mark = now
+
     with contextlib.ExitStack() as stack:
         client = None
         if config.cluster.kind == "local":
@@ -1001,7 +1016,9 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
             # for a valid plan (it costs queue time or money).
             check_run_inputs(config)
             client = _start_cluster(stack, config)
+            lap("cluster_start")
         plan = make_plan(config, region_name=region_name)
+        lap("plan")
         tasks = plan.iter_tasks()
         first = next(tasks, None)
         print(
@@ -1011,15 +1028,56 @@ def run(config: RunConfig, *, stream=None, region_name: str | None = None) -> Ru
             flush=True,
         )
         if first is None:
-            return finish(plan, started=started, started_iso=started_iso)
+            result = finish(plan, started=started, started_iso=started_iso)
+            lap("finish")
+            result.phases = phases
+            return result
         if client is None:
             client = _start_cluster(stack, config)
+            lap("cluster_start")
         if client.dashboard_link:
             print(f"[rtsmap] Dask dashboard: {client.dashboard_link}", file=stream, flush=True)
+        _import_finish_code(config.quicklook)
         summary = execute(plan, client, stream=stream, tasks=itertools.chain([first], tasks))
         print(f"[rtsmap] {summary.chunk_years} chunk-years run, {plan.skipped} already done", file=stream, flush=True)
-        # The blocks are read and merged on the cluster's workers.
-        return finish(plan, started=started, started_iso=started_iso, executor=client.get_executor(pure=False))
+        lap("execute")
+        if len(plan.planned.blocks) > 1:
+            # The blocks are read and merged on the cluster's workers.
+            result = finish(plan, started=started, started_iso=started_iso, executor=client.get_executor(pure=False))
+        else:
+            # One block a year: merged in this process (sending it to a worker and its merged
+            # layer back costs more than the merge), while the cluster closes.
+            closing = close_in_background(client)
+            try:
+                result = finish(plan, started=started, started_iso=started_iso)
+            finally:
+                closing.join()
+        lap("finish")
+    lap("close")
+    result.summary, result.phases = summary, phases
+    return result
+
+
+def _import_finish_code(quicklook: bool) -> None:
+    """Import what ``finish`` runs (the GeoPackage writer, the merge, matplotlib for the quick-looks)
+    on a thread while the tasks run, when this process only waits: ~0.6 s a run spent before
+    its first year could be merged (``benchmarks/bench_run.py``)."""
+    import importlib
+    import threading
+
+    names = ["rtsmap.pipeline.inventory", "rtsmap.pipeline.merge", "rtsmap.pipeline.tracks"]
+    if quicklook:
+        names.append("rtsmap.workflows.quicklook")
+
+    def load() -> None:
+        for name in names:
+            importlib.import_module(name)
+        if quicklook:
+            from rtsmap.workflows.quicklook import prepare_pyplot
+
+            prepare_pyplot()
+
+    threading.Thread(target=load, name="rtsmap-import-finish", daemon=True).start()
 
 
 def print_summary(result: RunResult, stream=None) -> None:
