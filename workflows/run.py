@@ -804,6 +804,10 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
             return finish(plan, started=started, started_iso=started_iso, executor=pool)
     out = Path(config.out)
     staging = Path(tempfile.mkdtemp(prefix=".quicklooks-", dir=config.work_dir)) if config.quicklook else None
+    # Quick-looks are drawn on a thread of their own while the years are written and merged
+    # (matplotlib holds the GIL; reading fragments, GEOS and GDAL's writes mostly do not).
+    drawing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="quicklook") if staging else None
+    drawn: list[concurrent.futures.Future] = []
     try:
         hillshade = _hillshade(plan) if staging else None
         results, failures, used, change = [], [], {}, {}
@@ -820,7 +824,8 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
                 used[year] = y.used_items
                 date = base_map_dates(plan, {year: y.used_items}).get(str(year))
                 if staging:
-                    _draw_quicklook(staging / out.name, year, y, hillshade)
+                    drawn.append(drawing.submit(_draw_quicklook, staging / out.name, year, y.layer, y.coverage,
+                                                hillshade))
                 linked = writer.add_year(year, y.layer, y.coverage, base_map_date=date)
                 y.layer = None  # the merged layer's columns not in the inventory schema
                 if previous is not None:
@@ -829,14 +834,17 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
                     before = _slumps_before(previous, linked)
                     change.update(change_summary({previous.year: before, year: linked}, {year: y.coverage}))
                     if staging:
-                        _draw_change_quicklook(staging / out.name, year, y, linked,
-                                               (previous.year, before, previous.coverage), hillshade)
+                        drawn.append(drawing.submit(_draw_change_quicklook, staging / out.name, year, y.coverage,
+                                                    linked, (previous.year, before, previous.coverage), hillshade))
                     del before
                 previous = _Before(year, linked[["UID", "track_id", "change"]], writer.linker.last_wkb,
                                    y.coverage, linked.crs)
+                if y.result.count > QUICKLOOK_OVERLAP_SLUMPS:
+                    _wait_for(drawn)  # a large year's polygons are not held while the next one merges
                 del y, linked
                 _release_free_memory()
             previous = None
+            _wait_for(drawn)
             if not failures:
                 # Every chunk-year is done, so any temporary file left is a dead writer's.
                 store.remove_temporaries()
@@ -845,6 +853,8 @@ def finish(plan: RunPlan, *, started: float, started_iso: str, executor=None) ->
         if staging:
             result.quicklooks = _place_quicklooks(staging, out, sorted(set(config.years)), overwrite=config.overwrite)
     finally:
+        if drawing is not None:
+            drawing.shutdown(wait=True, cancel_futures=True)
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
     if config.truth:
@@ -911,20 +921,31 @@ def _hillshade(plan: RunPlan):
     return mosaic_thumbnails(thumbnails) if thumbnails else None
 
 
-def _draw_quicklook(staged_out: Path, year: int, y: _Year, hillshade) -> None:
+QUICKLOOK_OVERLAP_SLUMPS = 50_000
+"""A year with more slumps than this waits for its quick-looks before the next year merges, so
+that the client never holds a large year's polygons and the next one's at once (~1 KB a slump)."""
+
+
+def _wait_for(drawn: list) -> None:
+    """Wait for the quick-looks being drawn; raise the first one's error."""
+    while drawn:
+        drawn.pop(0).result()
+
+
+def _draw_quicklook(staged_out: Path, year: int, layer, coverage, hillshade) -> None:
     """The year's quick-look (its merged slumps over its coverage) into the staging folder."""
     from rtsmap.workflows.quicklook import write_quicklooks
 
-    write_quicklooks(staged_out, {year: y.layer}, {year: y.coverage}, hillshade, overwrite=True)
+    write_quicklooks(staged_out, {year: layer}, {year: coverage}, hillshade, overwrite=True)
 
 
-def _draw_change_quicklook(staged_out: Path, year: int, y: _Year, linked, previous, hillshade) -> None:
+def _draw_change_quicklook(staged_out: Path, year: int, coverage, linked, previous, hillshade) -> None:
     """The change quick-look from the year before to ``year`` into the staging folder."""
     from rtsmap.workflows.quicklook import write_change_quicklooks
 
     before, prev_linked, prev_coverage = previous
     write_change_quicklooks(staged_out, {before: prev_linked, year: linked},
-                            {before: prev_coverage, year: y.coverage}, hillshade, overwrite=True)
+                            {before: prev_coverage, year: coverage}, hillshade, overwrite=True)
 
 
 def _place_quicklooks(staging: Path, out: Path, years: list[int], *, overwrite: bool) -> list[Path]:
