@@ -307,8 +307,12 @@ class _Loader:
         self.static_stack = None
         self.static_error: AssetError | None = None
 
-    def load(self, year: int, present: list[str]) -> tuple[Any, float]:
+    def load(self, year: int, present: list[str], *, parallel: bool = False) -> tuple[Any, float]:
         """The stack of one year with the modalities ``present``, and the seconds it took.
+
+        ``parallel``: load the static modalities (when not loaded yet) on a thread of their own
+        beside the year's: for a load nothing else runs beside (a task's first, which the model
+        waits for); GDAL reads and warps without the GIL.
 
         Raises
         ------
@@ -318,13 +322,23 @@ class _Loader:
         started = time.perf_counter()
         per_year = {m: p for m, p in self.per_year.items() if m in present}
         static = {m: p for m, p in self.static.items() if m in present}
-        stack = load_chunk(self.task.chunk, signed_items(self.task, year, per_year), per_year, year) if per_year else None
+        static_load = None
+        if static and self.static_stack is None and self.static_error is None and per_year and parallel:
+            static_load = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-static")
+            static_stack = static_load.submit(load_chunk, self.task.chunk, signed_items(self.task, year, static),
+                                              static, year)
+        try:
+            stack = load_chunk(self.task.chunk, signed_items(self.task, year, per_year), per_year, year) if per_year else None
+        finally:
+            if static_load is not None:
+                static_load.shutdown(wait=True)
         if static:
             if self.static_stack is None:
                 if self.static_error is not None:
                     raise self.static_error  # the DEM failed for an earlier year: it fails every year
                 try:
-                    self.static_stack = load_chunk(self.task.chunk, signed_items(self.task, year, static), static, year)
+                    self.static_stack = (static_stack.result() if static_load is not None else
+                                         load_chunk(self.task.chunk, signed_items(self.task, year, static), static, year))
                 except AssetError as exc:
                     self.static_error = exc
                     raise
@@ -431,7 +445,8 @@ def process_chunks(tasks: list[ChunkTask], *, prefetch: bool = True) -> list[lis
             one = _Year(task.chunk, year, task.store, task.inference, task.model_path, task.model_sha256)
             started = time.perf_counter()
             try:
-                stack, load_s = ahead.result() if ahead is not None else loaders[i].load(year, present)
+                # Only a load nothing runs beside (the first) spreads over two threads.
+                stack, load_s = ahead.result() if ahead is not None else loaders[i].load(year, present, parallel=True)
             except AssetError as exc:
                 record = _record(one, "failed", str(exc), modalities=modality_label(present))
                 task.store.write_failure(year, task.chunk.id, record)
