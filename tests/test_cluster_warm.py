@@ -68,3 +68,31 @@ def test_warm_up_imports_the_task_code_while_the_model_opens():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["CPUExecutionProvider", "1", "True"]
+
+
+def _worker_state() -> tuple[bool, int]:
+    import sys
+
+    from rtsmap.workflows import detectors as worker_detectors
+
+    return "rtsmap.workflows.tasks" in sys.modules, len(worker_detectors._DETECTORS)
+
+
+def test_forked_workers_have_the_task_code_and_no_session_of_this_process():
+    # Real LocalClusters with worker processes: a forked worker has what this process imported
+    # (the task code) and none of its onnxruntime sessions; a spawned one imports on its own.
+    import rtsmap.workflows.tasks  # noqa: F401 - as workflows.run has before a run starts its cluster
+    from rtsmap.pipeline.model_file import file_sha256
+    from rtsmap.workflows.cluster import local_start_method, open_cluster
+    from rtsmap.workflows.config import DEMO_MODEL
+
+    detectors.get_detector(str(DEMO_MODEL), file_sha256(DEMO_MODEL), InferenceConfig(threads=1))
+    assert detectors._DETECTORS
+    forked = ClusterConfig(kind="local", n_workers=1, worker_start="fork", timeout_s=60)
+    with open_cluster(forked) as client:
+        assert list(client.run(_worker_state).values()) == [(True, 0)]
+    with open_cluster(dataclasses.replace(forked, worker_start="spawn")) as client:
+        assert list(client.run(_worker_state).values()) == [(False, 0)]
+    assert local_start_method(dataclasses.replace(forked, worker_start="auto")) in ("fork", "spawn")
+    # GPU workers are spawned: a CUDA context of this process would not survive the fork.
+    assert local_start_method(dataclasses.replace(forked, worker_start="auto", gpus_per_worker=1)) == "spawn"

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -122,6 +123,33 @@ def _children_ignore_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def local_start_method(config: ClusterConfig) -> str:
+    """The multiprocessing start method of a local cluster's first workers (``fork`` or ``spawn``)."""
+    if config.worker_start != "auto":
+        return config.worker_start
+    if config.gpus_per_worker > 0:
+        return "spawn"  # a CUDA context this process may hold does not survive a fork
+    return "fork" if sys.platform.startswith("linux") else "spawn"  # macOS' system libraries break under fork
+
+
+@contextlib.contextmanager
+def _first_workers_start(config: ClusterConfig) -> Iterator[None]:
+    """Start the workers made in this block by :func:`local_start_method`.
+
+    Fork: a worker is a copy of this process, which has imported the task code already
+    (``workflows.run`` imports it), so it starts in ~0.1 s instead of importing for ~1.5 s
+    (measured on 2 cores), and its first task waits for nothing but the model opening. A
+    local cluster starts before the plan, when the only other thread is Dask's event loop, so no
+    lock another thread holds is copied. Workers Dask restarts later (after a crash) are
+    spawned: the run has more threads by then. Nothing a task uses crosses the fork: the
+    detector cache is emptied in the child (``workflows.detectors``).
+    """
+    import dask
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": local_start_method(config)}):
+        yield
+
+
 def jobqueue_cluster(config: ClusterConfig):
     """A dask-jobqueue SLURMCluster or PBSCluster for ``config`` (no jobs submitted yet).
 
@@ -206,7 +234,7 @@ def open_cluster(config: ClusterConfig) -> Iterator[Client]:
         else:
             if config.kind == "local":
                 resources = {"GPU": config.gpus_per_worker} if config.gpus_per_worker else None
-                with _children_ignore_sigint():
+                with _children_ignore_sigint(), _first_workers_start(config):
                     cluster = LocalCluster(
                         n_workers=local_worker_count(config),
                         # GPU workers run tasks_per_gpu tasks at once (see run.execute).

@@ -8,6 +8,7 @@ another thread (it releases the GIL while it does), instead of one after the oth
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -19,6 +20,16 @@ if TYPE_CHECKING:
 
 _DETECTORS: dict[tuple[str, str, tuple[str, ...]], Detector] = {}
 _LOCK = threading.Lock()  # one session per key even when a task and a warm-up ask at once
+
+
+def _forget_after_fork() -> None:
+    """In a forked worker: no session of the parent (its thread pool did not cross the fork)."""
+    global _LOCK
+    _DETECTORS.clear()
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def get_detector(path: str, sha256: str, inference: InferenceConfig) -> Detector:
