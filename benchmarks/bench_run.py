@@ -3,6 +3,7 @@
     python -m benchmarks.bench_run                       # 5 km demo region, 2 years, untrained demo model
     python -m benchmarks.bench_run --size-m 3000 --json bench.json
     python -m benchmarks.bench_run --model rts.onnx      # any exported model
+    python -m benchmarks.bench_run --repeat 3            # median of 3 ratios, each to its own reference
 
 What it measures, on a synthetic demo region (``workflows.demo_region``):
 
@@ -45,7 +46,9 @@ import numpy as np
 
 
 class MemorySampler:
-    """Peak RSS of this process and of its Dask worker processes, sampled in a thread."""
+    """Peak RSS of this process and of its Dask worker processes, sampled in a thread, and the
+    workers' peak PSS (their share of pages shared with others, as forked workers share this
+    process's: RSS counts those pages once per process), sampled every tenth time (it costs more)."""
 
     def __init__(self, every_s: float = 0.1) -> None:
         import psutil
@@ -53,8 +56,9 @@ class MemorySampler:
         self.me = psutil.Process()
         self.every_s = every_s
         self.peaks: dict[int, int] = {}
+        self.pss_peaks: dict[int, int] = {}
         self.cpu_s: dict[int, float] = {}
-        self._spawned: dict[int, bool] = {}
+        self._worker: dict[int, bool] = {}
         self.main_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -62,22 +66,27 @@ class MemorySampler:
     def _loop(self) -> None:
         import psutil
 
+        rounds = 0
         while not self._stop.is_set():
             self.main_peak = max(self.main_peak, self.me.memory_info().rss)
             for child in self.me.children(recursive=True):
                 try:
-                    # LocalCluster's worker processes are multiprocessing "spawn" children (their
-                    # command line read once per process: the sampler should not load the run).
-                    if child.pid not in self._spawned:
-                        self._spawned[child.pid] = "spawn_main" in " ".join(child.cmdline())
-                    if not self._spawned[child.pid]:
+                    # LocalCluster's worker processes are forked or spawned children; the other
+                    # children are multiprocessing's trackers (command line read once per process:
+                    # the sampler should not load the run).
+                    if child.pid not in self._worker:
+                        self._worker[child.pid] = "_tracker" not in " ".join(child.cmdline())
+                    if not self._worker[child.pid]:
                         continue
                     rss = child.memory_info().rss
                     times = child.cpu_times()
-                except psutil.Error:
+                    pss = child.memory_full_info().pss if rounds % 10 == 0 else 0
+                except (psutil.Error, AttributeError):  # AttributeError: no PSS outside Linux
                     continue
                 self.cpu_s[child.pid] = times.user + times.system
                 self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), rss)
+                self.pss_peaks[child.pid] = max(self.pss_peaks.get(child.pid, 0), pss)
+            rounds += 1
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> MemorySampler:
@@ -103,21 +112,18 @@ def export_demo_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, int, float]:
-    """Seconds onnxruntime needs for the plan's tiles, the number of tiles and of model calls,
-    and the CPU seconds of those calls.
-
-    The chunks are loaded and cut into normalized batches first (not timed), exactly as the
-    pipeline cuts them: per chunk, ``batch_size`` tiles at a time, tiles without any valid
-    pixel left out.
-    """
+def reference_batches(plan, batch_size: int) -> list:
+    """The plan's tiles loaded and cut into normalized batches exactly as the pipeline cuts them:
+    per chunk, ``batch_size`` tiles at a time, tiles without any valid pixel left out (made once,
+    before any run writes fragments)."""
     import pystac
 
-    from rtsmap.pipeline.infer import _normalized_batch, load_model  # the pipeline's own batching
+    from rtsmap.pipeline.infer import _normalized_batch  # the pipeline's own batching
     from rtsmap.pipeline.load import load_chunk
+    from rtsmap.pipeline.model_file import read_model_info
 
-    detector = load_model(plan.config.model, providers=("cpu",), intra_op_threads=threads)
-    t = detector.info.tile_size
+    info = read_model_info(plan.config.model)
+    t = info.tile_size
     batches = []
     for task, year in ((t, y) for t in plan.tasks for y in t.years):
         items = {m: [pystac.Item.from_dict(json.loads(d)) for d in task.items[year][m]] for m in task.profiles}
@@ -134,7 +140,16 @@ def onnxruntime_alone(plan, batch_size: int, threads: int) -> tuple[float, int, 
             if any_valid[window].any():
                 windows.append(window)
         for start in range(0, len(windows), batch_size):
-            batches.append(_normalized_batch(detector.info, stack, windows[start : start + batch_size]))
+            batches.append(_normalized_batch(info, stack, windows[start : start + batch_size]))
+    return batches
+
+
+def onnxruntime_alone(model, batches: list, threads: int) -> tuple[float, int, int, float]:
+    """Seconds one bare onnxruntime session needs for ``batches``, the number of tiles and of model
+    calls, and the CPU seconds of those calls."""
+    from rtsmap.pipeline.infer import load_model
+
+    detector = load_model(model, providers=("cpu",), intra_op_threads=threads)
     detector.predict(batches[0])  # warm-up: first-call allocations are not part of the steady state
     started, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
@@ -176,12 +191,14 @@ def end_to_end(config) -> dict:
         "task_infer_s": seconds.get("infer", 0.0),
         "task_vectorize_s": seconds.get("vectorize", 0.0),
         "task_total_s": seconds.get("total", 0.0),
-        # CPU seconds of the worker processes over their life (start, imports and model load included).
+        # CPU seconds of the worker processes over their life (a spawned worker's imports
+        # included; a forked one has them from this process).
         "worker_cpu_s": sum(memory.cpu_s.values()),
         "load_s_per_chunk_year": seconds.get("load", 0.0) / max(1, processed),
         "chunk_years": summary.chunk_years,
         "slumps": sum(y.count for y in result.years),
         "worker_peak_rss_mib": sorted(round(v / 2**20) for v in memory.peaks.values()),
+        "worker_peak_pss_mib": sorted(round(v / 2**20) for v in memory.pss_peaks.values()),
         "main_peak_rss_mib": round(memory.main_peak / 2**20),
     }
 
@@ -196,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run")
     parser.add_argument("--model", help="ONNX model (default: export the untrained demo model)")
     parser.add_argument("--dir", help="working folder (default: a temporary one, removed after)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per worker count, each after a new bare-model reference; the median ratio is printed")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--providers", default="cpu",
                         help="onnxruntime providers of the runs, e.g. cuda,cpu (the bare-model reference stays on the CPU)")
@@ -229,9 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
         plan = make_plan(config)
         tasks = plan.tasks
         n_chunk_years = sum(len(t.years) for t in tasks)
-        ort_1, n_tiles, n_calls, ort_cpu = onnxruntime_alone(plan, args.batch_size, threads=1)
+        batches = reference_batches(plan, args.batch_size)
+        ort_1, n_tiles, n_calls, ort_cpu = onnxruntime_alone(model, batches, threads=1)
         most = max(args.workers)
-        ort_n = onnxruntime_alone(plan, args.batch_size, threads=most)[0] if most > 1 else ort_1
+        ort_n = onnxruntime_alone(model, batches, threads=most)[0] if most > 1 else ort_1
         figures = {
             "machine_cpus": os.cpu_count(),
             "model": str(model),
@@ -250,9 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"of <= {args.batch_size}"
         )
         print(f"onnxruntime alone: {ort_1:.2f} s with 1 thread ({ort_cpu:.2f} CPU s), {ort_n:.2f} s with {most} threads")
-        for n in args.workers:
+        for n, repeat in ((n, r) for n in args.workers for r in range(args.repeat)):
+            if repeat:
+                # The reference again just before each repeat: a shared machine drifts over minutes.
+                ort_1, _, _, ort_cpu = onnxruntime_alone(model, batches, threads=1)
+                print(f"onnxruntime alone: {ort_1:.2f} s with 1 thread ({ort_cpu:.2f} CPU s)")
             run_config = replace(config, cluster=replace(config.cluster, n_workers=n))
             fig = end_to_end(run_config)
+            fig["onnxruntime_1_thread_s"] = ort_1
             fig["overhead_ratio"] = fig["total_s"] / (ort_1 / n)
             fig["execute_ratio"] = fig["execute_s"] / (ort_1 / n)
             # CPU seconds are what a loaded machine (or a noisy neighbour) changes least.
@@ -266,9 +291,18 @@ def main(argv: list[str] | None = None) -> dict:
                 f"model {fig['task_infer_s']:.2f} s, vectorize+coverage {fig['task_vectorize_s']:.2f} s; "
                 f"worker CPU {fig['worker_cpu_s']:.2f} s ({fig['cpu_ratio']:.2f}x the bare model's); "
                 f"ratio to onnxruntime/{n}: total {fig['overhead_ratio']:.2f}, "
-                f"execute only {fig['execute_ratio']:.2f}; peak RSS per worker {fig['worker_peak_rss_mib']} MiB, "
+                f"execute only {fig['execute_ratio']:.2f}; peak RSS per worker {fig['worker_peak_rss_mib']} MiB "
+                f"(PSS {fig['worker_peak_pss_mib']} MiB), "
                 f"main process {fig['main_peak_rss_mib']} MiB; {fig['slumps']} slumps"
             )
+        if args.repeat > 1:
+            for n in args.workers:
+                mine = [f for f in figures["runs"] if f["workers"] == n]
+                medians = {k: float(np.median([f[k] for f in mine])) for k in ("overhead_ratio", "execute_ratio")}
+                figures.setdefault("median", {})[n] = medians
+                each = ", ".join(format(f["overhead_ratio"], ".2f") for f in mine)
+                print(f"{n} worker(s), median of {len(mine)}: ratio total {medians['overhead_ratio']:.2f} "
+                      f"(runs {each}), execute only {medians['execute_ratio']:.2f}")
         runs = {f["workers"]: f for f in figures["runs"]}
         if 1 in runs and 2 in runs:
             figures["speedup_2_vs_1"] = runs[1]["total_s"] / runs[2]["total_s"]
