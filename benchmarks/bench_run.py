@@ -12,15 +12,17 @@ What it measures, on a synthetic demo region (``workflows.demo_region``):
   process: once with 1 intra-op thread, once with one thread per worker of the largest run.
 - **end to end**: ``rtsmap run`` itself (``workflows.run.run``: cluster start, plan while the
   workers open the model, execute, merge/GeoPackage/quick-looks, cluster close), timed by the
-  phases the run records, with 1 and with 2 (``--workers``) worker processes of 1 thread each,
-  each run from an empty work directory. The workers open the model from onnxruntime's optimized
+  phases the run records (its imports before that are not timed), with 1 and with 2
+  (``--workers``) worker processes of 1 thread each, each run from an empty work directory in a
+  Python process of its own, as a user runs it. The workers open the model from onnxruntime's optimized
   graph, kept by the bare-model reference's session (``pipeline/graph_cache.py``), as every run
   after a model's first on a machine does; ``RTSMAP_CACHE_DIR=none`` measures without it.
 - **overhead ratio**: end-to-end time over the onnxruntime time the same cores would need at
   best (single-thread time / workers). 1.0 would mean loading, vectorizing, Dask and writing
   cost nothing.
 - **peak memory**: the largest resident set of each worker process (psutil, sampled every
-  0.1 s) and of this process (client and scheduler).
+  0.1 s), its proportional set (PSS: pages shared with the client, as a forked worker's are,
+  counted in part) and the resident set of the run's process (client and scheduler).
 
 The model is the untrained ``demo`` variant of ``models/`` exported to ONNX (random weights: the
 compute is the real network's; its detections are noise, so vectorizing and merging them is
@@ -159,6 +161,31 @@ def onnxruntime_alone(model, batches: list, threads: int) -> tuple[float, int, i
 
 
 def end_to_end(config) -> dict:
+    """One ``rtsmap run`` in a Python process of its own, as a user runs it (what this process
+    holds, the reference batches and sessions, is then not copied into forked workers); its
+    figures from :func:`timed_run`."""
+    import pickle
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="rtsmap-bench-run-") as tmp:
+        Path(tmp, "config.pickle").write_bytes(pickle.dumps(config))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_run", "--one-run", tmp], cwd=root, env=env, check=True)
+        return json.loads(Path(tmp, "figures.json").read_text())
+
+
+def _one_run(folder: str) -> None:
+    """The child of :func:`end_to_end`: the run's figures into ``folder``/figures.json."""
+    import pickle
+
+    import rtsmap.workflows.run  # noqa: F401 - what `rtsmap run` has imported before it starts (not timed)
+
+    config = pickle.loads(Path(folder, "config.pickle").read_bytes())
+    Path(folder, "figures.json").write_text(json.dumps(timed_run(config)))
+
+
+def timed_run(config) -> dict:
     """One ``rtsmap run`` (:func:`rtsmap.workflows.run.run`) from an empty work directory, timed by
     phase as the run times them, with peak memory."""
     from rtsmap.workflows.run import run
@@ -216,9 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per worker count, each after a new bare-model reference; the median ratio is printed")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--one-run", help=argparse.SUPPRESS)  # the child process of end_to_end
     parser.add_argument("--providers", default="cpu",
                         help="onnxruntime providers of the runs, e.g. cuda,cpu (the bare-model reference stays on the CPU)")
     args = parser.parse_args(argv)
+    if args.one_run:
+        _one_run(args.one_run)
+        return {"one_run": args.one_run}
 
     from rtsmap.workflows.config import ClusterConfig, GridConfig, InferenceConfig, RunConfig, parse_years
     from rtsmap.workflows.demo_region import generate_region
@@ -293,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"ratio to onnxruntime/{n}: total {fig['overhead_ratio']:.2f}, "
                 f"execute only {fig['execute_ratio']:.2f}; peak RSS per worker {fig['worker_peak_rss_mib']} MiB "
                 f"(PSS {fig['worker_peak_pss_mib']} MiB), "
-                f"main process {fig['main_peak_rss_mib']} MiB; {fig['slumps']} slumps"
+                f"run's process {fig['main_peak_rss_mib']} MiB; {fig['slumps']} slumps"
             )
         if args.repeat > 1:
             for n in args.workers:
