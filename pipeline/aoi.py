@@ -261,14 +261,26 @@ def _read_polygons(path: Path, layer: str | None = None) -> tuple[list[BaseGeome
     return polygons, src_crs
 
 
-def _polygonal(geom: BaseGeometry) -> list[Polygon]:
-    """The non-empty polygons in any geometry (drops the points and lines make_valid leaves)."""
+def polygonal_parts(geom: BaseGeometry) -> list[Polygon]:
+    """The non-empty polygons in any geometry, collections flattened.
+
+    Drops the points and lines that ``make_valid`` or an overlay cut along shared edges leaves.
+
+    Parameters
+    ----------
+    geom : shapely geometry
+        Any geometry.
+
+    Returns
+    -------
+    list of Polygon
+    """
     out = []
     for part in shapely.get_parts(geom):
         if isinstance(part, Polygon) and not part.is_empty:
             out.append(part)
         elif isinstance(part, (MultiPolygon, shapely.GeometryCollection)):
-            out.extend(_polygonal(part))
+            out.extend(polygonal_parts(part))
     return out
 
 
@@ -281,7 +293,7 @@ def _repair(geoms: BaseGeometry | list[BaseGeometry], path: Path) -> BaseGeometr
         geoms = [geoms]
     polygons = []
     for geom in geoms:
-        polygons.extend(_polygonal(geom if geom.is_valid else shapely.make_valid(geom)))
+        polygons.extend(polygonal_parts(geom if geom.is_valid else shapely.make_valid(geom)))
     if not polygons:
         raise AOIError(f"AOI file {path}: the geometry is invalid and nothing polygonal "
                        "remains after repairing it; check the polygon rings (at least 3 "
@@ -341,7 +353,7 @@ def _lonlat_from_geographic(geoms: list[BaseGeometry], src_crs: CRS, path: Path)
 def _lonlat_from_projected(geom: BaseGeometry, src_crs: CRS, path: Path) -> BaseGeometry:
     """A projected AOI (not containing a pole) -> lon/lat with continuous longitudes."""
     lonlat = _project(_densify_projected(geom), src_crs, CRS.from_user_input(WGS84), path)
-    return _repair([_unwrap_polygon(p) for p in _polygonal(lonlat)], path)
+    return _repair([_unwrap_polygon(p) for p in polygonal_parts(lonlat)], path)
 
 
 def _densify_projected(geom: BaseGeometry) -> BaseGeometry:
@@ -395,7 +407,7 @@ def _split_antimeridian(lonlat: BaseGeometry) -> tuple[BaseGeometry, tuple[float
     pieces = []
     for turn in (-360.0, 0.0, 360.0):
         window = box(-180.0 + turn, -90.0, 180.0 + turn, 90.0)
-        piece = _polygonal(lonlat.intersection(window))
+        piece = polygonal_parts(lonlat.intersection(window))
         if piece:
             pieces.append(shapely.affinity.translate(shapely.union_all(piece), xoff=-turn))
     geom = shapely.union_all(pieces)

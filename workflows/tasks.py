@@ -31,6 +31,7 @@ from affine import Affine
 import pystac
 import shapely
 
+from rtsmap.pipeline.aoi import polygonal_parts
 from rtsmap.pipeline.errors import AssetError
 from rtsmap.pipeline.grid import Chunk
 from rtsmap.pipeline.infer import infer_chunk
@@ -257,9 +258,8 @@ def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
     points in a collection, which a MULTIPOLYGON coverage layer must not hold."""
     if shapely.get_type_id(geom) in (3, 6):  # Polygon, MultiPolygon
         return geom
-    parts = shapely.get_parts(geom)
-    parts = parts[np.isin(shapely.get_type_id(parts), (3, 6)) & ~shapely.is_empty(parts)]
-    return shapely.union_all(parts) if len(parts) else shapely.Polygon()
+    parts = polygonal_parts(geom)
+    return shapely.union_all(parts) if parts else shapely.Polygon()
 
 
 def _split_by_gaps(stack, area: shapely.Geometry, modalities: tuple[str, ...]) -> list[tuple[tuple[str, ...], shapely.Geometry]]:
