@@ -303,16 +303,21 @@ def _open_session_cached(ort, path: Path, sha256: str | None, options, providers
             log.info("optimized graph %s cannot be opened: the model is optimized again", target)
         options.graph_optimization_level = level
     staged = graph_cache.staging_path(target) if target is not None else None
-    if staged is not None:
-        options.optimized_model_filepath = str(staged)
+    if staged is None:
+        return open_session(path, options, providers), None
+    options.optimized_model_filepath = str(staged)
     try:
         session = open_session(path, options, providers)
+    except ModelError:
+        # onnxruntime fails the whole session when it cannot save the graph (a full disk):
+        # open it again without keeping the graph, so that only a bad model raises.
+        staged.unlink(missing_ok=True)
+        options.optimized_model_filepath = ""
+        return open_session(path, options, providers), None
     except BaseException:
-        if staged is not None:
-            staged.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         raise
-    if staged is not None:
-        graph_cache.publish(staged, target)
+    graph_cache.publish(staged, target)
     return session, None
 
 

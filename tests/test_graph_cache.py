@@ -75,3 +75,12 @@ def test_the_key_follows_model_version_and_providers(cache, monkeypatch):
     monkeypatch.delenv(graph_cache.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache.parent / "xdg"))
     assert graph_cache.cache_root() == cache.parent / "xdg" / "rtsmap"
+
+
+def test_a_graph_that_cannot_be_saved_costs_only_the_time(cache, monkeypatch, tmp_path):
+    # onnxruntime fails the session when it cannot write the optimized graph (a full disk): the
+    # model opens anyway, and nothing is kept.
+    monkeypatch.setattr(graph_cache, "staging_path", lambda target: tmp_path / "no-such-folder" / "graph.onnx")
+    detector = load_model(DEMO_MODEL, providers=("cpu",), intra_op_threads=1)
+    assert detector.graph is None and detector.info.modalities
+    assert graphs(cache) == []
