@@ -1091,12 +1091,15 @@ def _import_finish_code(quicklook: bool) -> None:
         names.append("rtsmap.workflows.quicklook")
 
     def load() -> None:
-        for name in names:
-            importlib.import_module(name)
-        if quicklook:
-            from rtsmap.workflows.quicklook import prepare_pyplot
+        try:
+            for name in names:
+                importlib.import_module(name)
+            if quicklook:
+                from rtsmap.workflows.quicklook import prepare_pyplot
 
-            prepare_pyplot()
+                prepare_pyplot()
+        except Exception:  # noqa: BLE001 - finish imports them again and reports it in its words
+            pass
 
     threading.Thread(target=load, name="rtsmap-import-finish", daemon=True).start()
 
