@@ -84,3 +84,14 @@ def test_a_graph_that_cannot_be_saved_costs_only_the_time(cache, monkeypatch, tm
     detector = load_model(DEMO_MODEL, providers=("cpu",), intra_op_threads=1)
     assert detector.graph is None and detector.info.modalities
     assert graphs(cache) == []
+
+
+def test_plan_time_reads_the_kept_graph_or_the_file(cache):
+    from rtsmap.pipeline.model_file import read_model_info
+
+    from_file = read_model_info(DEMO_MODEL)  # nothing kept yet
+    load_model(DEMO_MODEL, providers=("cpu",), intra_op_threads=1)
+    (kept,) = graphs(cache)
+    assert read_model_info(DEMO_MODEL) == from_file
+    kept.write_bytes(b"damaged")
+    assert read_model_info(DEMO_MODEL) == from_file
