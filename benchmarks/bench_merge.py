@@ -19,7 +19,8 @@
    ``--workers N`` (N > 1) also runs ``merge_by_blocks(..., workers=N)`` at each size: the same
    result, blocks merged and their overlaps resolved in N processes (its peak RSS is the largest
    of the main process and any one worker; the main process's CPU seconds are the serial
-   remainder: splitting, the last pass, ids; the CPU seconds add the workers').
+   remainder: splitting into blocks, pickling the blocks out and their results back, the few
+   detections still open after the shifted passes, ids; the CPU seconds add the workers').
 """
 
 from __future__ import annotations

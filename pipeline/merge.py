@@ -53,7 +53,8 @@ speeding it up further on one core would mean other measures, hence other result
 equal area computed another way reorders edges of IoS 1, and so changes splits).
 :func:`merge_by_blocks` gives the same result as :func:`merge_detections` while holding one
 block of chunks at a time: groups that reach a block border are passed on to a pass with
-blocks twice as large (see there); the blocks of a pass run in parallel (local processes or any
+blocks twice as large, shifted so that its block lines lie away from the previous ones (see
+there); the blocks of a pass run in parallel (local processes or any
 ``concurrent.futures`` executor), and so does the overlap resolution
 (:func:`resolve_overlaps_by_blocks`).
 
@@ -132,6 +133,28 @@ def _components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         if np.array_equal(new, labels):
             return labels
         labels = new
+
+
+def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(rows, axis=0, return_inverse=True)`` of small int rows ``[N, k]``.
+
+    Each row is packed into one int64 (mixed radix over the columns' ranges, which keeps the
+    rows' lexicographic order), so the sort is a 1-D one: the same keys, in the same order.
+    """
+    rows = np.asarray(rows, np.int64)
+    if len(rows) == 0:
+        return np.zeros((0, rows.shape[1]), np.int64), np.zeros(0, np.int64)
+    lo = rows.min(axis=0)
+    extent = rows.max(axis=0) - lo + 1
+    code = np.zeros(len(rows), np.int64)
+    for c in range(rows.shape[1]):
+        code = code * extent[c] + (rows[:, c] - lo[c])
+    packed, inverse = np.unique(code, return_inverse=True)
+    keys = np.empty((len(packed), rows.shape[1]), np.int64)
+    for c in reversed(range(rows.shape[1])):
+        keys[:, c] = packed % extent[c] + lo[c]
+        packed = packed // extent[c]
+    return keys, inverse.reshape(-1)
 
 
 def _grid_numbers(spec: Any) -> tuple[float, float, float]:
@@ -243,7 +266,12 @@ def _sort_rank(values: np.ndarray) -> np.ndarray:
 
 
 def _sorted_detections(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """Detections in a stable order (year, tile, geometry, score), so input order never matters.
+    """Detections in a stable order (year, tile, geometry, score), so input order never matters."""
+    return _sorted_rows(gdf)[0]
+
+
+def _sorted_rows(gdf: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, np.ndarray]:
+    """:func:`_sorted_detections` and the position in ``gdf`` of each of its rows.
 
     The geometry key is the WKB: raw bytes sort as their (upper-case) hex spelling does, which
     the order was first defined on.
@@ -256,10 +284,11 @@ def _sorted_detections(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     wkb = shapely.to_wkb(geoms[present])
     score = df["score"].to_numpy()[present].astype(np.float64)
     order = np.lexsort((score, _sort_rank(wkb), _sort_rank(tile), year))
-    df = df.iloc[present[order]].reset_index(drop=True)
+    rows = present[order]
+    df = df.iloc[rows].reset_index(drop=True)
     df["year"] = year[order]
     df["tile_id"] = tile[order]
-    return df
+    return df, rows
 
 
 class _Graph:
@@ -823,13 +852,22 @@ def _resolve_pairs(slumps: gpd.GeoDataFrame, left: np.ndarray, right: np.ndarray
     """
     if len(left) == 0:
         return slumps.reset_index(drop=True)
-    geoms = np.asarray(slumps.geometry.values, dtype=object)
+    current, dropped, _ = _resolved_shapes(np.asarray(slumps.geometry.values, dtype=object),
+                                           slumps["score"].to_numpy(np.float64), left, right, min_kept_fraction,
+                                           min_part_area)
+    return _with_shapes(slumps, current, dropped)
+
+
+def _resolved_shapes(geoms: np.ndarray, score: np.ndarray, left: np.ndarray, right: np.ndarray,
+                     min_kept_fraction: float, min_part_area: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shapes of :func:`_resolve_pairs`: ``(shapes, dropped, cut)``, the last two bool per slump
+    (``cut``: its shape was replaced by a trimmed one)."""
     area = shapely.area(geoms)
     # Rank only the slumps in contested pairs: their order among themselves is all that is used.
     involved = np.unique(np.r_[left, right])
     rank = np.full(len(geoms), -1, np.int64)
     rank[involved[np.lexsort((_sort_rank(shapely.to_wkb(geoms[involved])), -area[involved],
-                               -slumps["score"].to_numpy(np.float64)[involved]))]] = np.arange(len(involved))
+                               -score[involved]))]] = np.arange(len(involved))
     winner = np.where(rank[left] < rank[right], left, right)
     loser = np.where(rank[left] < rank[right], right, left)
     # Each loser is cut by its winners' final shapes. A winner is final once its own winners
@@ -847,6 +885,7 @@ def _resolve_pairs(slumps: gpd.GeoDataFrame, left: np.ndarray, right: np.ndarray
     by_loser = np.lexsort((rank[winner], loser))
     current = geoms.copy()
     dropped = np.zeros(len(geoms), bool)
+    cut = np.zeros(len(geoms), bool)
     for level in range(1, int(depth.max()) + 1):
         pairs = by_loser[depth[loser[by_loser]] == level]
         pairs = pairs[~dropped[winner[pairs]]]
@@ -860,7 +899,14 @@ def _resolve_pairs(slumps: gpd.GeoDataFrame, left: np.ndarray, right: np.ndarray
         lost = shapely.is_empty(rest) | (shapely.area(rest) < min_kept_fraction * area[lo])
         dropped[lo[lost]] = True
         current[lo[~lost]] = rest[~lost]
+        cut[lo[~lost]] = True
     log.debug("resolve_overlaps: %d contested slumps, %d dropped", len(np.unique(loser)), int(dropped.sum()))
+    return current, dropped, cut & ~dropped
+
+
+def _with_shapes(slumps: gpd.GeoDataFrame, current: np.ndarray, dropped: np.ndarray) -> gpd.GeoDataFrame:
+    """The rows of ``slumps`` with the shapes ``current``, less the ``dropped`` ones (area and
+    perimeter recomputed), index reset: :func:`_resolve_pairs`' frame."""
     out = slumps.copy()
     out = out.set_geometry(gpd.GeoSeries(current, index=slumps.index, crs=slumps.crs))
     if dropped.any():  # else no copy of every column (a whole year's in finish)
@@ -872,7 +918,7 @@ def _resolve_pairs(slumps: gpd.GeoDataFrame, left: np.ndarray, right: np.ndarray
     return out.reset_index(drop=True)
 
 
-def _resolve_block(sub: gpd.GeoDataFrame, interior: np.ndarray, opts: dict) -> tuple[gpd.GeoDataFrame, np.ndarray]:
+def _resolve_block(sub: gpd.GeoDataFrame, interior: np.ndarray, opts: dict) -> tuple:
     """Resolve the overlaps of one block's slumps (one year) whose components close in it.
 
     ``interior`` marks the slumps whose bounding box lies inside the block; the others reach
@@ -880,6 +926,11 @@ def _resolve_block(sub: gpd.GeoDataFrame, interior: np.ndarray, opts: dict) -> t
     the contested pairs made of interior slumps only is a whole component of the layer (every
     slump that can overlap an interior one is in ``sub``), so it is resolved here; interior
     slumps linked to a border slump are returned (as positions in ``sub``) for a larger block.
+
+    Returns ``(closed, contested, dropped, cut, shapes, still_open)``: positions in ``sub`` of
+    the slumps resolved here, whether any pair among them was contested, which of them are
+    dropped and which trimmed (bool per closed slump), the WKB of the trimmed shapes, and the
+    positions deferred. Only what changed comes back: the caller holds the slumps already.
     """
     geoms = np.asarray(sub.geometry.values, dtype=object)
     left, right, _ = overlapping_pairs(geoms, opts["overlap_tolerance"])
@@ -887,14 +938,31 @@ def _resolve_block(sub: gpd.GeoDataFrame, interior: np.ndarray, opts: dict) -> t
     closed = interior & ~np.isin(labels, labels[~interior])
     inside = closed[left]  # both slumps of a pair are in one component
     position = np.cumsum(closed) - 1
-    resolved = _resolve_pairs(sub[closed], position[left[inside]], position[right[inside]],
-                              opts["min_kept_fraction"], opts["min_part_area"])
-    return resolved, np.flatnonzero(interior & ~closed)
+    still_open = np.flatnonzero(interior & ~closed)
+    rows = np.flatnonzero(closed)
+    if not inside.any():
+        none = np.zeros(len(rows), bool)
+        return rows, False, none, none, np.zeros(0, dtype=object), still_open
+    current, dropped, cut = _resolved_shapes(geoms[rows], sub["score"].to_numpy(np.float64)[rows],
+                                             position[left[inside]], position[right[inside]],
+                                             opts["min_kept_fraction"], opts["min_part_area"])
+    return rows, True, dropped, cut, shapely.to_wkb(current[cut]), still_open
 
 
-def _resolve_block_task(args: tuple) -> tuple[gpd.GeoDataFrame, np.ndarray]:
+def _resolve_block_task(args: tuple) -> tuple:
     """:func:`_resolve_block` on one tuple of arguments (what an executor's ``map`` passes)."""
     return _resolve_block(*args)
+
+
+def _resolved_block(part: gpd.GeoDataFrame, contested: bool, dropped: np.ndarray, cut: np.ndarray,
+                    shapes: np.ndarray) -> gpd.GeoDataFrame:
+    """The frame :func:`_resolve_pairs` gives for a block's closed slumps ``part``, from what
+    :func:`_resolve_block` sent back."""
+    if not contested:
+        return part.reset_index(drop=True)
+    current = np.asarray(part.geometry.values, dtype=object).copy()
+    current[cut] = shapely.from_wkb(shapes)
+    return _with_shapes(part, current, dropped)
 
 
 def resolve_overlaps_by_blocks(
@@ -964,7 +1032,7 @@ def resolve_overlaps_by_blocks(
         border = (np.floor(box[:, 2:] / size).astype(np.int64) != lo).any(axis=1)
         year = pending["year"].to_numpy(np.int64) if "year" in pending.columns else np.zeros(len(pending), np.int64)
         inner = np.flatnonzero(~border)
-        keys, block = np.unique(np.c_[year[inner], lo[inner]], axis=0, return_inverse=True)
+        keys, block = _distinct_rows(np.c_[year[inner], lo[inner]])
         if size >= span or len(inner) == 0 and size * 2 >= span or len(keys) == 1 and not border.any():
             done.append(resolve_overlaps(pending, **opts))
             break
@@ -978,15 +1046,17 @@ def resolve_overlaps_by_blocks(
         inner_rows = np.split(inner[by_block], np.searchsorted(block.reshape(-1)[by_block], np.arange(1, len(keys))))
         order = np.argsort(cells, kind="stable")
         near_rows = np.split(near[order], np.searchsorted(cells[order], np.arange(1, len(keys))))
-        tasks = []
-        for own, reach in zip(inner_rows, near_rows):
-            rows = np.r_[own, reach]
-            tasks.append((pending.iloc[rows], np.arange(len(rows)) < len(own), opts))
+        # A block needs the shapes and scores only; the other columns stay here.
+        needed = pending[["score", pending.geometry.name]]
+        block_rows = [np.r_[own, reach] for own, reach in zip(inner_rows, near_rows)]
+        tasks = [(needed.iloc[rows], np.arange(len(rows)) < len(own), opts)
+                 for rows, own in zip(block_rows, inner_rows)]
         results = executor.map(_resolve_block_task, tasks) if executor is not None else map(_resolve_block_task, tasks)
         deferred = [edge]
-        for (sub, _, _), (resolved, still_open) in zip(tasks, results):  # in block order
-            done.append(resolved)
-            deferred.append(sub.index.to_numpy()[still_open])
+        for rows, (closed, contested, dropped, cut, shapes, still_open) in zip(block_rows, results):  # in block order
+            done.append(_resolved_block(pending.iloc[rows[closed]], contested, dropped, cut, shapes))
+            deferred.append(rows[still_open])
+        del tasks, results, needed
         log.debug("resolve_overlaps_by_blocks: side %.0f m, %d blocks, %d slumps deferred",
                   size, len(keys), sum(len(d) for d in deferred))
         pending = pending.iloc[np.sort(np.concatenate(deferred))].reset_index(drop=True)
@@ -1017,7 +1087,8 @@ def assign_rts_ids(merged: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     if len(merged) == 0:
         return _empty(merged.crs)
     epsg = merged.crs.to_epsg() if merged.crs is not None else None
-    c = shapely.centroid(merged.geometry.values)
+    # On the shapely objects: a GeometryArray would go through pandas' slower ufunc dispatch.
+    c = shapely.centroid(np.asarray(merged.geometry.values, dtype=object))
     x = np.round(shapely.get_x(c)).astype(np.int64)
     y = np.round(shapely.get_y(c)).astype(np.int64)
     base = np.asarray([f"{epsg}_{yr}_x{a}_y{b}" for yr, a, b in zip(merged["year"].tolist(), x.tolist(), y.tolist())],
@@ -1039,8 +1110,9 @@ def assign_rts_ids(merged: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 
 def _merge_sorted(df: gpd.GeoDataFrame, spec: Any, *, ios_threshold: float, view_iou_threshold: float,
                   min_overlap_px: float, min_part_px: float, open_tiles: np.ndarray | None = None,
-                  ) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
-    """Merge sorted detections; components touching ``open_tiles`` (bool per row) are returned raw."""
+                  ) -> tuple[gpd.GeoDataFrame, np.ndarray]:
+    """Merge sorted detections but the components touching ``open_tiles`` (bool per row):
+    ``(merged, open)``, ``open`` marking the rows left out."""
     res, _, _ = _grid_numbers(spec)
     graph = _Graph(df, spec, ios_threshold, min_overlap_px)
     labels = graph.components()
@@ -1051,8 +1123,11 @@ def _merge_sorted(df: gpd.GeoDataFrame, spec: Any, *, ios_threshold: float, view
         is_open = np.zeros(len(df), dtype=bool)
     closed_labels = np.where(is_open, -1, labels)
     flat, bounds = _groups(graph, closed_labels, spec, view_iou_threshold, min_overlap_px * res * res)
+    # The graph's cuts (one per detection and neighbouring tile) and edge measures are read by
+    # the groups only: freed before the unions are made.
+    del graph, labels, closed_labels
     merged = _build(df, flat, bounds, min_part_px * res * res)
-    return merged, df[is_open].reset_index(drop=True)
+    return merged, is_open
 
 
 def merge_detections(
@@ -1112,6 +1187,7 @@ def merge_detections(
     df = _sorted_detections(gdf)
     merged, _ = _merge_sorted(df, spec, ios_threshold=ios_threshold, view_iou_threshold=view_iou_threshold,
                               min_overlap_px=min_overlap_px, min_part_px=min_part_px)
+    del df  # the sorted copy is not read again
     merged = _resolve(merged, spec, overlap_tolerance, min_kept_fraction, min_part_px)
     return assign_rts_ids(merged)
 
@@ -1130,12 +1206,13 @@ def merge_block(
     *,
     spec: Any,
     block_tiles: int,
+    origin: int = 0,
     **kwargs: Any,
 ) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
     """Merge the detections of one block of tiles; leave the groups at its border open.
 
-    A block is ``block_tiles x block_tiles`` tiles anchored at the grid origin (tile (i, j) is
-    in block ``(i // block_tiles, j // block_tiles)``). A detection can only match detections
+    A block is ``block_tiles x block_tiles`` tiles anchored at tile ``(origin, origin)`` (tile
+    (i, j) is in block ``((i - origin) // block_tiles, (j - origin) // block_tiles)``). A detection can only match detections
     of the 8 neighbouring tiles, so a group none of whose members lies in the block's outer ring
     of tiles is complete: it is merged here. Groups with a member in the ring may continue in
     the next block; their raw detections come back as ``open`` for a pass with larger blocks.
@@ -1149,6 +1226,8 @@ def merge_block(
         The grid.
     block_tiles : int
         Block side in tiles (a multiple of ``spec.tiles_per_chunk`` keeps chunks whole).
+    origin : int
+        Tile index (both axes) where the blocks are anchored (0: the grid origin).
     **kwargs
         Thresholds as for :func:`merge_detections`.
 
@@ -1161,12 +1240,20 @@ def merge_block(
     _check_detections(gdf)
     if len(gdf) == 0:
         return _empty(gdf.crs).drop(columns="rts_id"), gdf.iloc[:0]
-    df = _sorted_detections(gdf)
+    merged, df, is_open, _ = _merge_block(gdf, spec, block_tiles, origin, _thresholds(kwargs))
+    return merged, df[is_open].reset_index(drop=True)
+
+
+def _merge_block(gdf: gpd.GeoDataFrame, spec: Any, block_tiles: int, origin: int,
+                 opts: dict) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, np.ndarray, np.ndarray]:
+    """:func:`merge_block`'s work on checked, non-empty detections: ``(merged, sorted, open,
+    rows)``, the sorted detections, which of them are open and their positions in ``gdf``."""
+    df, rows = _sorted_rows(gdf)
     ij = tile_indices(df["tile_id"].to_numpy())
-    local = np.mod(ij, block_tiles)
+    local = np.mod(ij - int(origin), block_tiles)
     ring = ((local == 0) | (local == block_tiles - 1)).any(axis=1)
-    merged, open_ = _merge_sorted(df, spec, open_tiles=ring, **_thresholds(kwargs))
-    return merged, open_
+    merged, is_open = _merge_sorted(df, spec, open_tiles=ring, **opts)
+    return merged, df, is_open, rows
 
 
 def _thresholds(kwargs: dict) -> dict:
@@ -1177,10 +1264,13 @@ def _thresholds(kwargs: dict) -> dict:
     return {**known, **kwargs}
 
 
-def _merge_block_task(args: tuple) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
-    """:func:`merge_block` on one tuple of arguments (what an executor's ``map`` passes)."""
-    block, spec, block_tiles, opts = args
-    return merge_block(block, spec=spec, block_tiles=block_tiles, **opts)
+def _merge_block_task(args: tuple) -> tuple[gpd.GeoDataFrame, np.ndarray]:
+    """:func:`merge_block` on one tuple of arguments (what an executor's ``map`` passes), but
+    the open detections come back as their positions in the block (ascending): the caller has
+    them already, so they are not sent back."""
+    block, spec, block_tiles, origin, opts = args
+    merged, _, is_open, rows = _merge_block(block, spec, block_tiles, origin, opts)
+    return merged, np.sort(rows[is_open])
 
 
 def merge_by_blocks(
@@ -1196,8 +1286,11 @@ def merge_by_blocks(
 
     Pass 1 merges each block of ``block_chunks x block_chunks`` chunks on its own
     (:func:`merge_block`); the detections of groups that reach a block border are kept open.
-    Each further pass doubles the block side and merges only the open detections, until they fit
-    in one block (or span at most two blocks each way, then they are merged together). Closed
+    Each further pass merges only the open detections, in blocks twice as large and shifted by
+    half the previous side: the open groups lie along the previous pass's block lines, so most
+    of them are inside a block of the next pass (merged in parallel there, not in one last
+    serial pass). Passes go on until the open detections fit in one block or the blocks are
+    twice their span; those left are then merged together in this process. Closed
     groups are whole components of the global match graph, and verification and splitting look
     only at a component's own members in the global stable order, so the result equals the
     all-at-once merge (tests/test_merge.py checks it).
@@ -1254,28 +1347,37 @@ def merge_by_blocks(
     pending = gdf[list(DETECTION_COLUMNS)]
     geoms = np.asarray(pending.geometry.values, dtype=object)
     pending = pending[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
+    ij = tile_indices(pending["tile_id"].to_numpy())  # once: a pass keeps rows of the last
     side = max(1, int(block_chunks)) * int(spec.tiles_per_chunk)
+    origin = 0
     done: list[gpd.GeoDataFrame] = []
     while len(pending):
-        ij = tile_indices(pending["tile_id"].to_numpy())
-        span = (ij.max(axis=0) - ij.min(axis=0) + 1).max()
-        keys, block = np.unique(np.floor_divide(ij, side), axis=0, return_inverse=True)
-        if len(keys) == 1 or side >= span:
+        span = int((ij.max(axis=0) - ij.min(axis=0) + 1).max())
+        keys, block = _distinct_rows(np.floor_divide(ij - origin, side))
+        # Blocks of at least twice the span: at most two each way, and what is left after a
+        # pass with blocks of at least the span is only what reaches that pass's lines.
+        if len(keys) == 1 or side >= 2 * span:
             merged, _ = _merge_sorted(_sorted_detections(pending), spec, **opts)
             done.append(merged)
             break
         # Rows of each block (blocks in (i, j) order, rows in input order).
-        by_block = np.argsort(block.reshape(-1), kind="stable")
-        cuts = np.searchsorted(block.reshape(-1)[by_block], np.arange(1, len(keys)))
-        tasks = [(pending.iloc[rows], spec, side, opts) for rows in np.split(by_block, cuts)]
+        by_block = np.argsort(block, kind="stable")
+        block_rows = np.split(by_block, np.searchsorted(block[by_block], np.arange(1, len(keys))))
+        tasks = [(pending.iloc[rows], spec, side, origin, opts) for rows in block_rows]
         results = executor.map(_merge_block_task, tasks) if executor is not None else map(_merge_block_task, tasks)
         still_open = []
-        for merged, open_ in results:  # in block order, whoever merged them
+        for rows, (merged, open_rows) in zip(block_rows, results):  # in block order, whoever merged them
             done.append(merged)
-            still_open.append(open_)
-        log.debug("merge_by_blocks: side %d tiles, %d blocks, %d detections open",
-                  side, len(keys), sum(len(o) for o in still_open))
-        pending = pd.concat(still_open, ignore_index=True)
+            still_open.append(rows[open_rows])
+        del tasks, results
+        keep = np.sort(np.concatenate(still_open))
+        log.debug("merge_by_blocks: side %d tiles from %d, %d blocks, %d detections open",
+                  side, origin, len(keys), len(keep))
+        pending, ij = pending.iloc[keep], ij[keep]
+        # The open groups lie along this pass's block lines: the next pass's lines are half a
+        # block away from them, so most of those groups are inside a block there (merged in
+        # parallel, not in one last pass here).
+        origin += side // 2
         side *= 2
     done = [d for d in done if len(d)]
     if not done:

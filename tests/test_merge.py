@@ -18,6 +18,7 @@ import merge_scenes
 from rtsmap.pipeline.errors import RtsmapError
 from rtsmap.pipeline.grid import GridSpec
 from rtsmap.pipeline.merge import (
+    _distinct_rows,
     merge_block,
     merge_by_blocks,
     merge_detections,
@@ -236,12 +237,42 @@ def test_random_scene_shuffled_gives_identical_output_and_whole_slumps():
 
 
 @pytest.mark.parametrize("block_chunks", [1, 2])
-def test_merge_by_blocks_equals_merging_everything(block_chunks):
+def test_merge_by_blocks_equals_merging_everything(block_chunks, caplog):
     objects = random_scene(5, n=70)
     gdf = detections(objects, tiles=[(i, j) for i in range(-2, 6) for j in range(-2, 6)])
     whole = merge_detections(gdf, spec=SPEC)
-    blocks = merge_by_blocks(gdf.sample(frac=1.0, random_state=0), spec=SPEC, block_chunks=block_chunks)
+    with caplog.at_level("DEBUG", logger="rtsmap.pipeline.merge"):
+        blocks = merge_by_blocks(gdf.sample(frac=1.0, random_state=0), spec=SPEC, block_chunks=block_chunks)
     assert canonical(blocks).equals(canonical(whole))
+    # Passes after the first have their blocks shifted by half of the previous side.
+    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("merge_by_blocks")]
+    side = 2 * block_chunks
+    assert passes[0].startswith(f"merge_by_blocks: side {side} tiles from 0,")
+    assert passes[1].startswith(f"merge_by_blocks: side {2 * side} tiles from {side // 2},")
+
+
+def test_distinct_rows_are_numpys_unique_rows():
+    rng = np.random.default_rng(0)
+    for k in (2, 3):
+        rows = rng.integers(-5, 6, size=(500, k))
+        keys, inverse = _distinct_rows(rows)
+        want, want_inverse = np.unique(rows, axis=0, return_inverse=True)
+        assert np.array_equal(keys, want) and np.array_equal(inverse, want_inverse.reshape(-1))
+    keys, inverse = _distinct_rows(np.zeros((0, 3), np.int64))
+    assert keys.shape == (0, 3) and len(inverse) == 0
+
+
+def test_merge_block_origin_moves_the_block_lines():
+    # A slump on the seam between tiles 1 and 2: inside a block of tiles 0-3, but on the line
+    # between the blocks of tiles -2..1 and 2..5 once the blocks are anchored at tile 2.
+    slump = shapely.Point(2 * STRIDE + 60, -850).buffer(100)  # in tile row 1 only
+    gdf = detections([slump])
+    assert sorted({int(j) for j in tile_indices(gdf.tile_id.to_numpy())[:, 1]}) == [1]
+    assert sorted({int(i) for i in tile_indices(gdf.tile_id.to_numpy())[:, 0]}) == [1, 2]
+    merged, open_ = merge_block(gdf, spec=SPEC, block_tiles=4)
+    assert len(merged) == 1 and len(open_) == 0
+    merged, open_ = merge_block(gdf, spec=SPEC, block_tiles=4, origin=2)
+    assert len(merged) == 0 and len(open_) == len(gdf)
 
 
 def test_merge_block_leaves_border_groups_open():
