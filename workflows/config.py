@@ -120,8 +120,10 @@ Provider = Literal["tensorrt", "cuda", "cpu"]
 """onnxruntime execution providers rtsmap knows."""
 
 ClusterKind = Literal["local", "address", "slurm", "pbs", "kubernetes"]
-WorkerStart = Literal["auto", "fork", "spawn"]
 """Where Dask workers come from."""
+
+WorkerStart = Literal["auto", "fork", "spawn"]
+"""How a local cluster starts its worker processes (``ClusterConfig.worker_start``)."""
 
 
 
