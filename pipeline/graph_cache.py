@@ -21,6 +21,7 @@ Where: ``$RTSMAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/rtsmap``, else ``~/.cache/r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -54,6 +55,7 @@ def cache_root() -> Path | None:
     return Path(base) / "rtsmap"
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_identity() -> str:
     """What the CPU's optimized graph depends on: the architecture and its feature flags."""
     flags = ""

@@ -32,10 +32,11 @@ from rtsmap.pipeline.errors import ModelError
 from rtsmap.pipeline.model_file import (
     ModelInfo,
     check_compatible,
-    file_sha256,
     import_onnxruntime,
     model_info_from_session,
+    open_kept_graph,
     open_session,
+    readable_sha256,
 )
 
 __all__ = [
@@ -274,10 +275,7 @@ def load_model(
     # Idle intra-op threads spin by default, which steals the cores that chunk loading and the
     # other workers' tasks need; a pipeline shares its cores, so they sleep instead.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        sha256 = file_sha256(path) if path.is_file() else None
-    except OSError:  # unreadable: open_session says so in its words
-        sha256 = None
+    sha256 = readable_sha256(path)
     session, graph = _open_session_cached(ort, path, sha256, options, asked)
     in_use = session.get_providers()
     check_providers(asked, ort.get_available_providers(), in_use, require_gpu)
@@ -293,15 +291,10 @@ def _open_session_cached(ort, path: Path, sha256: str | None, options, providers
 
     Returns the session and the cached graph's path (None: opened from the model file itself).
     """
+    kept = open_kept_graph(sha256, options, providers)
+    if kept is not None:
+        return kept
     target = graph_cache.graph_path(sha256, providers, ort.__version__) if sha256 else None
-    if target is not None and target.is_file():
-        level = options.graph_optimization_level
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once already
-        try:
-            return open_session(target, options, providers), target
-        except ModelError:
-            log.info("optimized graph %s cannot be opened: the model is optimized again", target)
-        options.graph_optimization_level = level
     staged = graph_cache.staging_path(target) if target is not None else None
     if staged is None:
         return open_session(path, options, providers), None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,13 +34,17 @@ from rtsmap.contract import (
     canonical_subset,
     input_names,
 )
+from rtsmap.pipeline import graph_cache
 from rtsmap.pipeline.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 # The file's names and format version are the contract's (rtsmap/contract.py); re-exported here
 # because callers of this module know them by these names.
 __all__ = [
     "METADATA_KEY", "MODEL_FORMAT", "OUTPUT_NAMES", "BandNormalization", "ModelInfo", "check_compatible",
-    "file_sha256", "import_onnxruntime", "model_info_from_session", "open_session", "read_model_info",
+    "file_sha256", "import_onnxruntime", "model_info_from_session", "open_kept_graph", "open_session",
+    "read_model_info", "readable_sha256",
 ]
 
 Dim = int | str | None
@@ -205,25 +210,61 @@ def read_model_info(path: str | Path) -> ModelInfo:
         Missing file, not ONNX, missing or invalid metadata, or inputs/outputs that do not
         match the metadata.
     """
-    from rtsmap.pipeline import graph_cache
-
     ort = import_onnxruntime()
     path = Path(path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    try:
-        sha256 = file_sha256(path) if path.is_file() else None
-    except OSError:  # unreadable: open_session says so in its words
-        sha256 = None
-    kept = graph_cache.graph_path(sha256, graph_cache.CPU_ONLY, ort.__version__) if sha256 else None
-    if kept is not None and kept.is_file():
+    sha256 = readable_sha256(path)
+    kept = open_kept_graph(sha256, options, graph_cache.CPU_ONLY)
+    if kept is not None:
         try:
-            return model_info_from_session(open_session(kept, options, graph_cache.CPU_ONLY), path, sha256)
+            return model_info_from_session(kept[0], path, sha256)
         except ModelError:
             pass  # a damaged graph: the file itself says what it holds
     session = open_session(path, options, ["CPUExecutionProvider"])
     return model_info_from_session(session, path, sha256)
+
+
+def readable_sha256(path: Path) -> str | None:
+    """The file's SHA-256, or None when it is missing or unreadable (opening it then says why)."""
+    try:
+        return file_sha256(path) if path.is_file() else None
+    except OSError:
+        return None
+
+
+def open_kept_graph(sha256: str | None, options, providers: Sequence[str]):
+    """A session of the optimized graph kept for the model with this hash
+    (:mod:`rtsmap.pipeline.graph_cache`), opened with graph optimizations off.
+
+    Parameters
+    ----------
+    sha256 : str or None
+        The model file's hash (None: nothing kept).
+    options : onnxruntime.SessionOptions
+        Session options; their optimization level is left off only when a session is returned.
+    providers : sequence of str
+        Execution provider names.
+
+    Returns
+    -------
+    tuple of (onnxruntime.InferenceSession, Path) or None
+        The session and the graph's path; None when none is kept or it cannot be opened (a
+        damaged file: the caller opens the model itself, and may keep its graph anew).
+    """
+    ort = import_onnxruntime()
+    kept = graph_cache.graph_path(sha256, providers, ort.__version__) if sha256 else None
+    if kept is None or not kept.is_file():
+        return None
+    level = options.graph_optimization_level
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once already
+    try:
+        return open_session(kept, options, providers), kept
+    except ModelError:
+        log.info("optimized graph %s cannot be opened: the model file is read instead", kept)
+        options.graph_optimization_level = level
+        return None
 
 
 def open_session(path: Path, options, providers: Sequence[str]):
