@@ -322,11 +322,14 @@ class _Loader:
         started = time.perf_counter()
         per_year = {m: p for m, p in self.per_year.items() if m in present}
         static = {m: p for m, p in self.static.items() if m in present}
+
+        def load_static():
+            return load_chunk(self.task.chunk, signed_items(self.task, year, static), static, year)
+
         static_load = None
         if static and self.static_stack is None and self.static_error is None and per_year and parallel:
             static_load = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-static")
-            static_stack = static_load.submit(load_chunk, self.task.chunk, signed_items(self.task, year, static),
-                                              static, year)
+            load_static = static_load.submit(load_static).result
         try:
             stack = load_chunk(self.task.chunk, signed_items(self.task, year, per_year), per_year, year) if per_year else None
         finally:
@@ -337,8 +340,7 @@ class _Loader:
                 if self.static_error is not None:
                     raise self.static_error  # the DEM failed for an earlier year: it fails every year
                 try:
-                    self.static_stack = (static_stack.result() if static_load is not None else
-                                         load_chunk(self.task.chunk, signed_items(self.task, year, static), static, year))
+                    self.static_stack = load_static()  # or the result of the load on the thread
                 except AssetError as exc:
                     self.static_error = exc
                     raise
